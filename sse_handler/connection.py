@@ -1,0 +1,588 @@
+"""One client's write path: `ServerSentEventConnection`.
+
+The connection owns its socket once the response head is written (the Tornado
+request machinery is detached, as `tornado.websocket` does after the upgrade),
+a bounded queue of encoded frames and an I/O task.
+
+Fast path and slow path -- one mechanism, two speeds:
+
+* ``send()`` / ``send_encoded()`` hand a frame to :meth:`_push`. When the queue
+  is empty and no write is in flight, the frame goes straight to the socket with
+  one non-blocking ``send``: no task switch, no future. That is the common case
+  for a reader that keeps up.
+* Otherwise (the kernel buffer is full, or a write is already waiting) the frame
+  is appended to the bounded queue. The I/O task takes it with
+  :meth:`poll_data`, adds everything else that is ready with
+  :meth:`poll_data_immediate` (so a burst becomes one ``send``), and waits for
+  writability under the write deadline.
+
+A subclass that overrides :meth:`poll_data` to pull from its own source (an
+async generator, a database) gets a second task that feeds that source into the
+same path, awaiting :meth:`flush` whenever the socket falls behind, so a pull
+source is paced by its reader. Frames from ``send()`` (a welcome event, admin
+messages, keep-alives) still go out in order of arrival.
+
+Whatever ends the connection -- the client, ``stop()``, shutdown, a write error,
+the write deadline, the overflow policy, a failing hook -- ``_close`` runs once,
+then ``connection_closed(reason)``, then the handler's
+``on_connection_deregistered``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import logging
+import socket
+import time
+from collections.abc import Awaitable
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from tornado.httputil import HTTPHeaders, HTTPServerRequest
+
+from .errors import ConnectionClosedError
+from .event import ServerSentEvent, encode_retry
+
+if TYPE_CHECKING:
+    from .handler import ServerSentEventHandler
+
+__all__ = ["CloseReason", "OverflowPolicy", "ServerSentEventConnection"]
+
+log = logging.getLogger("sse_handler")
+
+# Errors from a non-blocking send that mean "the peer is gone", as opposed to
+# BlockingIOError ("the kernel buffer is full, try later").
+_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, OSError)
+
+
+class CloseReason(StrEnum):
+    """Why a connection ended; passed to ``connection_closed(reason)``."""
+
+    CLIENT_CLOSED = "client_closed"  # the peer closed or reset the TCP connection
+    STOPPED = "stopped"  # stop() / handler.stop_one() / stop_all()
+    SHUTDOWN = "shutdown"  # handler.shutdown()
+    WRITE_ERROR = "write_error"  # the socket refused a write
+    SLOW = "slow"  # the write deadline passed with data still unsent
+    OVERFLOW = "overflow"  # the queue bound was hit under the "disconnect" policy
+    HOOK_ERROR = "hook_error"  # a hook or poll_data() raised
+    SOURCE_DONE = "source_done"  # an overridden poll_data() returned None
+
+
+class OverflowPolicy(StrEnum):
+    """What a full queue does with one more frame."""
+
+    DISCONNECT = "disconnect"  # close the connection; the client resumes by Last-Event-ID
+    DROP_OLDEST = "drop_oldest"  # discard queued frames from the front until it fits
+    DROP_NEWEST = "drop_newest"  # discard the new frame
+
+
+Sendable = ServerSentEvent | bytes
+
+
+class ServerSentEventConnection:
+    """One connected client.
+
+    Created by :meth:`ServerSentEventHandler.get_connection_impl`; subclass it and
+    set ``connection_class`` on your handler to add behaviour through the hooks
+    :meth:`registered`, :meth:`connection_closed`, :meth:`poll_data` and
+    :meth:`poll_data_immediate`.
+
+    Attributes: ``cid`` (unique, short, ASCII), ``handler``, ``path``,
+    ``query_arguments``, ``headers``, ``remote_ip``, ``last_event_id`` (from the
+    ``Last-Event-ID`` header or the ``last_event_id`` query parameter, else
+    ``None``), ``connected_at`` (epoch seconds), ``close_reason`` (``None``
+    while active), and the stats: ``events_sent`` (events accepted by send()
+    and not dropped: written, or waiting in the queue), ``bytes_sent`` (bytes
+    the socket took), ``dropped`` (frames discarded by the overflow policy),
+    ``queue_depth``.
+    """
+
+    # Slots keep an idle connection small: the goal is a few KB each, so that
+    # one process holds tens of thousands of clients.
+    __slots__ = (
+        "__dict__",  # subclasses may add attributes freely
+        "_closed_waiter",
+        "_closing",
+        "_deadline",
+        "_fd",
+        "_flush_waiters",
+        "_io_task",
+        "_loop",
+        "_pending",
+        "_pending_frames",
+        "_queue",
+        "_queued_bytes",
+        "_sock",
+        "_source_task",
+        "_wakeup",
+        "_writing",
+        "_written_total",
+        "_enqueued_total",
+        "bytes_sent",
+        "cid",
+        "close_reason",
+        "connected_at",
+        "dropped",
+        "events_sent",
+        "handler",
+        "headers",
+        "last_event_id",
+        "last_write",
+        "path",
+        "query_arguments",
+        "remote_ip",
+    )
+
+    def __init__(
+        self,
+        handler: ServerSentEventHandler,
+        cid: str,
+        sock: socket.socket,
+        request: HTTPServerRequest,
+        last_event_id: str | None = None,
+    ) -> None:
+        self.handler = handler
+        self.cid = cid
+        # Copied out of the request rather than keeping it: the request holds
+        # Tornado's connection objects, which are done with after the head.
+        self.path = request.path
+        self.query_arguments = request.query_arguments
+        self.headers: HTTPHeaders = request.headers
+        self.remote_ip = request.remote_ip
+        self.last_event_id = last_event_id
+        self.connected_at = time.time()
+        self.events_sent = 0
+        self.bytes_sent = 0
+        self.dropped = 0
+        self.close_reason: CloseReason | None = None
+        # Monotonic time of the last byte handed to the socket; the handler's
+        # single keep-alive timer reads it to find idle connections.
+        self.last_write = time.monotonic()
+        self._loop = asyncio.get_running_loop()
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._queued_bytes = 0
+        # The batch the I/O task is writing (bytes left to send) and how many
+        # frames it holds; None when no write is in flight.
+        self._pending: memoryview | None = None
+        self._pending_frames = 0
+        self._writing = False
+        self._wakeup: asyncio.Future[None] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._closing: CloseReason | None = None
+        self._closed_waiter: asyncio.Future[None] | None = None
+        self._io_task: asyncio.Task[None] | None = None
+        self._source_task: asyncio.Task[None] | None = None
+        # flush() bookkeeping: bytes ever accepted vs. bytes ever written.
+        self._enqueued_total = 0
+        self._written_total = 0
+        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def is_active(self) -> bool:
+        """True until the connection is stopped or closed."""
+        return self.close_reason is None and self._closing is None
+
+    @property
+    def queue_depth(self) -> int:
+        """Frames waiting in the queue (not counting a write in flight)."""
+        return len(self._queue)
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
+    def stats(self) -> dict[str, Any]:
+        """A JSON-able snapshot, as the admin API lists it."""
+        return {
+            "cid": self.cid,
+            "path": self.path,
+            "remote_ip": self.remote_ip,
+            "connected_at": self.connected_at,
+            "last_event_id": self.last_event_id,
+            "queue_depth": len(self._queue),
+            "queued_bytes": self._queued_bytes,
+            "events_sent": self.events_sent,
+            "bytes_sent": self.bytes_sent,
+            "dropped": self.dropped,
+        }
+
+    def send(self, event: ServerSentEvent | None = None, /, **fields: Any) -> None:
+        """Send an event: a :class:`ServerSentEvent`, or its fields as keywords.
+
+        ``send(data={"a": 1}, event="update", id="7")``. Invalid fields raise
+        ``ValueError`` before anything is queued. Raises
+        :class:`ConnectionClosedError` if the connection has ended. Returns at
+        once; ``await flush()`` to wait until the bytes are on the socket.
+        """
+        self.send_encoded(event_frame(event, fields))
+
+    def send_encoded(self, frame: bytes) -> None:
+        """Send a frame that is already encoded (e.g. shared by many connections).
+
+        The bytes go out as given: no validation, no re-encoding.
+        """
+        if self.close_reason is not None or self._closing is not None:
+            raise ConnectionClosedError(self.cid, self.close_reason or self._closing)
+        if self._push(frame):
+            self.events_sent += 1
+
+    async def flush(self) -> None:
+        """Wait until everything sent so far has been handed to the socket.
+
+        Raises :class:`ConnectionClosedError` if the connection ends first.
+        """
+        if self.close_reason is not None:
+            raise ConnectionClosedError(self.cid, self.close_reason)
+        target = self._enqueued_total
+        if self._written_total >= target:
+            return
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._flush_waiters.append((target, fut))
+        await fut
+
+    def stop(self, farewell: ServerSentEvent | None = None, retry: int | None = None) -> None:
+        """End the connection from the server side.
+
+        ``farewell`` (e.g. ``ServerSentEvent(event="close", data="")``) and a
+        ``retry`` hint in milliseconds are sent first; the socket is closed once
+        they are written (bounded by the write deadline). Further sends raise
+        :class:`ConnectionClosedError` at once.
+        """
+        self._stop(CloseReason.STOPPED, farewell, retry)
+
+    async def wait_closed(self) -> CloseReason:
+        """Wait until the connection has ended; returns the close reason."""
+        if self.close_reason is None:
+            if self._closed_waiter is None:
+                self._closed_waiter = self._loop.create_future()
+            await asyncio.shield(self._closed_waiter)
+        assert self.close_reason is not None
+        return self.close_reason
+
+    # ------------------------------------------------------------------- hooks
+
+    def registered(self) -> Awaitable[None] | None:
+        """Called once the connection is registered (may be ``async``).
+
+        Send a welcome event here. Raising closes this connection only.
+        """
+        return None
+
+    def connection_closed(self, reason: CloseReason) -> Awaitable[None] | None:
+        """Called exactly once when the connection has ended (may be ``async``)."""
+        return None
+
+    async def poll_data(self) -> Sendable | None:
+        """The I/O task's source: wait for and return the next item to write.
+
+        The default returns the next frame from the queue that ``send()`` fills.
+        Override it to pull from elsewhere; return an event or an encoded frame,
+        or ``None`` to end the stream (the connection closes with
+        ``source_done``).
+        """
+        while not self._queue:
+            self._wakeup = self._loop.create_future()
+            await self._wakeup
+        frame = self._queue.popleft()
+        self._queued_bytes -= len(frame)
+        return frame
+
+    def poll_data_immediate(self) -> list[Sendable]:
+        """What is ready now, without waiting; appended to the current write.
+
+        The default takes every frame left in the queue, so a burst that piled
+        up behind a slow socket leaves in one ``send``.
+        """
+        if not self._queue:
+            return []
+        frames: list[Sendable] = list(self._queue)
+        self._queue.clear()
+        self._queued_bytes = 0
+        return frames
+
+    # -------------------------------------------------------------- internals
+
+    def _start(self) -> None:
+        """Watch the socket for EOF and start the I/O task (called by the handler)."""
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._io_task = self._loop.create_task(self._io_loop())
+        if type(self).poll_data is not ServerSentEventConnection.poll_data:
+            self._source_task = self._loop.create_task(self._source_loop())
+
+    def _push(self, frame: bytes, bounded: bool = True) -> bool:
+        """Write now if nothing waits, else queue; False if the frame was dropped."""
+        self._enqueued_total += len(frame)
+        if not self._queue and not self._writing:
+            # Fast path: nothing is waiting, so nothing can be overtaken.
+            try:
+                sent = self._sock.send(frame)
+            except BlockingIOError:
+                sent = 0
+            except _GONE:
+                self._close(CloseReason.WRITE_ERROR)
+                return False
+            self.bytes_sent += sent
+            self._written_total += sent
+            self.last_write = time.monotonic()
+            if sent == len(frame):
+                if self._flush_waiters:
+                    self._resolve_flush_waiters()
+                return True
+            # The kernel took part of it: the rest becomes the head of the
+            # queue and the I/O task finishes it when the socket drains.
+            frame = frame[sent:]
+            self._queue.appendleft(frame)
+            self._queued_bytes += len(frame)
+            self._wake()
+            return True
+        if bounded and not self._fits(len(frame)):
+            return False
+        self._queue.append(frame)
+        self._queued_bytes += len(frame)
+        self._wake()
+        return True
+
+    def _ping(self, frame: bytes) -> None:
+        """A keep-alive comment, only if nothing else is on its way."""
+        if not self._queue and not self._writing:
+            self._push(frame)
+
+    def _fits(self, size: int) -> bool:
+        """Apply the queue bounds and the overflow policy to one more frame."""
+        handler = self.handler
+        max_messages = handler.max_queue_messages
+        max_bytes = handler.max_queue_bytes
+        if len(self._queue) < max_messages and self._queued_bytes + size <= max_bytes:
+            return True
+        policy = handler.overflow_policy
+        if policy == OverflowPolicy.DROP_NEWEST:
+            self.dropped += 1
+            return False
+        if policy == OverflowPolicy.DROP_OLDEST:
+            while self._queue and (
+                len(self._queue) >= max_messages or self._queued_bytes + size > max_bytes
+            ):
+                self._queued_bytes -= len(self._queue.popleft())
+                self.dropped += 1
+                self.events_sent -= 1
+            return self._queued_bytes + size <= max_bytes
+        self.dropped += 1 + len(self._queue)
+        self.events_sent -= len(self._queue)
+        self._close(CloseReason.OVERFLOW)
+        return False
+
+    def _wake(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    async def _io_loop(self) -> None:
+        custom_source = self._source_task is not None
+        try:
+            while True:
+                if custom_source:
+                    # The queue is ours; the subclass's poll_data runs in
+                    # _source_loop and feeds it through _push.
+                    first: Sendable | None = await ServerSentEventConnection.poll_data(self)
+                    rest: list[Sendable] = ServerSentEventConnection.poll_data_immediate(self)
+                else:
+                    first = await self.poll_data()
+                    rest = self.poll_data_immediate()
+                frames = [first, *rest]
+                await self._write([f.encode() if isinstance(f, ServerSentEvent) else f for f in frames])  # type: ignore[union-attr]
+                if self._closing is not None and not self._queue:
+                    self._close(self._closing)
+                    return
+        except asyncio.CancelledError:
+            raise
+        except _Closed:
+            return
+        except Exception:
+            log.exception("Uncaught exception in the I/O task of connection %s", self.cid)
+            self._close(CloseReason.HOOK_ERROR)
+
+    async def _source_loop(self) -> None:
+        """Feed an overridden poll_data() into the write path, paced by the reader."""
+        custom_immediate = (
+            type(self).poll_data_immediate is not ServerSentEventConnection.poll_data_immediate
+        )
+        try:
+            while self.is_active:
+                item = await self.poll_data()
+                if item is None:
+                    self._stop(CloseReason.SOURCE_DONE, None, None)
+                    return
+                items = [item, *self.poll_data_immediate()] if custom_immediate else [item]
+                for one in items:
+                    if not self.is_active:
+                        return
+                    self._push(one.encode() if isinstance(one, ServerSentEvent) else one)
+                if self._queue or self._writing:
+                    await self.flush()
+        except asyncio.CancelledError:
+            raise
+        except ConnectionClosedError:
+            return
+        except Exception:
+            log.exception("Uncaught exception in poll_data of connection %s", self.cid)
+            self._close(CloseReason.HOOK_ERROR)
+
+    async def _write(self, frames: list[bytes]) -> None:
+        """Write one batch, waiting for writability under the write deadline."""
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        view = memoryview(data)
+        self._writing = True
+        try:
+            while view:
+                try:
+                    sent = self._sock.send(view)
+                except BlockingIOError:
+                    sent = 0
+                except _GONE:
+                    self._close(CloseReason.WRITE_ERROR)
+                    raise _Closed from None
+                if sent:
+                    self.bytes_sent += sent
+                    self._written_total += sent
+                    self.last_write = time.monotonic()
+                    view = view[sent:]
+                if view:
+                    await self._writable()
+        finally:
+            self._writing = False
+        if self._flush_waiters:
+            self._resolve_flush_waiters()
+
+    async def _writable(self) -> None:
+        fut: asyncio.Future[None] = self._loop.create_future()
+        loop = self._loop
+        fd = self._fd
+        loop.add_writer(fd, _set_result_once, fut)
+        timeout = self.handler.write_timeout
+        timer = loop.call_later(timeout, _set_result_once, fut, _TIMED_OUT) if timeout else None
+        try:
+            await fut
+        finally:
+            loop.remove_writer(fd)
+            if timer is not None:
+                timer.cancel()
+        if fut.result() is _TIMED_OUT:  # type: ignore[comparison-overlap]
+            self._close(self._closing or CloseReason.SLOW)
+            raise _Closed
+
+    def _on_readable(self) -> None:
+        # A client sends nothing after its request; readable means EOF or RST.
+        # Bytes that do arrive (a pipelined request) are read and discarded.
+        try:
+            chunk = self._sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._close(self._closing or CloseReason.CLIENT_CLOSED)
+
+    def _resolve_flush_waiters(self, exc: BaseException | None = None) -> None:
+        written = self._written_total
+        keep = []
+        for target, fut in self._flush_waiters:
+            if fut.done():
+                continue
+            if exc is not None:
+                fut.set_exception(exc)
+            elif target <= written:
+                fut.set_result(None)
+            else:
+                keep.append((target, fut))
+        self._flush_waiters = keep
+
+    def _stop(
+        self, reason: CloseReason, farewell: ServerSentEvent | None, retry: int | None
+    ) -> None:
+        if not self.is_active:
+            return
+        # From here on send() refuses; what is queued still goes out.
+        self._closing = reason
+        frame = (encode_retry(retry) if retry is not None else b"") + (
+            farewell.encode() if farewell is not None else b""
+        )
+        if frame:
+            # The farewell ignores the queue bounds: it is the last frame.
+            self._push(frame, bounded=False)
+        if self.close_reason is None and not self._queue and not self._writing:
+            self._close(reason)
+
+    def _close(self, reason: CloseReason) -> None:
+        """End the connection; runs its effects exactly once."""
+        if self.close_reason is not None:
+            return
+        self.close_reason = reason
+        self._closing = None
+        loop = self._loop
+        loop.remove_reader(self._fd)
+        loop.remove_writer(self._fd)
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        current = asyncio.current_task(loop) if loop.is_running() else None
+        for task in (self._io_task, self._source_task):
+            if task is not None and task is not current and not task.done():
+                task.cancel()
+        self._wake()
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._resolve_flush_waiters(ConnectionClosedError(self.cid, reason))
+        if self._closed_waiter is not None and not self._closed_waiter.done():
+            self._closed_waiter.set_result(None)
+        self._run_hook(self.connection_closed, reason)
+        self.handler._deregister(self)
+
+    def _run_hook(self, hook: Any, *args: Any) -> None:
+        try:
+            result = hook(*args)
+        except Exception:
+            log.exception("Uncaught exception in %s of connection %s", hook.__name__, self.cid)
+            return
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            task.add_done_callback(self._log_hook_task)
+
+    def _log_hook_task(self, task: asyncio.Future[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "Uncaught exception in a hook of connection %s",
+                self.cid,
+                exc_info=task.exception(),
+            )
+
+    def __repr__(self) -> str:
+        state = self.close_reason or ("closing" if self._closing else "active")
+        return f"<{type(self).__name__} {self.cid} {self.path} {state}>"
+
+
+def event_frame(event: ServerSentEvent | None, fields: dict[str, Any]) -> bytes:
+    """The frame of an event given as an object or as keyword fields."""
+    if event is None:
+        event = ServerSentEvent(**fields)
+    elif fields:
+        raise TypeError("give an event or its fields as keywords, not both")
+    return event.encode()
+
+
+class _Closed(Exception):
+    """Internal: the connection closed under the I/O task."""
+
+
+_TIMED_OUT = object()
+
+
+def _set_result_once(fut: asyncio.Future[Any], value: Any = None) -> None:
+    if not fut.done():
+        fut.set_result(value)

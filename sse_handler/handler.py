@@ -1,0 +1,291 @@
+"""`ServerSentEventHandler`: one long-lived object per endpoint.
+
+It owns the connection registry, mounts into a ``tornado.web.Application`` with
+``handler.route(pattern)``, runs the per-handler keep-alive timer and offers the
+admin operations (``send_all``, ``send_one``, ``stop_one``, ``stop_all``,
+``shutdown``). Applications subclass it and override the hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import secrets
+import time
+from collections.abc import Awaitable, Iterable
+from typing import Any, ClassVar
+
+from tornado.httputil import HTTPServerRequest
+from tornado.web import RequestHandler
+
+from .connection import CloseReason, OverflowPolicy, ServerSentEventConnection, event_frame
+from .errors import UnknownConnectionError
+from .event import ServerSentEvent, encode_comment, encode_retry
+from .response import accept_stream
+
+__all__ = ["ServerSentEventHandler"]
+
+log = logging.getLogger("sse_handler")
+
+_KEEPALIVE = encode_comment()
+
+
+class ServerSentEventHandler:
+    """The endpoint: registry, routing, lifecycle, keep-alive and limits.
+
+    Every setting below is a class attribute that a subclass may override, or a
+    keyword argument of the constructor (``ServerSentEventHandler(keepalive=5)``).
+    A time of ``0`` turns that timer off.
+
+    Mount it with ``Application([handler.route(r"/events")])``.
+    """
+
+    #: The connection class that :meth:`get_connection_impl` instantiates.
+    connection_class: type[ServerSentEventConnection] = ServerSentEventConnection
+    #: Seconds of silence after which a connection gets a ``:`` comment (0 = off).
+    keepalive: float = 15.0
+    #: Seconds a blocked write may wait for the client before the connection
+    #: closes with reason ``slow`` (0 = wait forever).
+    write_timeout: float = 30.0
+    #: Queue bounds per connection, in frames and in bytes.
+    max_queue_messages: int = 1000
+    max_queue_bytes: int = 1 << 20
+    #: What a full queue does: ``disconnect``, ``drop_oldest`` or ``drop_newest``.
+    overflow_policy: OverflowPolicy = OverflowPolicy.DISCONNECT
+    #: Seconds after which a peer that vanished without FIN is dropped, through
+    #: TCP keepalive and TCP_USER_TIMEOUT (0 = the kernel's defaults).
+    dead_peer_timeout: float = 60.0
+    #: A ``retry:`` hint (ms) sent with the first comment of every stream.
+    retry: int | None = None
+    #: Sent by :meth:`shutdown` before closing, with a jittered retry hint.
+    shutdown_farewell: ServerSentEvent | None = ServerSentEvent(event="shutdown", data="")
+    #: The jittered ``retry:`` hint of :meth:`shutdown` is drawn from this
+    #: range (ms), so that clients do not all reconnect in the same instant.
+    shutdown_retry: tuple[int, int] = (1000, 5000)
+
+    _settings: ClassVar[tuple[str, ...]] = (
+        "connection_class",
+        "keepalive",
+        "write_timeout",
+        "max_queue_messages",
+        "max_queue_bytes",
+        "overflow_policy",
+        "dead_peer_timeout",
+        "retry",
+        "shutdown_farewell",
+        "shutdown_retry",
+    )
+
+    def __init__(self, **settings: Any) -> None:
+        for name, value in settings.items():
+            if name not in self._settings:
+                raise TypeError(f"unknown setting {name!r}; known: {', '.join(self._settings)}")
+            setattr(self, name, value)
+        self.overflow_policy = OverflowPolicy(self.overflow_policy)
+        if self.retry is not None:
+            encode_retry(self.retry)  # refuse a bad hint now, not at the first client
+        self._connections: dict[str, ServerSentEventConnection] = {}
+        self._keepalive_timer: asyncio.TimerHandle | None = None
+        self._shutting_down = False
+
+    # ----------------------------------------------------------------- mount
+
+    def route(self, pattern: str) -> tuple[str, type[RequestHandler], dict[str, Any]]:
+        """A Tornado route for this endpoint: ``Application([handler.route("/events")])``."""
+        return (pattern, EventStreamRequestHandler, {"sse_handler": self})
+
+    # ----------------------------------------------------------------- hooks
+
+    def authorize(self, request: HTTPServerRequest) -> Awaitable[bool | None] | bool | None:
+        """Decide whether this request may open a stream (may be ``async``).
+
+        Return ``None`` or ``True`` to allow, ``False`` to answer 403, or raise
+        ``tornado.web.HTTPError(401)`` / ``(403)`` / ``(204)``; 204 tells an
+        ``EventSource`` to stop reconnecting. Runs before any byte of the stream.
+        """
+        return None
+
+    def response_headers(self, request: HTTPServerRequest) -> dict[str, str]:
+        """Extra headers for the stream's response head (e.g. CORS)."""
+        return {}
+
+    def get_connection_impl(
+        self, request: HTTPServerRequest, cid: str, sock: Any, last_event_id: str | None
+    ) -> ServerSentEventConnection:
+        """Create the connection object for an accepted request (Qore's getConnectionImpl)."""
+        return self.connection_class(self, cid, sock, request, last_event_id)
+
+    def on_connection_registered(self, conn: ServerSentEventConnection) -> Awaitable[None] | None:
+        """Called after the connection's own ``registered()`` (may be ``async``)."""
+        return None
+
+    def on_connection_deregistered(self, conn: ServerSentEventConnection) -> None:
+        """Called once a connection has ended and left the registry."""
+
+    def replay_events_since(
+        self, conn: ServerSentEventConnection, last_event_id: str
+    ) -> Awaitable[None] | None:
+        """Send what the client missed after ``last_event_id`` (may be ``async``).
+
+        Called before ``registered()`` when the request carried a
+        ``Last-Event-ID`` header or a ``last_event_id`` query parameter. The
+        default does nothing; a broker fills it.
+        """
+        return None
+
+    # --------------------------------------------------------------- registry
+
+    def connection_ids(self) -> list[str]:
+        """The cids of the registered connections."""
+        return list(self._connections)
+
+    def connections(self) -> list[ServerSentEventConnection]:
+        return list(self._connections.values())
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def get_connection(self, cid: str) -> ServerSentEventConnection:
+        """The connection with this cid; :class:`UnknownConnectionError` if none."""
+        try:
+            return self._connections[cid]
+        except KeyError:
+            raise UnknownConnectionError(cid) from None
+
+    # ------------------------------------------------------------------ admin
+
+    def send_all(self, event: ServerSentEvent | None = None, /, **fields: Any) -> int:
+        """Send one event to every connection; returns how many accepted it.
+
+        The event is encoded once and the same bytes go to every connection.
+        """
+        return self.send_encoded_all(event_frame(event, fields))
+
+    def send_encoded_all(
+        self, frame: bytes, connections: Iterable[ServerSentEventConnection] | None = None
+    ) -> int:
+        """Send a pre-encoded frame to every (or the given) connection."""
+        delivered = 0
+        for conn in list(self._connections.values()) if connections is None else connections:
+            if conn.is_active:
+                conn.send_encoded(frame)
+                delivered += 1
+        return delivered
+
+    def send_one(self, cid: str, event: ServerSentEvent | None = None, /, **fields: Any) -> None:
+        """Send one event to the connection ``cid``."""
+        self.get_connection(cid).send_encoded(event_frame(event, fields))
+
+    def stop_one(
+        self, cid: str, farewell: ServerSentEvent | None = None, retry: int | None = None
+    ) -> None:
+        """Stop the connection ``cid``, after an optional farewell and retry hint."""
+        self.get_connection(cid).stop(farewell, retry)
+
+    def stop_all(self, farewell: ServerSentEvent | None = None, retry: int | None = None) -> None:
+        """Stop every connection, each after the optional farewell (encoded once)."""
+        for conn in list(self._connections.values()):
+            conn.stop(farewell, retry)
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Close every connection within ``grace`` seconds.
+
+        New requests get a retry hint and a close. Each open connection gets
+        :attr:`shutdown_farewell` and a ``retry:`` hint drawn from
+        :attr:`shutdown_retry` (jittered per connection, so that clients spread
+        their reconnects), then closes once that is written; whatever has not
+        closed when the grace time is up is closed at once.
+        """
+        self._shutting_down = True
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
+            self._keepalive_timer = None
+        low, high = self.shutdown_retry
+        conns = list(self._connections.values())
+        for conn in conns:
+            conn._stop(CloseReason.SHUTDOWN, self.shutdown_farewell, random.randint(low, high))
+        waiting = [c.wait_closed() for c in conns if c.close_reason is None]
+        if waiting:
+            await asyncio.wait([asyncio.ensure_future(w) for w in waiting], timeout=grace)
+        for conn in list(self._connections.values()):
+            conn._close(CloseReason.SHUTDOWN)
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down
+
+    # -------------------------------------------------------------- lifecycle
+
+    def new_cid(self) -> str:
+        """A fresh connection id: 12 URL-safe ASCII characters, unique here."""
+        while True:
+            cid = secrets.token_urlsafe(9)
+            if cid not in self._connections:
+                return cid
+
+    async def _register(self, conn: ServerSentEventConnection) -> None:
+        """Registry entry, replay, hooks, then the I/O task (DESIGN: lifecycle)."""
+        self._connections[conn.cid] = conn
+        self._ensure_keepalive()
+        steps: list[tuple[Any, tuple[Any, ...]]] = []
+        if conn.last_event_id is not None:
+            steps.append((self.replay_events_since, (conn, conn.last_event_id)))
+        steps.append((conn.registered, ()))
+        steps.append((self.on_connection_registered, (conn,)))
+        for hook, args in steps:
+            if conn.close_reason is not None:
+                return
+            try:
+                result = hook(*args)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("Uncaught exception in %s for connection %s", hook.__name__, conn.cid)
+                conn._close(CloseReason.HOOK_ERROR)
+                return
+        if conn.close_reason is None:
+            conn._start()
+
+    def _deregister(self, conn: ServerSentEventConnection) -> None:
+        if self._connections.get(conn.cid) is conn:
+            del self._connections[conn.cid]
+        try:
+            self.on_connection_deregistered(conn)
+        except Exception:
+            log.exception("Uncaught exception in on_connection_deregistered for %s", conn.cid)
+
+    def _ensure_keepalive(self) -> None:
+        if self.keepalive and self._keepalive_timer is None and not self._shutting_down:
+            # Half the interval: a connection waits at most 1.5x the interval.
+            period = self.keepalive / 2
+            loop = asyncio.get_running_loop()
+            self._keepalive_timer = loop.call_later(period, self._keepalive_tick, period)
+
+    def _keepalive_tick(self, period: float) -> None:
+        """One timer per handler, not per connection: ping the idle ones."""
+        self._keepalive_timer = None
+        if not self._connections:
+            return  # restarted by the next registration
+        idle_since = time.monotonic() - self.keepalive
+        for conn in list(self._connections.values()):
+            if conn.last_write <= idle_since and conn.is_active:
+                conn._ping(_KEEPALIVE)
+        self._ensure_keepalive()
+
+
+class EventStreamRequestHandler(RequestHandler):
+    """The Tornado side of an endpoint: answers GET with an event stream.
+
+    It only authorizes the request and writes the head; then the stream is
+    detached and the connection object owns the socket. Other methods get 405.
+    """
+
+    SUPPORTED_METHODS = ("GET",)  # type: ignore[assignment]
+
+    def initialize(self, sse_handler: ServerSentEventHandler) -> None:
+        self.sse_handler = sse_handler
+
+    async def get(self, *args: str, **kwargs: str) -> None:
+        await accept_stream(self, self.sse_handler)

@@ -1,0 +1,144 @@
+"""Accepting a request: authorization, the response head, taking the socket.
+
+Why the socket is taken over: Tornado's per-request objects (RequestHandler,
+HTTP1Connection, IOStream with its buffers and a Future per write) cost memory
+and CPU on every write of a stream that lives for hours. Like
+``tornado.websocket`` after the upgrade, the stream is detached once the request
+is accepted; the connection writes to the socket itself.
+
+Why the body is close-delimited: HTTP/1.1 allows a response with neither
+Content-Length nor chunked framing, ended by closing the connection (RFC 9112
+section 6.3, rule 8). An event stream only ever ends by a close, so chunk
+framing would add bytes and work to every write and buy nothing; the head says
+``Connection: close`` accordingly. Browsers' EventSource, curl and proxies
+(nginx with ``proxy_buffering off``) read such a body as it arrives.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+from email.utils import formatdate
+from typing import TYPE_CHECKING
+
+from tornado.web import HTTPError, RequestHandler
+
+from .event import encode_comment, encode_retry
+
+if TYPE_CHECKING:
+    from .handler import ServerSentEventHandler
+
+__all__ = ["STREAM_HEADERS", "accept_stream", "tune_socket"]
+
+#: The fixed part of every stream's response head (DESIGN: lifecycle).
+STREAM_HEADERS = (
+    ("Content-Type", "text/event-stream; charset=utf-8"),
+    ("Cache-Control", "no-cache"),
+    ("X-Accel-Buffering", "no"),
+    ("Connection", "close"),
+)
+
+_FIRST_COMMENT = encode_comment("ok")
+
+
+async def accept_stream(rh: RequestHandler, handler: ServerSentEventHandler) -> None:
+    """Answer one GET: deny it, shed it, or turn it into a registered connection."""
+    request = rh.request
+    if handler.shutting_down:
+        # Shedding: 200 with a retry hint and a close makes a browser come back
+        # later; a 5xx would make it give up for good.
+        _set_stream_headers(rh, handler)
+        rh.write(encode_retry(handler.shutdown_retry[1]))
+        return
+    try:
+        allowed = handler.authorize(request)
+        if inspect.isawaitable(allowed):
+            allowed = await allowed
+    except HTTPError as exc:
+        if exc.status_code == 204:
+            # "No Content" tells an EventSource to stop reconnecting; it must
+            # carry no body, so Tornado's error page cannot be used.
+            rh.set_status(204)
+            rh.finish()
+            return
+        raise
+    if allowed is False:
+        raise HTTPError(403)
+    last_event_id = request.headers.get("Last-Event-ID")
+    if last_event_id is None:
+        last_event_id = rh.get_query_argument("last_event_id", None)
+    head = _head(rh, handler)
+    sock = _take_socket(rh)
+    if sock is None:
+        return  # the client left while authorize() ran
+    tune_socket(sock, handler.dead_peer_timeout)
+    conn = handler.get_connection_impl(request, handler.new_cid(), sock, last_event_id)
+    # The head and the first comment leave in one write, so the client sees
+    # the stream open at once (and proxies that wait for a body byte too).
+    conn._push(head, bounded=False)
+    await handler._register(conn)
+
+
+def _set_stream_headers(rh: RequestHandler, handler: ServerSentEventHandler) -> None:
+    for name, value in STREAM_HEADERS:
+        rh.set_header(name, value)
+    for name, value in handler.response_headers(rh.request).items():
+        rh.set_header(name, value)
+
+
+def _head(rh: RequestHandler, handler: ServerSentEventHandler) -> bytes:
+    lines = ["HTTP/1.1 200 OK", f"Date: {formatdate(usegmt=True)}"]
+    lines += [f"{name}: {value}" for name, value in STREAM_HEADERS]
+    for name, value in handler.response_headers(rh.request).items():
+        if any(c in name + value for c in "\r\n\0"):
+            raise ValueError(f"response header {name!r} contains CR, LF or NUL")
+        lines.append(f"{name}: {value}")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    first = _FIRST_COMMENT
+    if handler.retry is not None:
+        first += encode_retry(handler.retry)
+    return head + first
+
+
+def _take_socket(rh: RequestHandler) -> socket.socket | None:
+    """Detach the stream from Tornado and keep a socket of our own.
+
+    The fd is duplicated and Tornado's IOStream closed: the IOStream drops its
+    buffers and its IOLoop registration, and nothing Tornado does later to it
+    (a server closing its remaining connections) can touch our socket.
+    """
+    stream = rh.detach()
+    if stream.closed():
+        return None
+    sock = socket.socket(fileno=os.dup(stream.socket.fileno()))
+    stream.close()
+    sock.setblocking(False)
+    return sock
+
+
+def tune_socket(sock: socket.socket, dead_peer_timeout: float) -> None:
+    """TCP_NODELAY, and drop peers that vanished without FIN (no RST, no reply).
+
+    TCP keepalive probes catch a dead peer on an idle stream; TCP_USER_TIMEOUT
+    catches it while unacknowledged data is outstanding. Both are set from one
+    timeout; the probes start at a third of it so the peer is gone well within.
+    """
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        return  # not TCP (a Unix socket): nothing to tune
+    if not dead_peer_timeout:
+        return
+    idle = max(1, int(dead_peer_timeout / 3))
+    interval = max(1, int(dead_peer_timeout / 9))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", idle),
+        ("TCP_KEEPINTVL", interval),
+        ("TCP_KEEPCNT", 3),
+        ("TCP_USER_TIMEOUT", int(dead_peer_timeout * 1000)),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:  # Linux has all four; other systems some
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)

@@ -1,0 +1,35 @@
+"""Runs ``async def`` tests on a fresh asyncio loop, each under a time limit.
+
+No plugin needed: every coroutine test gets its own ``asyncio.run`` with a
+timeout (default 30 s, or ``@pytest.mark.timeout(seconds)``), so a test that
+waits for an event that never comes fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "timeout(seconds): time limit of an async test")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    if not inspect.iscoroutinefunction(pyfuncitem.obj):
+        return None
+    marker = pyfuncitem.get_closest_marker("timeout")
+    timeout = float(marker.args[0]) if marker else 30.0
+    kwargs: dict[str, Any] = {
+        name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames
+    }
+
+    async def run() -> None:
+        await asyncio.wait_for(pyfuncitem.obj(**kwargs), timeout)
+
+    asyncio.run(run())
+    return True

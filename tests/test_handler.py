@@ -1,0 +1,371 @@
+"""The handler over real sockets: head, registry, admin operations, hooks, auth."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+from support import serve, wait_until
+from tornado.httpclient import AsyncHTTPClient
+from tornado.httputil import HTTPServerRequest
+from tornado.web import HTTPError
+
+from sse_handler import (
+    CloseReason,
+    ConnectionClosedError,
+    ServerSentEvent,
+    ServerSentEventConnection,
+    ServerSentEventHandler,
+    UnknownConnectionError,
+)
+from sse_handler.testing import EventStreamClient
+
+
+class Recorder(ServerSentEventConnection):
+    """Sends a welcome event and records how it ended."""
+
+    closed: list[tuple[str, CloseReason]] = []
+
+    def registered(self) -> None:
+        self.send(event="welcome", data={"connection_id": self.cid})
+
+    def connection_closed(self, reason: CloseReason) -> None:
+        Recorder.closed.append((self.cid, reason))
+
+
+class RecordingHandler(ServerSentEventHandler):
+    connection_class = Recorder
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.deregistered: list[str] = []
+        self.registered_order: list[str] = []
+
+    def on_connection_registered(self, conn: ServerSentEventConnection) -> None:
+        self.registered_order.append(conn.cid)
+
+    def on_connection_deregistered(self, conn: ServerSentEventConnection) -> None:
+        self.deregistered.append(conn.cid)
+
+
+@pytest.fixture(autouse=True)
+def _reset_recorder() -> None:
+    Recorder.closed = []
+
+
+async def test_response_head_and_first_comment() -> None:
+    handler = ServerSentEventHandler(retry=2500)
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream()
+        assert client.status == 200
+        assert client.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+        assert client.headers["Cache-Control"] == "no-cache"
+        assert client.headers["X-Accel-Buffering"] == "no"
+        assert "Content-Length" not in client.headers
+        assert "Transfer-Encoding" not in client.headers
+        assert client.headers.get("Connection") != "keep-alive"
+        # The first comment arrives before any event is sent.
+        await client.wait_for_bytes(b": ok\n\nretry: 2500\n\n", timeout=2)
+        assert client.parser.retry == 2500
+        client.close()
+
+
+async def test_welcome_on_registration_and_hooks_order() -> None:
+    handler = RecordingHandler()
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream()
+        welcome = await client.next_event()
+        assert welcome.event == "welcome"
+        cid = handler.connection_ids()[0]
+        assert welcome.data == '{"connection_id":"%s"}' % cid
+        assert handler.registered_order == [cid]
+        conn = handler.get_connection(cid)
+        assert conn.path == "/events"
+        assert conn.remote_ip == "127.0.0.1"
+        assert conn.headers["Accept"] == "text/event-stream"
+        assert cid.isascii() and len(cid) <= 16
+        client.close()
+        await wait_until(lambda: not handler.connection_ids())
+        assert Recorder.closed == [(cid, CloseReason.CLIENT_CLOSED)]
+        assert handler.deregistered == [cid]
+
+
+async def test_send_one_send_all_and_encode_once() -> None:
+    handler = RecordingHandler()
+    async with serve([handler.route("/events")], handler) as server:
+        a, b = await server.stream(), await server.stream()
+        await a.next_event()
+        await b.next_event()
+        assert len(handler) == 2
+        assert handler.send_all(data="to all", event="news", id="1") == 2
+        for client in (a, b):
+            event = await client.next_event()
+            assert (event.event, event.data, event.id) == ("news", "to all", "1")
+        cid_b = [c for c in handler.connection_ids() if c != handler.connection_ids()[0]][0]
+        handler.send_one(cid_b, ServerSentEvent(data="just b"))
+        assert (await b.next_event()).data == "just b"
+        handler.send_all(data="both again")
+        assert (await a.next_event()).data == "both again"
+        with pytest.raises(UnknownConnectionError) as info:
+            handler.send_one("nope", data="x")
+        assert isinstance(info.value, KeyError)
+        assert "nope" in str(info.value)
+        with pytest.raises(ValueError, match="event"):
+            handler.send_all(data="x", event="bad\nname")
+        a.close()
+        b.close()
+
+
+async def test_stop_one_and_stop_all_send_farewell_then_close() -> None:
+    handler = RecordingHandler()
+    async with serve([handler.route("/events")], handler) as server:
+        clients = [await server.stream() for _ in range(3)]
+        for client in clients:
+            await client.next_event()
+        first = handler.connection_ids()[0]
+        handler.stop_one(first, ServerSentEvent(event="close", data="bye"), retry=10000)
+        events = await clients[0].wait_closed()
+        assert [(e.event, e.data) for e in events] == [("close", "bye")]
+        assert clients[0].parser.retry == 10000
+        with pytest.raises(UnknownConnectionError):
+            handler.stop_one(first)
+        handler.stop_all(ServerSentEvent(event="close", data=""))
+        for client in clients[1:]:
+            events = await client.wait_closed()
+            assert [e.event for e in events] == ["close"]
+        await wait_until(lambda: len(Recorder.closed) == 3)
+        assert {reason for _, reason in Recorder.closed} == {CloseReason.STOPPED}
+        assert len(handler) == 0
+
+
+async def test_send_after_close_raises_closed_error() -> None:
+    handler = RecordingHandler()
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream()
+        await client.next_event()
+        conn = handler.connections()[0]
+        conn.stop()
+        assert not conn.is_active
+        with pytest.raises(ConnectionClosedError):
+            conn.send(data="late")
+        with pytest.raises(ConnectionClosedError):
+            await conn.flush()
+        assert await conn.wait_closed() == CloseReason.STOPPED
+        await client.wait_closed()
+
+
+async def test_last_event_id_from_header_and_query() -> None:
+    seen: list[tuple[str, str]] = []
+
+    class Replaying(ServerSentEventHandler):
+        def replay_events_since(self, conn: ServerSentEventConnection, last_event_id: str) -> None:
+            seen.append((conn.cid, last_event_id))
+            conn.send(data=f"after {last_event_id}")
+
+    handler = Replaying()
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream(headers={"Last-Event-ID": "41"})
+        assert (await client.next_event()).data == "after 41"
+        assert handler.get_connection(seen[0][0]).last_event_id == "41"
+        client2 = await server.stream("/events?last_event_id=7")
+        assert (await client2.next_event()).data == "after 7"
+        client3 = await server.stream()
+        handler.send_all(data="live")
+        assert (await client3.next_event()).data == "live"
+        assert len(seen) == 2
+        for c in (client, client2, client3):
+            c.close()
+
+
+async def test_authorize_deny_401_403_and_204() -> None:
+    class Guarded(ServerSentEventHandler):
+        async def authorize(self, request: HTTPServerRequest) -> bool | None:
+            await asyncio.sleep(0)
+            token = request.headers.get("Authorization")
+            if token is None:
+                raise HTTPError(401)
+            if token == "Bearer gone":
+                raise HTTPError(204)
+            return token == "Bearer ok"
+
+    handler = Guarded()
+    async with serve([handler.route("/events")], handler) as server:
+        for headers, status in (
+            ({}, 401),
+            ({"Authorization": "Bearer nope"}, 403),
+            ({"Authorization": "Bearer gone"}, 204),
+        ):
+            client = await server.stream(headers=headers)
+            assert client.status == status
+            body = await client.read_body()
+            assert b"data:" not in body
+            if status == 204:
+                assert body == b""
+            client.close()
+        assert len(handler) == 0
+        ok = await server.stream(headers={"Authorization": "Bearer ok"})
+        assert ok.status == 200
+        await wait_until(lambda: len(handler) == 1)
+        ok.close()
+
+
+async def test_only_get_is_allowed() -> None:
+    handler = ServerSentEventHandler()
+    async with serve([handler.route("/events")], handler) as server:
+        http = AsyncHTTPClient()
+        response = await http.fetch(
+            server.url + "/events", method="POST", body=b"x", raise_error=False
+        )
+        assert response.code == 405
+        http.close()
+
+
+async def test_hook_that_raises_closes_only_its_connection() -> None:
+    class Flaky(ServerSentEventConnection):
+        def registered(self) -> None:
+            if self.query_arguments.get("boom"):
+                raise RuntimeError("registered failed")
+            self.send(data="fine")
+
+    handler = ServerSentEventHandler(connection_class=Flaky)
+    async with serve([handler.route("/events")], handler) as server:
+        good = await server.stream()
+        assert (await good.next_event()).data == "fine"
+        bad = await server.stream("/events?boom=1")
+        assert await bad.wait_closed() == []
+        handler.send_all(data="still here")
+        assert (await good.next_event()).data == "still here"
+        assert len(handler) == 1
+        good.close()
+
+
+async def test_keepalive_only_to_idle_connections() -> None:
+    handler = ServerSentEventHandler(keepalive=0.2)
+    async with serve([handler.route("/events")], handler) as server:
+        idle = await server.stream()
+        busy = await server.stream()
+        await wait_until(lambda: len(handler) == 2)
+        busy_conn = [c for c in handler.connections()][1]
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        # Keep one connection busy for 0.6 s while the other stays silent.
+        while loop.time() - start < 0.6:
+            busy_conn.send(data="tick")
+            await asyncio.sleep(0.05)
+        await idle.wait_for_bytes(b":\n\n", timeout=1)
+        assert idle.comments.count("") >= 1
+        await busy.events(5)
+        assert "" not in busy.comments  # only "ok", the first comment
+        idle.close()
+        busy.close()
+
+
+async def test_keepalive_interval_timing() -> None:
+    handler = ServerSentEventHandler(keepalive=0.1)
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream()
+        loop = asyncio.get_running_loop()
+        await client.wait_for_bytes(b": ok\n\n")
+        start = loop.time()
+        await client.wait_for_bytes(b":\n\n", timeout=1)
+        first = loop.time() - start
+        # Idle for the interval at least, and at most 1.5 intervals plus slack.
+        assert 0.09 <= first <= 0.5
+        client.close()
+
+
+async def test_keepalive_zero_is_off() -> None:
+    handler = ServerSentEventHandler(keepalive=0)
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream()
+        await client.wait_for_bytes(b": ok\n\n")
+        with pytest.raises(TimeoutError):
+            await client.wait_for_bytes(b":\n\n", timeout=0.3)
+        client.close()
+
+
+async def test_shutdown_sends_farewell_with_jittered_retry_and_closes() -> None:
+    handler = RecordingHandler(shutdown_retry=(2000, 3000))
+    async with serve([handler.route("/events")], handler) as server:
+        clients = [await server.stream() for _ in range(5)]
+        for client in clients:
+            await client.next_event()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await handler.shutdown(grace=1.0)
+        assert loop.time() - start < 1.0
+        assert len(handler) == 0
+        retries = set()
+        for client in clients:
+            events = await client.wait_closed()
+            assert [e.event for e in events] == ["shutdown"]
+            assert client.parser.retry is not None
+            assert 2000 <= client.parser.retry <= 3000
+            retries.add(client.parser.retry)
+        assert len(retries) > 1  # jittered, not one value for all
+        assert {r for _, r in Recorder.closed} == {CloseReason.SHUTDOWN}
+        # A request during shutdown is told to come back later, not refused.
+        late = await server.stream()
+        assert late.status == 200
+        assert b"retry: 3000" in await late.read_body()
+        late.close()
+
+
+async def test_shutdown_grace_bounds_a_client_that_never_reads() -> None:
+    handler = RecordingHandler(write_timeout=0)
+    async with serve([handler.route("/events")], handler) as server:
+        sock = server.raw_socket()
+        await wait_until(lambda: len(handler) == 1)
+        conn = handler.connections()[0]
+        conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        while conn.queue_depth == 0:
+            conn.send(data="x" * 65536)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await handler.shutdown(grace=0.3)
+        assert 0.25 <= loop.time() - start < 1.0
+        assert conn.close_reason == CloseReason.SHUTDOWN
+        sock.close()
+
+
+async def test_unknown_setting_is_refused() -> None:
+    with pytest.raises(TypeError, match="keepalive_seconds"):
+        ServerSentEventHandler(keepalive_seconds=3)
+    with pytest.raises(ValueError):
+        ServerSentEventHandler(overflow_policy="explode")
+
+
+async def test_dead_peer_socket_options() -> None:
+    handler = ServerSentEventHandler(dead_peer_timeout=9)
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream()
+        await wait_until(lambda: len(handler) == 1)
+        sock = handler.connections()[0]._sock
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 3
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 9000
+        client.close()
+
+
+async def test_client_reset_closes_once() -> None:
+    handler = RecordingHandler()
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream()
+        await client.next_event()
+        cid = handler.connection_ids()[0]
+        client.abort()
+        await wait_until(lambda: len(handler) == 0)
+        # Sending to everyone afterwards must not resurrect or re-close it.
+        assert handler.send_all(data="nobody") == 0
+        assert Recorder.closed == [(cid, CloseReason.CLIENT_CLOSED)]
+        assert handler.deregistered == [cid]
+
+
+async def test_event_client_helper_sees_non_stream_404() -> None:
+    handler = ServerSentEventHandler()
+    async with serve([handler.route("/events")], handler) as server:
+        client = await EventStreamClient.connect(server.url + "/nothing")
+        assert client.status == 404
+        client.close()
