@@ -107,6 +107,7 @@ class ServerSentEventConnection:
         "_closing",
         "_deadline",
         "_fd",
+        "_head_partial",
         "_flush_waiters",
         "_io_task",
         "_loop",
@@ -165,6 +166,9 @@ class ServerSentEventConnection:
         self._fd = sock.fileno()
         self._queue: collections.deque[bytes] = collections.deque()
         self._queued_bytes = 0
+        # True while the queue's head is the rest of a frame the socket took
+        # only part of: it must go out whole, so drop_oldest never drops it.
+        self._head_partial = False
         # The batch the I/O task is writing (bytes left to send) and how many
         # frames it holds; None when no write is in flight.
         self._pending: memoryview | None = None
@@ -291,6 +295,7 @@ class ServerSentEventConnection:
             await self._wakeup
         frame = self._queue.popleft()
         self._queued_bytes -= len(frame)
+        self._head_partial = False
         return frame
 
     def poll_data_immediate(self) -> list[Sendable]:
@@ -304,6 +309,7 @@ class ServerSentEventConnection:
         frames: list[Sendable] = list(self._queue)
         self._queue.clear()
         self._queued_bytes = 0
+        self._head_partial = False
         return frames
 
     # -------------------------------------------------------------- internals
@@ -336,7 +342,9 @@ class ServerSentEventConnection:
                 return True
             # The kernel took part of it: the rest becomes the head of the
             # queue and the I/O task finishes it when the socket drains.
-            frame = frame[sent:]
+            if sent:
+                frame = frame[sent:]
+                self._head_partial = True
             self._queue.appendleft(frame)
             self._queued_bytes += len(frame)
             self._wake()
@@ -365,13 +373,20 @@ class ServerSentEventConnection:
             self.dropped += 1
             return False
         if policy == OverflowPolicy.DROP_OLDEST:
-            while self._queue and (
-                len(self._queue) >= max_messages or self._queued_bytes + size > max_bytes
+            queue = self._queue
+            keep = 1 if self._head_partial else 0
+            while len(queue) > keep and (
+                len(queue) >= max_messages or self._queued_bytes + size > max_bytes
             ):
-                self._queued_bytes -= len(self._queue.popleft())
+                oldest = queue[keep]
+                del queue[keep]
+                self._queued_bytes -= len(oldest)
                 self.dropped += 1
                 self.events_sent -= 1
-            return self._queued_bytes + size <= max_bytes
+            if self._queued_bytes + size <= max_bytes:
+                return True
+            self.dropped += 1
+            return False
         self.dropped += 1 + len(self._queue)
         self.events_sent -= len(self._queue)
         self._close(CloseReason.OVERFLOW)
@@ -538,6 +553,7 @@ class ServerSentEventConnection:
         self._wake()
         self._queue.clear()
         self._queued_bytes = 0
+        self._head_partial = False
         self._resolve_flush_waiters(ConnectionClosedError(self.cid, reason))
         if self._closed_waiter is not None and not self._closed_waiter.done():
             self._closed_waiter.set_result(None)

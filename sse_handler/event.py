@@ -1,0 +1,183 @@
+"""The event model and its encoder: a :class:`ServerSentEvent` becomes one wire frame.
+
+Pure: no I/O, no Tornado. An event is validated and encoded exactly once, in its
+constructor, so a bad value is refused where it enters (never deep inside a write) and
+sending one event to many connections hands the same ``bytes`` object to each of them.
+
+A frame is UTF-8 with LF line endings, no BOM, and ends with a blank line::
+
+    : comment lines first (one per line of ``comment``)
+    event: <event>
+    id: <id>
+    retry: <retry>
+    data: <one line per line of data>
+    <blank line>
+
+It is read back by :class:`sse_handler.parser.EventStreamParser`, which follows WHATWG HTML
+9.2.6 "Interpreting an event stream"; the rules below exist so that every event this module
+accepts reaches an ``EventSource`` exactly as it was given.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ServerSentEvent", "encode_comment", "encode_retry"]
+
+# WHATWG 9.2.6: a line ends with CRLF, a lone LF or a lone CR, and with nothing else, so
+# U+2028, U+2029, VT, FF and U+0085 must stay inside a line (str.splitlines would break on
+# them). CRLF comes first so it counts as one break. UTF-8 never uses the bytes 0x0A or 0x0D
+# inside a multi-byte character, so splitting the encoded bytes equals splitting the text.
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+
+# WHATWG 9.2.6 would end an id at CR/LF (the rest becoming a new line, i.e. an injected
+# field) and ignores an id containing NUL altogether.
+_BAD_ID = re.compile(r"[\r\n\0]")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSentEvent:
+    """One event, validated and encoded when it is constructed.
+
+    ``data`` is ``str``, UTF-8 ``bytes``, a JSON-able ``dict`` / ``list`` (serialised once,
+    compactly), or ``None`` for no data (the event then sets only ``id`` / ``retry`` /
+    comments, and an ``EventSource`` dispatches nothing). Line breaks in ``data`` and
+    ``comment`` (CRLF, CR or LF) become separate ``data:`` / ``:`` lines. ``event`` names the
+    event type (``None`` or ``""``: the default ``"message"``). ``id`` becomes the client's
+    last event id; ``id=""`` is written and resets it. ``retry`` is the reconnection time in
+    milliseconds.
+
+    Raises ``ValueError`` (naming the field) for a value that would break the frame or not
+    survive the trip to the client, ``TypeError`` for a field of the wrong type. The frame
+    is computed from the values given, so mutating a ``dict`` / ``list`` afterwards does not
+    change what :meth:`encode` returns.
+    """
+
+    data: str | bytes | dict[str, Any] | list[Any] | None = None
+    event: str | None = None
+    id: str | None = None
+    retry: int | None = None
+    comment: str | None = None
+    _frame: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_frame", _encode_frame(self))
+
+    def encode(self) -> bytes:
+        """The wire frame: UTF-8, LF line endings, ending with a blank line."""
+        return self._frame
+
+
+def encode_comment(text: str = "") -> bytes:
+    """A comment-only frame (``b":\\n\\n"`` for no text), as sent for keep-alives.
+
+    A client ignores it; it only keeps proxies and the connection alive.
+    """
+    return ServerSentEvent(comment=text).encode()
+
+
+def encode_retry(retry_ms: int) -> bytes:
+    """A frame that only sets the client's reconnection time, ``b"retry: N\\n\\n"``."""
+    return ServerSentEvent(retry=retry_ms).encode()
+
+
+def _encode_frame(event: ServerSentEvent) -> bytes:
+    lines = [
+        *_comment_lines(event.comment),
+        *_event_lines(event.event),
+        *_id_lines(event.id),
+        *_retry_lines(event.retry),
+        *_data_lines(event.data),
+    ]
+    if not lines:
+        # Every field None (or only event=""): the frame would be a bare blank line, which
+        # tells the client nothing; refusing it catches a forgotten argument.
+        raise ValueError(
+            "ServerSentEvent needs at least one field (data, event, id, retry or comment)"
+        )
+    return b"".join(line + b"\n" for line in lines) + b"\n"
+
+
+def _comment_lines(comment: str | None) -> list[bytes]:
+    if comment is None:
+        return []
+    # ": text" mirrors "field: value"; an empty line is just ":" (no trailing space).
+    return [b": " + piece if piece else b":" for piece in _split(_utf8("comment", comment))]
+
+
+def _event_lines(event: str | None) -> list[bytes]:
+    if event is None:
+        return []
+    encoded = _utf8("event", event)
+    if b"\r" in encoded or b"\n" in encoded:
+        raise ValueError("event must not contain CR or LF")
+    # WHATWG 9.2.6 dispatches an empty type as "message", so "event: " would be dead weight.
+    return [b"event: " + encoded] if encoded else []
+
+
+def _id_lines(event_id: str | None) -> list[bytes]:
+    if event_id is None:
+        return []
+    encoded = _utf8("id", event_id)
+    if _BAD_ID.search(event_id):
+        raise ValueError("id must not contain CR, LF or NUL")
+    # An empty id is still written: it resets the client's last event id.
+    return [b"id: " + encoded]
+
+
+def _retry_lines(retry: int | None) -> list[bytes]:
+    if retry is None:
+        return []
+    # bool is an int subclass, but retry=True is surely a mistake, not "1 ms".
+    if isinstance(retry, bool) or not isinstance(retry, int) or retry < 0:
+        raise ValueError(f"retry must be an int >= 0 (milliseconds), not {retry!r}")
+    try:
+        digits = str(retry)
+    except ValueError:  # beyond sys.get_int_max_str_digits(): no client could use it anyway
+        raise ValueError("retry is too large to write in decimal") from None
+    return [b"retry: " + digits.encode("ascii")]
+
+
+def _data_lines(data: str | bytes | dict[str, Any] | list[Any] | None) -> list[bytes]:
+    if data is None:
+        return []
+    # One "data:" line per piece; the client joins them with LF, so line breaks survive
+    # (normalised to LF), a trailing one included, and "" is a single empty "data: " line.
+    return [b"data: " + piece for piece in _split(_data_bytes(data))]
+
+
+def _data_bytes(data: str | bytes | dict[str, Any] | list[Any]) -> bytes:
+    if isinstance(data, str):
+        return _utf8("data", data)
+    if isinstance(data, bytes):
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            # The client would decode with replacement, silently changing the data.
+            raise ValueError(f"data bytes must be valid UTF-8 ({exc})") from None
+        return data
+    if isinstance(data, dict | list):
+        try:
+            # allow_nan=False: NaN / Infinity are not JSON and JSON.parse rejects them.
+            text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"data is not JSON-serialisable ({exc})") from None
+        return _utf8("data", text)
+    raise TypeError(f"data must be str, bytes, dict, list or None, not {type(data).__name__}")
+
+
+def _utf8(name: str, value: object) -> bytes:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str or None, not {type(value).__name__}")
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate cannot be written as UTF-8 at all.
+        raise ValueError(f"{name} must not contain lone surrogates") from None
+
+
+def _split(encoded: bytes) -> list[bytes]:
+    return _LINE_BREAK.split(encoded)

@@ -1,0 +1,348 @@
+"""The write path of one connection: fast path, queue, bounds, deadline, sources."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from support import Server, serve, wait_until
+
+from sse_handler import (
+    CloseReason,
+    OverflowPolicy,
+    ServerSentEvent,
+    ServerSentEventConnection,
+    ServerSentEventHandler,
+)
+from sse_handler.connection import Sendable
+from sse_handler.parser import EventStreamParser
+
+BIG = "x" * 65536
+
+
+class Closing(ServerSentEventConnection):
+    reasons: list[CloseReason] = []
+
+    def connection_closed(self, reason: CloseReason) -> None:
+        Closing.reasons.append(reason)
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    Closing.reasons = []
+
+
+async def stalled(server: Server, handler: ServerSentEventHandler) -> tuple[socket.socket, Any]:
+    """A client that never reads, and its connection with a tiny send buffer."""
+    sock = server.raw_socket()
+    await wait_until(lambda: len(handler) == 1)
+    conn = handler.connections()[0]
+    conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return sock, conn
+
+
+def fill_kernel_buffers(conn: ServerSentEventConnection) -> int:
+    """Send big events until one has to wait in the queue; returns how many went."""
+    n = 0
+    while conn.queue_depth == 0:
+        conn.send(data=BIG, id=str(n))
+        n += 1
+    return n
+
+
+def read_all(sock: socket.socket, parser: EventStreamParser, timeout: float = 5.0) -> list[Any]:
+    sock.settimeout(timeout)
+    events = []
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            return events
+        events.extend(parser.feed(chunk))
+
+
+async def read_all_async(sock: socket.socket) -> list[Any]:
+    """read_all in a thread, so the server's loop keeps writing meanwhile."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, read_all, sock, EventStreamParser())
+
+
+async def test_order_is_kept_across_fast_and_slow_paths() -> None:
+    handler = ServerSentEventHandler(max_queue_messages=100_000, max_queue_bytes=1 << 30)
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream()
+        await wait_until(lambda: len(handler) == 1)
+        conn = handler.connections()[0]
+        conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        # A burst far bigger than the socket buffers: most of it takes the
+        # queue, and the I/O task batches it out as the client reads.
+        for i in range(2000):
+            conn.send(data=f"{i} " + "y" * (i % 700), id=str(i))
+        assert conn.queue_depth > 0
+        events = await client.events(2000, timeout=20)
+        assert [e.id for e in events] == [str(i) for i in range(2000)]
+        assert all(e.data.startswith(f"{i} ") for i, e in enumerate(events))
+        await conn.flush()
+        assert conn.queue_depth == 0
+        assert conn.events_sent == 2000
+        client.close()
+
+
+async def test_flush_waits_until_the_socket_took_everything() -> None:
+    handler = ServerSentEventHandler()
+    async with serve([handler.route("/events")], handler) as server:
+        sock, conn = await stalled(server, handler)
+        fill_kernel_buffers(conn)
+        flushing = asyncio.ensure_future(conn.flush())
+        await asyncio.sleep(0.05)
+        assert not flushing.done()
+        parser = EventStreamParser()
+        loop = asyncio.get_running_loop()
+        reader = loop.run_in_executor(None, read_all, sock, parser)
+        await asyncio.wait_for(flushing, 5)
+        assert conn.queue_depth == 0
+        conn.stop()
+        events = await reader
+        assert len(events) == conn.events_sent
+        sock.close()
+
+
+async def test_overflow_disconnect_closes_with_reason_overflow() -> None:
+    handler = ServerSentEventHandler(connection_class=Closing, max_queue_messages=5)
+    async with serve([handler.route("/events")], handler) as server:
+        sock, conn = await stalled(server, handler)
+        sent = fill_kernel_buffers(conn)
+        while conn.queue_depth < 5:
+            conn.send(data=BIG)
+        assert conn.is_active
+        assert conn.queue_depth == 5
+        conn.send(data="one too many")
+        assert conn.close_reason == CloseReason.OVERFLOW
+        assert conn.dropped == 6  # the one refused and the five queued
+        assert Closing.reasons == [CloseReason.OVERFLOW]
+        assert len(handler) == 0
+        # The client gets whole events up to where its stream was cut.
+        events = read_all(sock, EventStreamParser())
+        assert len(events) <= sent
+        sock.close()
+
+
+async def test_overflow_drop_oldest_keeps_the_newest() -> None:
+    handler = ServerSentEventHandler(
+        max_queue_messages=3, overflow_policy=OverflowPolicy.DROP_OLDEST
+    )
+    async with serve([handler.route("/events")], handler) as server:
+        sock, conn = await stalled(server, handler)
+        fill_kernel_buffers(conn)
+        # A frame the socket took part of must still go out whole.
+        protected = 1 if conn._head_partial else 0
+        for i in range(10):
+            conn.send(data=f"q{i}", id=f"q{i}")
+        assert conn.is_active
+        assert conn.queue_depth == 3
+        assert conn.dropped == 8
+        conn.stop()
+        events = await read_all_async(sock)
+        ids = [e.id for e in events if e.id.startswith("q")]
+        assert ids == [f"q{i}" for i in range(7 + protected, 10)]
+        sock.close()
+
+
+async def test_overflow_drop_newest_keeps_the_oldest() -> None:
+    handler = ServerSentEventHandler(
+        max_queue_messages=3, overflow_policy=OverflowPolicy.DROP_NEWEST
+    )
+    async with serve([handler.route("/events")], handler) as server:
+        sock, conn = await stalled(server, handler)
+        fill_kernel_buffers(conn)
+        queued_before = conn.queue_depth
+        for i in range(10):
+            conn.send(data=f"q{i}", id=f"q{i}")
+        assert conn.is_active
+        assert conn.queue_depth == 3
+        assert conn.dropped == 10 - (3 - queued_before)
+        conn.stop()
+        events = await read_all_async(sock)
+        ids = [e.id for e in events if e.id.startswith("q")]
+        assert ids == [f"q{i}" for i in range(3 - queued_before)]
+        sock.close()
+
+
+async def test_queue_byte_bound() -> None:
+    handler = ServerSentEventHandler(connection_class=Closing, max_queue_bytes=200_000)
+    async with serve([handler.route("/events")], handler) as server:
+        sock, conn = await stalled(server, handler)
+        fill_kernel_buffers(conn)
+        conn.send(data=BIG)
+        conn.send(data=BIG)
+        assert conn.is_active
+        assert conn.queued_bytes <= 200_000
+        conn.send(data=BIG)
+        assert conn.close_reason == CloseReason.OVERFLOW
+        sock.close()
+
+
+async def test_write_deadline_evicts_a_frozen_reader() -> None:
+    handler = ServerSentEventHandler(connection_class=Closing, write_timeout=0.2)
+    async with serve([handler.route("/events")], handler) as server:
+        sock, conn = await stalled(server, handler)
+        fill_kernel_buffers(conn)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        assert await asyncio.wait_for(conn.wait_closed(), 2) == CloseReason.SLOW
+        assert 0.15 <= loop.time() - start < 1.0
+        assert Closing.reasons == [CloseReason.SLOW]
+        assert len(handler) == 0
+        sock.close()
+
+
+async def test_a_reader_that_keeps_up_is_not_evicted() -> None:
+    handler = ServerSentEventHandler(connection_class=Closing, write_timeout=0.2)
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream()
+        await wait_until(lambda: len(handler) == 1)
+        conn = handler.connections()[0]
+        for i in range(20):
+            conn.send(data=BIG, id=str(i))
+            await asyncio.sleep(0.02)
+        events = await client.events(20)
+        assert [e.id for e in events] == [str(i) for i in range(20)]
+        assert conn.is_active
+        client.close()
+
+
+async def test_write_error_closes_once() -> None:
+    handler = ServerSentEventHandler(connection_class=Closing)
+    async with serve([handler.route("/events")], handler) as server:
+        sock, conn = await stalled(server, handler)
+        # The kernel keeps the read side open until we read; shut the
+        # connection down hard so the next write fails with EPIPE/ECONNRESET.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()
+        await wait_until(lambda: conn.close_reason is not None)
+        assert conn.close_reason in (CloseReason.CLIENT_CLOSED, CloseReason.WRITE_ERROR)
+        assert len(Closing.reasons) == 1
+
+
+async def test_stop_while_queue_is_full_delivers_queue_then_farewell() -> None:
+    handler = ServerSentEventHandler(connection_class=Closing)
+    async with serve([handler.route("/events")], handler) as server:
+        sock, conn = await stalled(server, handler)
+        sent = fill_kernel_buffers(conn)
+        conn.stop(ServerSentEvent(event="close", data="bye"))
+        assert not conn.is_active
+        events = await read_all_async(sock)
+        assert [e.id for e in events[:-1]] == [str(i) for i in range(sent)]
+        assert (events[-1].event, events[-1].data) == ("close", "bye")
+        assert Closing.reasons == [CloseReason.STOPPED]
+        sock.close()
+
+
+class Ticker(ServerSentEventConnection):
+    """Pulls from an async generator instead of the queue."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.source = self.prices()
+        self.ready: list[Sendable] = []
+
+    async def prices(self) -> AsyncIterator[int]:
+        for i in range(50):
+            yield i
+            await asyncio.sleep(0)
+
+    def registered(self) -> None:
+        self.send(event="welcome", data="hi")
+
+    async def poll_data(self) -> Sendable | None:
+        try:
+            price = await anext(self.source)
+        except StopAsyncIteration:
+            return None
+        # Batching: pretend the next two prices are already known.
+        self.ready = [ServerSentEvent(data=f"{price}.{n}", event="batch") for n in (1, 2)]
+        return ServerSentEvent(data=str(price), id=str(price))
+
+    def poll_data_immediate(self) -> list[Sendable]:
+        ready, self.ready = self.ready, []
+        return ready
+
+
+async def test_poll_data_override_feeds_the_stream() -> None:
+    handler = ServerSentEventHandler(connection_class=Ticker)
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream()
+        welcome = await client.next_event()
+        assert welcome.event == "welcome"
+        events = await client.wait_closed()
+        ticks = [e for e in events if e.event == "message"]
+        assert [e.data for e in ticks] == [str(i) for i in range(50)]
+        batches = [e.data for e in events if e.event == "batch"]
+        assert batches[:2] == ["0.1", "0.2"]
+        assert len(batches) == 100
+        await wait_until(lambda: len(handler) == 0)
+
+
+async def test_poll_data_override_still_takes_send() -> None:
+    gate: asyncio.Queue[str] = asyncio.Queue()
+
+    class Gated(ServerSentEventConnection):
+        async def poll_data(self) -> Sendable | None:
+            return ServerSentEvent(data=await gate.get(), event="source")
+
+    handler = ServerSentEventHandler(connection_class=Gated)
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream()
+        await wait_until(lambda: len(handler) == 1)
+        handler.send_all(data="pushed")
+        assert (await client.next_event()).data == "pushed"
+        await gate.put("pulled")
+        event = await client.next_event()
+        assert (event.event, event.data) == ("source", "pulled")
+        client.close()
+
+
+async def test_poll_data_that_raises_closes_with_hook_error() -> None:
+    class Broken(Closing):
+        async def poll_data(self) -> Sendable | None:
+            raise RuntimeError("source broke")
+
+    handler = ServerSentEventHandler(connection_class=Broken)
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream()
+        await client.wait_closed()
+        await wait_until(lambda: Closing.reasons == [CloseReason.HOOK_ERROR])
+
+
+async def test_send_encoded_goes_out_verbatim() -> None:
+    handler = ServerSentEventHandler()
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream()
+        await wait_until(lambda: len(handler) == 1)
+        frame = ServerSentEvent(data="pre", event="enc").encode()
+        handler.connections()[0].send_encoded(frame)
+        await client.wait_for_bytes(frame)
+        assert client.raw.endswith(frame)
+        client.close()
+
+
+async def test_stats_count_events_and_bytes() -> None:
+    handler = ServerSentEventHandler()
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream()
+        await wait_until(lambda: len(handler) == 1)
+        conn = handler.connections()[0]
+        head_bytes = conn.bytes_sent
+        frame = ServerSentEvent(data="abc").encode()
+        for _ in range(3):
+            conn.send_encoded(frame)
+        await conn.flush()
+        stats = conn.stats()
+        assert stats["events_sent"] == 3
+        assert stats["bytes_sent"] == head_bytes + 3 * len(frame)
+        assert stats["queue_depth"] == 0
+        assert stats["dropped"] == 0
+        await client.events(3)
+        client.close()

@@ -1,0 +1,228 @@
+"""The encoder: exact frames, and every refusal raised at construction, naming its field."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import pytest
+
+from sse_handler.event import ServerSentEvent, encode_comment, encode_retry
+
+# --- exact frames -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("event", "frame"),
+    [
+        (ServerSentEvent(data="hello"), b"data: hello\n\n"),
+        (ServerSentEvent(data=""), b"data: \n\n"),
+        (ServerSentEvent(data="a\n"), b"data: a\ndata: \n\n"),
+        (ServerSentEvent(data="a\r\nb\rc\nd"), b"data: a\ndata: b\ndata: c\ndata: d\n\n"),
+        (ServerSentEvent(data="\r\n\r\n"), b"data: \ndata: \ndata: \n\n"),
+        (ServerSentEvent(data="\n\r"), b"data: \ndata: \ndata: \n\n"),
+        (ServerSentEvent(data=" lead"), b"data:  lead\n\n"),
+        (
+            ServerSentEvent(data="a\u2028b\u2029c\x0bd\x0ce\x85f"),
+            "data: a\u2028b\u2029c\x0bd\x0ce\x85f\n\n".encode(),
+        ),
+        (
+            ServerSentEvent(data="caf\u00e9 \u20ac \U0001f600"),
+            "data: caf\u00e9 \u20ac \U0001f600\n\n".encode(),
+        ),
+        (ServerSentEvent(data=b"raw\nbytes"), b"data: raw\ndata: bytes\n\n"),
+        (ServerSentEvent(data={"b": [1, 2], "a": "x y"}), b'data: {"b":[1,2],"a":"x y"}\n\n'),
+        (ServerSentEvent(data=[1, "\u00e9", None]), 'data: [1,"\u00e9",null]\n\n'.encode()),
+        (ServerSentEvent(data={"text": "two\nlines"}), b'data: {"text":"two\\nlines"}\n\n'),
+        (ServerSentEvent(event="update", data="x"), b"event: update\ndata: x\n\n"),
+        (ServerSentEvent(event="", data="x"), b"data: x\n\n"),
+        (ServerSentEvent(id="42", data="x"), b"id: 42\ndata: x\n\n"),
+        (ServerSentEvent(id="", data="x"), b"id: \ndata: x\n\n"),
+        (ServerSentEvent(id=""), b"id: \n\n"),
+        (ServerSentEvent(retry=0), b"retry: 0\n\n"),
+        (ServerSentEvent(retry=3000, data="x"), b"retry: 3000\ndata: x\n\n"),
+        (ServerSentEvent(comment="hi"), b": hi\n\n"),
+        (ServerSentEvent(comment=""), b":\n\n"),
+        (ServerSentEvent(comment="a\r\n\nb"), b": a\n:\n: b\n\n"),
+        (
+            ServerSentEvent(data="d", event="e", id="i", retry=5, comment="c"),
+            b": c\nevent: e\nid: i\nretry: 5\ndata: d\n\n",
+        ),
+    ],
+)
+def test_exact_frame(event: ServerSentEvent, frame: bytes) -> None:
+    assert event.encode() == frame
+
+
+def test_frame_is_computed_once_at_construction() -> None:
+    payload: dict[str, Any] = {"n": 1}
+    event = ServerSentEvent(data=payload)
+    payload["n"] = 2  # later mutation must not change what is sent
+    assert event.encode() is event.encode()
+    assert event.encode() == b'data: {"n":1}\n\n'
+
+
+def test_frame_is_not_part_of_init_repr_or_equality() -> None:
+    (frame_field,) = [f for f in dataclasses.fields(ServerSentEvent) if f.name == "_frame"]
+    assert not frame_field.init
+    assert "_frame" not in repr(ServerSentEvent(data="x"))
+    assert ServerSentEvent(data="x") == ServerSentEvent(data="x")
+    assert ServerSentEvent(data="x") != ServerSentEvent(data="y")
+
+
+def test_event_is_frozen() -> None:
+    event = ServerSentEvent(data="x")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.data = "y"  # type: ignore[misc]
+
+
+def test_json_is_compact_and_not_ascii_escaped() -> None:
+    value = {"k": ["\u00e9", {"n": 1.5, "t": True}], "\u20ac": None}
+    frame = ServerSentEvent(data=value).encode()
+    body = frame.removeprefix(b"data: ").removesuffix(b"\n\n")
+    assert b" " not in body
+    assert b"\\u" not in body
+    assert json.loads(body) == value
+    assert body.decode() == json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        ServerSentEvent(data="\ufeffstarts with a BOM"),
+        ServerSentEvent(data="x"),
+        ServerSentEvent(comment="\ufeff"),
+        ServerSentEvent(id="\u00e9", event="\u20ac", retry=1, comment="c", data=b"b"),
+    ],
+)
+def test_frame_is_utf8_lf_only_without_leading_bom(event: ServerSentEvent) -> None:
+    frame = event.encode()
+    assert isinstance(frame, bytes)
+    assert not frame.startswith(b"\xef\xbb\xbf")
+    assert b"\r" not in frame
+    assert frame.endswith(b"\n\n")
+    assert not frame.endswith(b"\n\n\n")
+    frame.decode("utf-8")  # raises if it is not UTF-8
+    assert frame.count(b"\n\n") == 1
+
+
+def test_encode_comment() -> None:
+    assert encode_comment() == b":\n\n"
+    assert encode_comment("keep-alive") == b": keep-alive\n\n"
+    assert encode_comment("a\nb\r\nc\rd") == b": a\n: b\n: c\n: d\n\n"
+    assert encode_comment(" x") == b":  x\n\n"
+
+
+def test_encode_retry() -> None:
+    assert encode_retry(0) == b"retry: 0\n\n"
+    assert encode_retry(2500) == b"retry: 2500\n\n"
+
+
+# --- refusals -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field_name"),
+    [
+        ({"event": "a\nb"}, "event"),
+        ({"event": "a\rb"}, "event"),
+        ({"event": "\r\n"}, "event"),
+        ({"id": "a\nb"}, "id"),
+        ({"id": "a\rb"}, "id"),
+        ({"id": "a\0b"}, "id"),
+        ({"id": "\0"}, "id"),
+        ({"retry": -1}, "retry"),
+        ({"retry": True}, "retry"),
+        ({"retry": False}, "retry"),
+        ({"retry": 1.0}, "retry"),
+        ({"retry": "100"}, "retry"),
+        ({"data": b"\xff"}, "data"),
+        ({"data": b"caf\xc3"}, "data"),
+        ({"data": b"\xed\xa0\x80"}, "data"),  # an encoded surrogate is not valid UTF-8
+        ({"data": {"x": object()}}, "data"),
+        ({"data": [{1, 2}]}, "data"),
+        ({"data": {"x": float("nan")}}, "data"),
+        ({"data": [float("inf")]}, "data"),
+        ({"data": "\ud800"}, "data"),
+        ({"data": "ok \udfff"}, "data"),
+        ({"data": {"k": "\ud83d"}}, "data"),
+        ({"data": ["\udc80"]}, "data"),
+        ({"event": "\ud800"}, "event"),
+        ({"id": "\udc00x"}, "id"),
+        ({"comment": "\ud800"}, "comment"),
+    ],
+)
+def test_value_error_names_the_field(kwargs: dict[str, Any], field_name: str) -> None:
+    with pytest.raises(ValueError, match=f"^{field_name} "):
+        ServerSentEvent(**kwargs)
+
+
+def test_circular_json_is_refused_naming_data() -> None:
+    circular: list[Any] = []
+    circular.append(circular)
+    with pytest.raises(ValueError, match=r"^data "):
+        ServerSentEvent(data=circular)
+
+
+def test_huge_retry_is_refused_naming_retry() -> None:
+    with pytest.raises(ValueError, match=r"^retry "):
+        ServerSentEvent(retry=10**5000)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field_name"),
+    [
+        ({"data": 1}, "data"),
+        ({"data": 1.5}, "data"),
+        ({"data": True}, "data"),
+        ({"data": ("a", "b")}, "data"),
+        ({"data": bytearray(b"x")}, "data"),
+        ({"data": object()}, "data"),
+        ({"event": 1}, "event"),
+        ({"id": 1}, "id"),
+        ({"comment": b"x"}, "comment"),
+    ],
+)
+def test_type_error_names_the_field(kwargs: dict[str, Any], field_name: str) -> None:
+    with pytest.raises(TypeError, match=f"^{field_name} "):
+        ServerSentEvent(**kwargs)
+
+
+def test_event_without_fields_is_refused() -> None:
+    with pytest.raises(ValueError, match="needs at least one field"):
+        ServerSentEvent()
+
+
+def test_event_with_only_an_empty_type_is_refused() -> None:
+    # event="" is written as nothing, so this frame would carry nothing at all.
+    with pytest.raises(ValueError, match="needs at least one field"):
+        ServerSentEvent(event="")
+
+
+def test_encode_comment_and_retry_validate_like_the_fields() -> None:
+    with pytest.raises(ValueError, match=r"^comment "):
+        encode_comment("\ud800")
+    with pytest.raises(ValueError, match=r"^retry "):
+        encode_retry(-5)
+    with pytest.raises(ValueError, match=r"^retry "):
+        encode_retry(True)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"data": "\0"},  # NUL is fine in data: the parser passes it through
+        {"event": "\0"},
+        {"id": "\u2028 \x0b \x0c \x85"},  # not line breaks on the wire
+        {"event": "\u2028"},
+        {"comment": "\0"},
+        {"retry": 0},
+        {"data": b""},
+        {"data": {}},
+        {"data": []},
+    ],
+)
+def test_accepted_edge_values(kwargs: dict[str, Any]) -> None:
+    frame = ServerSentEvent(**kwargs).encode()
+    assert frame.endswith(b"\n\n")
