@@ -106,9 +106,10 @@ class ServerSentEventConnection:
         "_closed_waiter",
         "_closing",
         "_deadline",
+        "_enqueued_total",
         "_fd",
-        "_head_partial",
         "_flush_waiters",
+        "_head_partial",
         "_io_task",
         "_loop",
         "_pending",
@@ -120,7 +121,6 @@ class ServerSentEventConnection:
         "_wakeup",
         "_writing",
         "_written_total",
-        "_enqueued_total",
         "bytes_sent",
         "cid",
         "close_reason",
@@ -290,6 +290,19 @@ class ServerSentEventConnection:
         or ``None`` to end the stream (the connection closes with
         ``source_done``).
         """
+        return await self._next_frame()
+
+    def poll_data_immediate(self) -> list[Sendable]:
+        """What is ready now, without waiting; appended to the current write.
+
+        The default takes every frame left in the queue, so a burst that piled
+        up behind a slow socket leaves in one ``send``.
+        """
+        return list(self._ready_frames())
+
+    # -------------------------------------------------------------- internals
+
+    async def _next_frame(self) -> bytes:
         while not self._queue:
             self._wakeup = self._loop.create_future()
             await self._wakeup
@@ -298,27 +311,23 @@ class ServerSentEventConnection:
         self._head_partial = False
         return frame
 
-    def poll_data_immediate(self) -> list[Sendable]:
-        """What is ready now, without waiting; appended to the current write.
-
-        The default takes every frame left in the queue, so a burst that piled
-        up behind a slow socket leaves in one ``send``.
-        """
+    def _ready_frames(self) -> list[bytes]:
         if not self._queue:
             return []
-        frames: list[Sendable] = list(self._queue)
+        frames = list(self._queue)
         self._queue.clear()
         self._queued_bytes = 0
         self._head_partial = False
         return frames
 
-    # -------------------------------------------------------------- internals
+    def _has_custom_source(self) -> bool:
+        return type(self).poll_data is not ServerSentEventConnection.poll_data
 
     def _start(self) -> None:
         """Watch the socket for EOF and start the I/O task (called by the handler)."""
         self._loop.add_reader(self._fd, self._on_readable)
         self._io_task = self._loop.create_task(self._io_loop())
-        if type(self).poll_data is not ServerSentEventConnection.poll_data:
+        if self._has_custom_source():
             self._source_task = self._loop.create_task(self._source_loop())
 
     def _push(self, frame: bytes, bounded: bool = True) -> bool:
@@ -398,19 +407,17 @@ class ServerSentEventConnection:
             wakeup.set_result(None)
 
     async def _io_loop(self) -> None:
-        custom_source = self._source_task is not None
+        # The I/O task always drains the queue. With a custom poll_data() that
+        # source runs in _source_loop and reaches the queue through _push; an
+        # override of poll_data_immediate() alone still adds to each batch.
+        custom_immediate = not self._has_custom_source() and (
+            type(self).poll_data_immediate is not ServerSentEventConnection.poll_data_immediate
+        )
         try:
             while True:
-                if custom_source:
-                    # The queue is ours; the subclass's poll_data runs in
-                    # _source_loop and feeds it through _push.
-                    first: Sendable | None = await ServerSentEventConnection.poll_data(self)
-                    rest: list[Sendable] = ServerSentEventConnection.poll_data_immediate(self)
-                else:
-                    first = await self.poll_data()
-                    rest = self.poll_data_immediate()
-                frames = [first, *rest]
-                await self._write([f.encode() if isinstance(f, ServerSentEvent) else f for f in frames])  # type: ignore[union-attr]
+                frames: list[Sendable] = [await self._next_frame()]
+                frames += self.poll_data_immediate() if custom_immediate else self._ready_frames()
+                await self._write([_encoded(f) for f in frames])
                 if self._closing is not None and not self._queue:
                     self._close(self._closing)
                     return
@@ -437,7 +444,7 @@ class ServerSentEventConnection:
                 for one in items:
                     if not self.is_active:
                         return
-                    self._push(one.encode() if isinstance(one, ServerSentEvent) else one)
+                    self._push(_encoded(one))
                 if self._queue or self._writing:
                     await self.flush()
         except asyncio.CancelledError:
@@ -452,6 +459,7 @@ class ServerSentEventConnection:
         """Write one batch, waiting for writability under the write deadline."""
         data = frames[0] if len(frames) == 1 else b"".join(frames)
         view = memoryview(data)
+        deadline: float | None = None
         self._writing = True
         try:
             while view:
@@ -468,26 +476,31 @@ class ServerSentEventConnection:
                     self.last_write = time.monotonic()
                     view = view[sent:]
                 if view:
-                    await self._writable()
+                    if deadline is None and self.handler.write_timeout:
+                        # One deadline for the whole batch: a reader that
+                        # trickles a byte at a time is as stuck as a frozen one.
+                        deadline = self._loop.time() + self.handler.write_timeout
+                    await self._writable(deadline)
         finally:
             self._writing = False
         if self._flush_waiters:
             self._resolve_flush_waiters()
 
-    async def _writable(self) -> None:
-        fut: asyncio.Future[None] = self._loop.create_future()
+    async def _writable(self, deadline: float | None) -> None:
+        """Wait until the socket takes more; past ``deadline`` the reader is too slow."""
         loop = self._loop
-        fd = self._fd
-        loop.add_writer(fd, _set_result_once, fut)
-        timeout = self.handler.write_timeout
-        timer = loop.call_later(timeout, _set_result_once, fut, _TIMED_OUT) if timeout else None
+        fut: asyncio.Future[object] = loop.create_future()
+        loop.add_writer(self._fd, _set_result_once, fut, None)
+        timer = (
+            None if deadline is None else loop.call_at(deadline, _set_result_once, fut, _TIMED_OUT)
+        )
         try:
             await fut
         finally:
-            loop.remove_writer(fd)
+            loop.remove_writer(self._fd)
             if timer is not None:
                 timer.cancel()
-        if fut.result() is _TIMED_OUT:  # type: ignore[comparison-overlap]
+        if fut.result() is _TIMED_OUT:
             self._close(self._closing or CloseReason.SLOW)
             raise _Closed
 
@@ -583,6 +596,10 @@ class ServerSentEventConnection:
         return f"<{type(self).__name__} {self.cid} {self.path} {state}>"
 
 
+def _encoded(item: Sendable) -> bytes:
+    return item if isinstance(item, bytes) else item.encode()
+
+
 def event_frame(event: ServerSentEvent | None, fields: dict[str, Any]) -> bytes:
     """The frame of an event given as an object or as keyword fields."""
     if event is None:
@@ -599,6 +616,6 @@ class _Closed(Exception):
 _TIMED_OUT = object()
 
 
-def _set_result_once(fut: asyncio.Future[Any], value: Any = None) -> None:
+def _set_result_once(fut: asyncio.Future[object], value: object) -> None:
     if not fut.done():
         fut.set_result(value)

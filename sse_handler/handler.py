@@ -242,7 +242,9 @@ class ServerSentEventHandler:
                 if inspect.isawaitable(result):
                     await result
             except Exception:
-                log.exception("Uncaught exception in %s for connection %s", hook.__name__, conn.cid)
+                log.exception(
+                    "Uncaught exception in %s for connection %s", hook.__name__, conn.cid
+                )
                 conn._close(CloseReason.HOOK_ERROR)
                 return
         if conn.close_reason is None:
@@ -282,7 +284,7 @@ class EventStreamRequestHandler(RequestHandler):
     detached and the connection object owns the socket. Other methods get 405.
     """
 
-    SUPPORTED_METHODS = ("GET",)  # type: ignore[assignment]
+    SUPPORTED_METHODS = ("GET",)
 
     def initialize(self, sse_handler: ServerSentEventHandler) -> None:
         self.sse_handler = sse_handler

@@ -77,7 +77,7 @@ class EventStreamClient:
     async def _read_head(self) -> None:
         head = await self._reader.readuntil(b"\r\n\r\n")
         status_line, _, rest = head.decode("latin-1").partition("\r\n")
-        _, status, self.reason = (status_line.split(" ", 2) + [""])[:3]
+        _, status, self.reason = [*status_line.split(" ", 2), ""][:3]
         self.status = int(status)
         self.headers = HTTPHeaders.parse(rest)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from support import Server, serve, wait_until
@@ -24,7 +24,7 @@ BIG = "x" * 65536
 
 
 class Closing(ServerSentEventConnection):
-    reasons: list[CloseReason] = []
+    reasons: ClassVar[list[CloseReason]] = []
 
     def connection_closed(self, reason: CloseReason) -> None:
         Closing.reasons.append(reason)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from support import serve, wait_until
@@ -26,7 +26,7 @@ from sse_handler.testing import EventStreamClient
 class Recorder(ServerSentEventConnection):
     """Sends a welcome event and records how it ended."""
 
-    closed: list[tuple[str, CloseReason]] = []
+    closed: ClassVar[list[tuple[str, CloseReason]]] = []
 
     def registered(self) -> None:
         self.send(event="welcome", data={"connection_id": self.cid})
@@ -79,7 +79,7 @@ async def test_welcome_on_registration_and_hooks_order() -> None:
         welcome = await client.next_event()
         assert welcome.event == "welcome"
         cid = handler.connection_ids()[0]
-        assert welcome.data == '{"connection_id":"%s"}' % cid
+        assert welcome.data == f'{{"connection_id":"{cid}"}}'
         assert handler.registered_order == [cid]
         conn = handler.get_connection(cid)
         assert conn.path == "/events"
@@ -103,7 +103,7 @@ async def test_send_one_send_all_and_encode_once() -> None:
         for client in (a, b):
             event = await client.next_event()
             assert (event.event, event.data, event.id) == ("news", "to all", "1")
-        cid_b = [c for c in handler.connection_ids() if c != handler.connection_ids()[0]][0]
+        cid_b = handler.connection_ids()[1]
         handler.send_one(cid_b, ServerSentEvent(data="just b"))
         assert (await b.next_event()).data == "just b"
         handler.send_all(data="both again")
