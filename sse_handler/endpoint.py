@@ -73,7 +73,9 @@ class FunctionEndpoint(ServerSentEventHandler):
     def get_connection_impl(
         self, request: HTTPServerRequest, cid: str, sock: Any, last_event_id: str | None
     ) -> ServerSentEventConnection:
-        return _FunctionConnection(self, cid, sock, request, last_event_id, request=request, fn=self.fn)
+        return _FunctionConnection(
+            self, cid, sock, request, last_event_id, request=request, fn=self.fn
+        )
 
 
 @overload

@@ -35,9 +35,7 @@ class Server:
 
 
 @asynccontextmanager
-async def serve(
-    routes: list[object], *handlers: ServerSentEventHandler
-) -> AsyncIterator[Server]:
+async def serve(routes: list[object], *handlers: ServerSentEventHandler) -> AsyncIterator[Server]:
     """Serve ``routes`` on 127.0.0.1 and a free port; shut everything down after."""
     sock, port = bind_unused_port()
     server = HTTPServer(Application(routes))  # type: ignore[arg-type]

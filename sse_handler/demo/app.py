@@ -1,0 +1,182 @@
+"""The demo application: a page, its event stream, a publish endpoint, and the admin API.
+
+Routes:
+
+``GET /``
+    ``page.html``: an ``EventSource`` on ``/events`` that lists what arrives,
+    and a form that publishes.
+``GET /events``
+    The stream. Each connection first gets ``event: welcome`` with
+    ``{"connection_id": "<cid>"}``, then every published event.
+``POST /publish[?event=NAME][&id=ID]``
+    The body (UTF-8 text) is the data of one event sent to every connection;
+    answers ``{"delivered_to": N}``. A field the event model refuses (an
+    ``event`` with a line break, an ``id`` with NUL, ...) answers ``400`` with
+    ``{"error": "<message naming the field>"}`` and nothing is sent.
+    ``curl --data-binary @file`` keeps line breaks; ``curl -d`` strips them.
+``/admin/connections[/<cid>]``
+    :mod:`sse_handler.admin`, mounted only when an admin token is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import logging
+import signal
+import socket
+from functools import cache
+from typing import Any
+
+import tornado.web
+from tornado.httpserver import HTTPServer
+from tornado.log import access_log
+from tornado.netutil import bind_sockets
+
+from ..admin import admin_routes
+from ..connection import ServerSentEventConnection
+from ..event import ServerSentEvent
+from ..handler import ServerSentEventHandler
+
+__all__ = ["MAX_PUBLISH_BYTES", "DemoConnection", "DemoHandler", "make_app", "serve"]
+
+log = logging.getLogger("sse_handler.demo")
+
+#: Larger publish bodies get 413: every client would receive a copy.
+MAX_PUBLISH_BYTES = 64 * 1024
+
+
+class DemoConnection(ServerSentEventConnection):
+    """Greets each client with its connection id."""
+
+    def registered(self) -> None:
+        self.send(event="welcome", data={"connection_id": self.cid})
+
+
+class DemoHandler(ServerSentEventHandler):
+    """The demo's endpoint: a plain handler whose connections say welcome."""
+
+    connection_class = DemoConnection
+
+
+@cache
+def page() -> bytes:
+    """The demo page, read once from the package data."""
+    return importlib.resources.files("sse_handler.demo").joinpath("page.html").read_bytes()
+
+
+class PageHandler(tornado.web.RequestHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        # The page must work offline: the policy forbids loading anything else.
+        self.set_header(
+            "Content-Security-Policy",
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+            "connect-src 'self'",
+        )
+        self.write(page())
+
+
+class PublishHandler(tornado.web.RequestHandler):
+    """``POST /publish``: the body becomes one event for every connection."""
+
+    def initialize(self, sse_handler: ServerSentEventHandler) -> None:
+        self.sse_handler = sse_handler
+
+    def post(self) -> None:
+        if len(self.request.body) > MAX_PUBLISH_BYTES:
+            self._answer(413, {"error": f"data must be at most {MAX_PUBLISH_BYTES} bytes"})
+            return
+        try:
+            data = self.request.body.decode("utf-8")
+            event = ServerSentEvent(
+                data=data, event=self._query_field("event"), id=self._query_field("id")
+            )
+        except UnicodeDecodeError:
+            self._answer(400, {"error": "data (the request body) must be valid UTF-8"})
+            return
+        except ValueError as exc:
+            self._answer(400, {"error": str(exc)})
+            return
+        self._answer(200, {"delivered_to": self.sse_handler.send_all(event)})
+
+    def _query_field(self, name: str) -> str | None:
+        # Read raw: get_query_argument() would replace control characters
+        # (NUL among them) with spaces, hiding exactly what the model must refuse.
+        values = self.request.query_arguments.get(name)
+        if not values:
+            return None
+        try:
+            return values[-1].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{name} must be valid UTF-8") from None
+
+    def _answer(self, status: int, body: dict[str, Any]) -> None:
+        self.set_status(status)
+        self.finish(body)
+
+
+def make_app(
+    admin_token: str | None = None,
+) -> tuple[tornado.web.Application, DemoHandler]:
+    """The demo application and its handler; the admin API only with a token."""
+    handler = DemoHandler()
+    routes: list[Any] = [
+        (r"/", PageHandler),
+        handler.route(r"/events"),
+        (r"/publish", PublishHandler, {"sse_handler": handler}),
+    ]
+    if admin_token is not None:
+        routes += admin_routes(handler, admin_token)
+    return tornado.web.Application(routes, log_function=_log_request), handler
+
+
+def _log_request(rh: tornado.web.RequestHandler) -> None:
+    """Tornado's access log, one level quieter: successes at DEBUG, client errors at INFO."""
+    status = rh.get_status()
+    level = logging.DEBUG if status < 400 else logging.INFO if status < 500 else logging.ERROR
+    if access_log.isEnabledFor(level):
+        ms = 1000.0 * rh.request.request_time()
+        access_log.log(level, "%d %s %.2fms", status, rh._request_summary(), ms)
+
+
+async def serve(host: str, port: int, admin_token: str | None = None) -> None:
+    """Serve the demo until SIGINT or SIGTERM, then close the streams (grace 2 s).
+
+    ``port`` 0 picks a free port; the URL logged names the real one.
+    """
+    app, handler = make_app(admin_token)
+    sockets = bind_sockets(port, host)
+    server = HTTPServer(app)
+    server.add_sockets(sockets)
+    log.info("sse_handler demo: open %s in a browser", _url(sockets[0]))
+    try:
+        await _wait_for_signal(signal.SIGINT, signal.SIGTERM)
+    finally:
+        server.stop()
+        await handler.shutdown(grace=2)
+        await server.close_all_connections()
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+async def _wait_for_signal(*signals: signal.Signals) -> None:
+    loop = asyncio.get_running_loop()
+    received = asyncio.Event()
+    for sig in signals:
+        try:
+            loop.add_signal_handler(sig, received.set)
+        except NotImplementedError:  # Windows: no loop signal handlers
+            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(received.set))
+    try:
+        await received.wait()
+    finally:
+        for sig in signals:
+            try:
+                loop.remove_signal_handler(sig)
+            except NotImplementedError:
+                signal.signal(sig, signal.SIG_DFL)
+    log.info("sse_handler demo: stopping")
