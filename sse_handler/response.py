@@ -17,6 +17,7 @@ framing would add bytes and work to every write and buy nothing; the head says
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import socket
 from email.utils import formatdate
@@ -40,6 +41,8 @@ STREAM_HEADERS = (
 )
 
 _FIRST_COMMENT = encode_comment("ok")
+
+log = logging.getLogger("sse_handler")
 
 
 async def accept_stream(rh: RequestHandler, handler: ServerSentEventHandler) -> None:
@@ -73,11 +76,25 @@ async def accept_stream(rh: RequestHandler, handler: ServerSentEventHandler) -> 
     if sock is None:
         return  # the client left while authorize() ran
     tune_socket(sock, handler.dead_peer_timeout)
-    conn = handler.get_connection_impl(request, handler.new_cid(), sock, last_event_id)
+    try:
+        conn = handler.get_connection_impl(request, handler.new_cid(), sock, last_event_id)
+    except Exception:
+        # Tornado no longer owns the stream, so its error page is out of reach.
+        log.exception("Uncaught exception in get_connection_impl")
+        _refuse(sock, b"500 Internal Server Error")
+        return
     # The head and the first comment leave in one write, so the client sees
     # the stream open at once (and proxies that wait for a body byte too).
     conn._push(head, bounded=False)
     await handler._register(conn)
+
+
+def _refuse(sock: socket.socket, status: bytes) -> None:
+    try:
+        sock.send(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    except OSError:
+        pass
+    sock.close()
 
 
 def _set_stream_headers(rh: RequestHandler, handler: ServerSentEventHandler) -> None:

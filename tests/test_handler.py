@@ -369,3 +369,25 @@ async def test_event_client_helper_sees_non_stream_404() -> None:
         client = await EventStreamClient.connect(server.url + "/nothing")
         assert client.status == 404
         client.close()
+
+
+async def test_failing_connection_factory_answers_500_and_keeps_others() -> None:
+    class Picky(ServerSentEventHandler):
+        def get_connection_impl(
+            self, request: HTTPServerRequest, cid: str, sock: Any, last_event_id: str | None
+        ) -> ServerSentEventConnection:
+            if request.query_arguments.get("fail"):
+                raise RuntimeError("factory failed")
+            return super().get_connection_impl(request, cid, sock, last_event_id)
+
+    handler = Picky()
+    async with serve([handler.route("/events")], handler) as server:
+        good = await server.stream()
+        await wait_until(lambda: len(handler) == 1)
+        bad = await server.stream("/events?fail=1")
+        assert bad.status == 500
+        assert await bad.read_body() == b""
+        handler.send_all(data="ok")
+        assert (await good.next_event()).data == "ok"
+        good.close()
+        bad.close()
