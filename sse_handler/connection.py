@@ -105,22 +105,19 @@ class ServerSentEventConnection:
         "__dict__",  # subclasses may add attributes freely
         "_closed_waiter",
         "_closing",
-        "_deadline",
         "_enqueued_total",
         "_fd",
         "_flush_waiters",
         "_head_partial",
         "_io_task",
         "_loop",
-        "_pending",
-        "_pending_frames",
         "_queue",
         "_queued_bytes",
         "_sock",
         "_source_task",
         "_wakeup",
         "_writing",
-        "_written_total",
+        "_settled_total",
         "bytes_sent",
         "cid",
         "close_reason",
@@ -169,20 +166,17 @@ class ServerSentEventConnection:
         # True while the queue's head is the rest of a frame the socket took
         # only part of: it must go out whole, so drop_oldest never drops it.
         self._head_partial = False
-        # The batch the I/O task is writing (bytes left to send) and how many
-        # frames it holds; None when no write is in flight.
-        self._pending: memoryview | None = None
-        self._pending_frames = 0
+        # True while the I/O task has a batch in flight: send() must queue.
         self._writing = False
         self._wakeup: asyncio.Future[None] | None = None
-        self._deadline: asyncio.TimerHandle | None = None
         self._closing: CloseReason | None = None
         self._closed_waiter: asyncio.Future[None] | None = None
         self._io_task: asyncio.Task[None] | None = None
         self._source_task: asyncio.Task[None] | None = None
-        # flush() bookkeeping: bytes ever accepted vs. bytes ever written.
+        # flush() bookkeeping: bytes ever accepted vs. bytes ever settled
+        # (written to the socket, or dropped by drop_oldest after acceptance).
         self._enqueued_total = 0
-        self._written_total = 0
+        self._settled_total = 0
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     # ------------------------------------------------------------------ public
@@ -244,7 +238,7 @@ class ServerSentEventConnection:
         if self.close_reason is not None:
             raise ConnectionClosedError(self.cid, self.close_reason)
         target = self._enqueued_total
-        if self._written_total >= target:
+        if self._settled_total >= target:
             return
         fut: asyncio.Future[None] = self._loop.create_future()
         self._flush_waiters.append((target, fut))
@@ -332,8 +326,8 @@ class ServerSentEventConnection:
 
     def _push(self, frame: bytes, bounded: bool = True) -> bool:
         """Write now if nothing waits, else queue; False if the frame was dropped."""
-        self._enqueued_total += len(frame)
         if not self._queue and not self._writing:
+            self._enqueued_total += len(frame)
             # Fast path: nothing is waiting, so nothing can be overtaken.
             try:
                 sent = self._sock.send(frame)
@@ -343,7 +337,7 @@ class ServerSentEventConnection:
                 self._close(CloseReason.WRITE_ERROR)
                 return False
             self.bytes_sent += sent
-            self._written_total += sent
+            self._settled_total += sent
             self.last_write = time.monotonic()
             if sent == len(frame):
                 if self._flush_waiters:
@@ -360,6 +354,7 @@ class ServerSentEventConnection:
             return True
         if bounded and not self._fits(len(frame)):
             return False
+        self._enqueued_total += len(frame)
         self._queue.append(frame)
         self._queued_bytes += len(frame)
         self._wake()
@@ -390,8 +385,11 @@ class ServerSentEventConnection:
                 oldest = queue[keep]
                 del queue[keep]
                 self._queued_bytes -= len(oldest)
+                self._settled_total += len(oldest)
                 self.dropped += 1
                 self.events_sent -= 1
+            if self._flush_waiters:
+                self._resolve_flush_waiters()
             if self._queued_bytes + size <= max_bytes:
                 return True
             self.dropped += 1
@@ -472,7 +470,7 @@ class ServerSentEventConnection:
                     raise _Closed from None
                 if sent:
                     self.bytes_sent += sent
-                    self._written_total += sent
+                    self._settled_total += sent
                     self.last_write = time.monotonic()
                     view = view[sent:]
                 if view:
@@ -517,7 +515,7 @@ class ServerSentEventConnection:
             self._close(self._closing or CloseReason.CLIENT_CLOSED)
 
     def _resolve_flush_waiters(self, exc: BaseException | None = None) -> None:
-        written = self._written_total
+        written = self._settled_total
         keep = []
         for target, fut in self._flush_waiters:
             if fut.done():

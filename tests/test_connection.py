@@ -143,8 +143,12 @@ async def test_overflow_drop_oldest_keeps_the_newest() -> None:
         assert conn.is_active
         assert conn.queue_depth == 3
         assert conn.dropped == 8
+        # flush() settles although some frames were dropped, never written.
+        flushing = asyncio.ensure_future(conn.flush())
+        reading = asyncio.ensure_future(read_all_async(sock))
+        await asyncio.wait_for(flushing, 5)
         conn.stop()
-        events = await read_all_async(sock)
+        events = await reading
         ids = [e.id for e in events if e.id.startswith("q")]
         assert ids == [f"q{i}" for i in range(7 + protected, 10)]
         sock.close()
@@ -163,8 +167,12 @@ async def test_overflow_drop_newest_keeps_the_oldest() -> None:
         assert conn.is_active
         assert conn.queue_depth == 3
         assert conn.dropped == 10 - (3 - queued_before)
+        # flush() settles although some frames were dropped, never written.
+        flushing = asyncio.ensure_future(conn.flush())
+        reading = asyncio.ensure_future(read_all_async(sock))
+        await asyncio.wait_for(flushing, 5)
         conn.stop()
-        events = await read_all_async(sock)
+        events = await reading
         ids = [e.id for e in events if e.id.startswith("q")]
         assert ids == [f"q{i}" for i in range(3 - queued_before)]
         sock.close()
