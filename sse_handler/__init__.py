@@ -5,6 +5,8 @@ A :class:`ServerSentEventHandler` per endpoint owns the registry of
 I/O task. Events are :class:`ServerSentEvent` objects, encoded once.
 """
 
+from .brokers import Broker, BrokerUnavailableError
+from .brokers.memory import MemoryBroker
 from .connection import CloseReason, OverflowPolicy, ServerSentEventConnection
 from .endpoint import FunctionEndpoint, with_sse
 from .errors import ConnectionClosedError, SSEHandlerError, UnknownConnectionError
@@ -15,11 +17,14 @@ from .parser import EventStreamParser, MessageEvent
 __version__ = "0.1.0"
 
 __all__ = [
+    "Broker",
+    "BrokerUnavailableError",
     "CloseReason",
     "ConnectionClosedError",
     "EventStreamParser",
     "EventStreamRequestHandler",
     "FunctionEndpoint",
+    "MemoryBroker",
     "MessageEvent",
     "OverflowPolicy",
     "SSEHandlerError",

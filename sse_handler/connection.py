@@ -46,6 +46,7 @@ from .errors import ConnectionClosedError
 from .event import ServerSentEvent, encode_retry
 
 if TYPE_CHECKING:
+    from .brokers import Delivery
     from .handler import ServerSentEventHandler
 
 __all__ = ["CloseReason", "OverflowPolicy", "ServerSentEventConnection"]
@@ -67,6 +68,7 @@ class CloseReason(StrEnum):
     SLOW = "slow"  # the write deadline passed with data still unsent
     OVERFLOW = "overflow"  # the queue bound was hit under the "disconnect" policy
     HOOK_ERROR = "hook_error"  # a hook or poll_data() raised
+    BROKER_ERROR = "broker_error"  # the broker could not subscribe the channels
     SOURCE_DONE = "source_done"  # an overridden poll_data() returned None
 
 
@@ -109,16 +111,19 @@ class ServerSentEventConnection:
         "_fd",
         "_flush_waiters",
         "_head_partial",
+        "_held",
         "_io_task",
         "_loop",
         "_queue",
         "_queued_bytes",
+        "_replayed_upto",
         "_settled_total",
         "_sock",
         "_source_task",
         "_wakeup",
         "_writing",
         "bytes_sent",
+        "channels",
         "cid",
         "close_reason",
         "connected_at",
@@ -149,7 +154,13 @@ class ServerSentEventConnection:
         self.query_arguments = request.query_arguments
         self.headers: HTTPHeaders = request.headers
         self.remote_ip = request.remote_ip
-        self.last_event_id = last_event_id
+        self.last_event_id = last_event_id or None
+        #: The channels this connection receives (see handler.publish).
+        self.channels: set[str] = set()
+        # Live channel events held while the replay is read, and the position
+        # of the last replayed one (DESIGN: replay hand-off).
+        self._held: list[Delivery] | None = None
+        self._replayed_upto: Any = None
         self.connected_at = time.time()
         self.events_sent = 0
         self.bytes_sent = 0
@@ -203,6 +214,7 @@ class ServerSentEventConnection:
             "remote_ip": self.remote_ip,
             "connected_at": self.connected_at,
             "last_event_id": self.last_event_id,
+            "channels": sorted(self.channels),
             "queue_depth": len(self._queue),
             "queued_bytes": self._queued_bytes,
             "events_sent": self.events_sent,
@@ -253,6 +265,14 @@ class ServerSentEventConnection:
         :class:`ConnectionClosedError` at once.
         """
         self._stop(CloseReason.STOPPED, farewell, retry)
+
+    async def subscribe(self, channel: str) -> None:
+        """Receive ``channel``'s events from now on (e.g. from ``registered()``)."""
+        await self.handler._subscribe(self, channel)
+
+    def unsubscribe(self, channel: str) -> None:
+        """Stop receiving ``channel``'s events."""
+        self.handler._unsubscribe(self, channel)
 
     async def wait_closed(self) -> CloseReason:
         """Wait until the connection has ended; returns the close reason."""

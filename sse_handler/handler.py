@@ -14,14 +14,16 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Collection, Iterable
 from typing import Any, ClassVar
 
 from tornado.httputil import HTTPServerRequest
 from tornado.web import RequestHandler
 
+from .brokers import Broker, Delivery
+from .brokers.memory import MemoryBroker
 from .connection import CloseReason, OverflowPolicy, ServerSentEventConnection, event_frame
-from .errors import UnknownConnectionError
+from .errors import SSEHandlerError, UnknownConnectionError
 from .event import ServerSentEvent, encode_comment, encode_retry
 from .response import accept_stream
 
@@ -64,6 +66,10 @@ class ServerSentEventHandler:
     #: The jittered ``retry:`` hint of :meth:`shutdown` is drawn from this
     #: range (ms), so that clients do not all reconnect in the same instant.
     shutdown_retry: tuple[int, int] = (1000, 5000)
+    #: Where :meth:`publish` goes; ``None``: a :class:`MemoryBroker` of its own.
+    broker: Broker | None = None
+    #: The channel of a request that names none (see :meth:`channels_for`).
+    default_channel: str = "default"
 
     _settings: ClassVar[tuple[str, ...]] = (
         "connection_class",
@@ -76,6 +82,8 @@ class ServerSentEventHandler:
         "retry",
         "shutdown_farewell",
         "shutdown_retry",
+        "broker",
+        "default_channel",
     )
 
     def __init__(self, **settings: Any) -> None:
@@ -87,6 +95,11 @@ class ServerSentEventHandler:
         if self.retry is not None:
             encode_retry(self.retry)  # refuse a bad hint now, not at the first client
         self._connections: dict[str, ServerSentEventConnection] = {}
+        self._subscribers: dict[str, set[ServerSentEventConnection]] = {}
+        if self.broker is None:
+            self.broker = MemoryBroker()
+        self._broker: Broker = self.broker
+        self._broker.add_listener(self._on_delivery)
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._shutting_down = False
 
@@ -98,14 +111,30 @@ class ServerSentEventHandler:
 
     # ----------------------------------------------------------------- hooks
 
-    def authorize(self, request: HTTPServerRequest) -> Awaitable[bool | None] | bool | None:
+    def authorize(
+        self, request: HTTPServerRequest
+    ) -> Awaitable[bool | Collection[str] | None] | bool | Collection[str] | None:
         """Decide whether this request may open a stream (may be ``async``).
 
-        Return ``None`` or ``True`` to allow, ``False`` to answer 403, or raise
+        Return ``None`` or ``True`` to allow with the channels of
+        :meth:`channels_for`, a collection of channel names to allow with exactly
+        those channels, ``False`` to answer 403, or raise
         ``tornado.web.HTTPError(401)`` / ``(403)`` / ``(204)``; 204 tells an
         ``EventSource`` to stop reconnecting. Runs before any byte of the stream.
         """
         return None
+
+    def channels_for(self, request: HTTPServerRequest, path_kwargs: dict[str, str]) -> list[str]:
+        """The channels a request asks for, before :meth:`authorize` decides.
+
+        The default: a ``channel`` group of the route pattern
+        (``route(r"/events/(?P<channel>[^/]+)")``), else every ``channel`` query
+        parameter, else :attr:`default_channel`.
+        """
+        if "channel" in path_kwargs:
+            return [path_kwargs["channel"]]
+        asked = [v.decode("utf-8", "replace") for v in request.query_arguments.get("channel", [])]
+        return asked or [self.default_channel]
 
     def response_headers(self, request: HTTPServerRequest) -> dict[str, str]:
         """Extra headers for the stream's response head (e.g. CORS)."""
@@ -129,11 +158,30 @@ class ServerSentEventHandler:
     ) -> Awaitable[None] | None:
         """Send what the client missed after ``last_event_id`` (may be ``async``).
 
-        Called before ``registered()`` when the request carried a
-        ``Last-Event-ID`` header or a ``last_event_id`` query parameter. The
-        default does nothing; a broker fills it.
+        Called before ``registered()`` when the request carried a non-empty
+        ``Last-Event-ID`` header or ``last_event_id`` query parameter. Live
+        events of the connection's channels that arrive meanwhile are held and
+        sent after it, minus those the replay already sent, so the hand-off has
+        no gap and no duplicate.
+
+        The default asks the broker for the events of ``conn.channels`` after
+        ``last_event_id``. When the broker cannot honour the id (unknown, or
+        older than its history) the client gets ``event: reset`` with data
+        ``{"reason": "unknown_id" | "history_exceeded"}`` instead, so the
+        application can refetch its state; a gap is never silent.
         """
-        return None
+        return self._replay_from_broker(conn, last_event_id)
+
+    async def _replay_from_broker(
+        self, conn: ServerSentEventConnection, last_event_id: str
+    ) -> None:
+        replay = await self._broker.replay(sorted(conn.channels), last_event_id)
+        if replay.reset is not None:
+            conn.send(event="reset", data={"reason": replay.reset})
+            return
+        for delivery in replay.deliveries:
+            conn.send_encoded(delivery.frame)
+            conn._replayed_upto = delivery.position
 
     # --------------------------------------------------------------- registry
 
@@ -162,6 +210,59 @@ class ServerSentEventHandler:
         The event is encoded once and the same bytes go to every connection.
         """
         return self.send_encoded_all(event_frame(event, fields))
+
+    async def publish(
+        self, channel: str, event: ServerSentEvent | None = None, /, **fields: Any
+    ) -> str:
+        """Publish to a channel through the broker; returns the event's id.
+
+        Every process subscribed to the channel (this one included) delivers it
+        to its local subscribers, encoded once per process. The broker assigns
+        the id unless the event has one. Raises
+        :class:`~sse_handler.brokers.BrokerUnavailableError` when the broker
+        cannot be reached; then nothing was published.
+        """
+        if event is None:
+            event = ServerSentEvent(**fields)
+        elif fields:
+            raise TypeError("give an event or its fields as keywords, not both")
+        return await self._broker.publish(channel, event)
+
+    def subscribers(self, channel: str) -> list[ServerSentEventConnection]:
+        """The local connections subscribed to ``channel``."""
+        return list(self._subscribers.get(channel, ()))
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        """The broker's listener: one channel event to its local subscribers."""
+        subscribers = self._subscribers.get(delivery.channel)
+        if not subscribers:
+            return
+        frame = delivery.frame
+        for conn in tuple(subscribers):
+            held = conn._held
+            if held is not None:
+                held.append(delivery)
+            elif conn.is_active:
+                conn.send_encoded(frame)
+
+    async def _subscribe(self, conn: ServerSentEventConnection, channel: str) -> None:
+        subscribers = self._subscribers.get(channel)
+        if subscribers is None:
+            subscribers = self._subscribers[channel] = set()
+            await self._broker.subscribe(channel)
+        subscribers.add(conn)
+        conn.channels.add(channel)
+
+    def _unsubscribe(self, conn: ServerSentEventConnection, channel: str) -> None:
+        conn.channels.discard(channel)
+        subscribers = self._subscribers.get(channel)
+        if subscribers is None:
+            return
+        subscribers.discard(conn)
+        if not subscribers:
+            del self._subscribers[channel]
+            task = asyncio.ensure_future(self._broker.unsubscribe(channel))
+            task.add_done_callback(_log_failure)
 
     def send_encoded_all(
         self, frame: bytes, connections: Iterable[ServerSentEventConnection] | None = None
@@ -225,34 +326,59 @@ class ServerSentEventHandler:
             if cid not in self._connections:
                 return cid
 
-    async def _register(self, conn: ServerSentEventConnection) -> None:
-        """Registry entry, replay, hooks, then the I/O task (DESIGN: lifecycle)."""
+    async def _register(self, conn: ServerSentEventConnection, channels: Iterable[str]) -> None:
+        """Registry entry, channels, replay, hooks, then the I/O task (DESIGN: lifecycle)."""
         self._connections[conn.cid] = conn
         self._ensure_keepalive()
-        steps: list[tuple[Any, tuple[Any, ...]]] = []
-        if conn.last_event_id is not None:
-            steps.append((self.replay_events_since, (conn, conn.last_event_id)))
-        steps.append((conn.registered, ()))
-        steps.append((self.on_connection_registered, (conn,)))
-        for hook, args in steps:
-            if conn.close_reason is not None:
+        if conn.last_event_id:
+            conn._held = []  # live events wait until the replay has gone out
+        try:
+            for channel in channels:
+                await self._subscribe(conn, channel)
+        except SSEHandlerError:
+            log.exception("Could not subscribe connection %s", conn.cid)
+            conn._close(CloseReason.BROKER_ERROR)
+            return
+        if conn.last_event_id:
+            ok = await self._run_hook(conn, self.replay_events_since, conn, conn.last_event_id)
+            self._release_held(conn)
+            if not ok:
                 return
-            try:
-                result = hook(*args)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                log.exception(
-                    "Uncaught exception in %s for connection %s", hook.__name__, conn.cid
-                )
-                conn._close(CloseReason.HOOK_ERROR)
+        for hook, args in ((conn.registered, ()), (self.on_connection_registered, (conn,))):
+            if not await self._run_hook(conn, hook, *args):
                 return
         if conn.close_reason is None:
             conn._start()
 
+    async def _run_hook(self, conn: ServerSentEventConnection, hook: Any, *args: Any) -> bool:
+        """Run one hook; one that raises closes only this connection."""
+        if conn.close_reason is not None:
+            return False
+        try:
+            result = hook(*args)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("Uncaught exception in %s for connection %s", hook.__name__, conn.cid)
+            conn._close(CloseReason.HOOK_ERROR)
+            return False
+        return conn.close_reason is None
+
+    def _release_held(self, conn: ServerSentEventConnection) -> None:
+        """Send the live events held during replay, minus what replay already sent."""
+        held, conn._held = conn._held or [], None
+        upto = conn._replayed_upto
+        for delivery in held:
+            if not conn.is_active:
+                return
+            if upto is None or delivery.position is None or delivery.position > upto:
+                conn.send_encoded(delivery.frame)
+
     def _deregister(self, conn: ServerSentEventConnection) -> None:
         if self._connections.get(conn.cid) is conn:
             del self._connections[conn.cid]
+        for channel in list(conn.channels):
+            self._unsubscribe(conn, channel)
         try:
             self.on_connection_deregistered(conn)
         except Exception:
@@ -291,3 +417,8 @@ class EventStreamRequestHandler(RequestHandler):
 
     async def get(self, *args: str, **kwargs: str) -> None:
         await accept_stream(self, self.sse_handler)
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("Broker operation failed", exc_info=task.exception())

@@ -54,6 +54,7 @@ async def accept_stream(rh: RequestHandler, handler: ServerSentEventHandler) -> 
         _set_stream_headers(rh, handler)
         rh.write(encode_retry(handler.shutdown_retry[1]))
         return
+    channels = handler.channels_for(request, rh.path_kwargs)
     try:
         allowed = handler.authorize(request)
         if inspect.isawaitable(allowed):
@@ -68,9 +69,12 @@ async def accept_stream(rh: RequestHandler, handler: ServerSentEventHandler) -> 
         raise
     if allowed is False:
         raise HTTPError(403)
-    last_event_id = request.headers.get("Last-Event-ID")
-    if last_event_id is None:
-        last_event_id = rh.get_query_argument("last_event_id", None)
+    if allowed is not None and allowed is not True:
+        channels = list(allowed)
+    # An empty Last-Event-ID means "no cursor" (a browser omits it then).
+    last_event_id = request.headers.get("Last-Event-ID") or rh.get_query_argument(
+        "last_event_id", None
+    )
     head = _head(rh, handler)
     sock = _take_socket(rh)
     if sock is None:
@@ -86,7 +90,7 @@ async def accept_stream(rh: RequestHandler, handler: ServerSentEventHandler) -> 
     # The head and the first comment leave in one write, so the client sees
     # the stream open at once (and proxies that wait for a body byte too).
     conn._push(head, bounded=False)
-    await handler._register(conn)
+    await handler._register(conn, channels)
 
 
 def _refuse(sock: socket.socket, status: bytes) -> None:
