@@ -9,7 +9,6 @@ a position in the new history.
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections import deque
 from collections.abc import Collection
@@ -46,12 +45,17 @@ class MemoryBroker:
     kept per channel for Last-Event-ID replay.
     """
 
+    _instances = 0
+
     def __init__(self, history_size: int = 1000, history_age: float = 0.0) -> None:
         self.history_size = history_size
         self.history_age = history_age
-        # Seconds since 2020 in base 36 plus randomness: short, and distinct
-        # across restarts even within one second.
-        self.epoch = _base36(int(time.time()) - 1_577_836_800) + secrets.choice(_BASE36)
+        # Milliseconds since 2020 in base 36 (8 characters until 2109), plus
+        # a count of the brokers made in this process: distinct across
+        # restarts and across brokers of one process.
+        MemoryBroker._instances += 1
+        ms = int(time.time() * 1000) - 1_577_836_800_000
+        self.epoch = _base36(ms) + _base36(MemoryBroker._instances)
         self._seq = 0
         self._channels: dict[str, _Channel] = {}
         self._subscribed: set[str] = set()
