@@ -2,7 +2,7 @@
 
 Commands:
 
-``demo [--host HOST] [--port PORT] [--admin-token TOKEN]``
+``demo [--host HOST] [--port PORT] [--admin-token TOKEN] [--redis URL]``
     Serve the demo page, its stream and the publish endpoint
     (:mod:`sse_handler.demo`) until SIGINT or SIGTERM. The admin API
     (:mod:`sse_handler.admin`) is mounted only with ``--admin-token``.
@@ -54,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="TOKEN",
         help="enable the admin API under /admin, guarded by 'Authorization: Bearer TOKEN'",
     )
+    demo.add_argument(
+        "--redis",
+        default=None,
+        metavar="URL",
+        help="fan out through Redis Streams at URL (e.g. redis://127.0.0.1:6379/0); "
+        "default: an in-memory broker",
+    )
     demo.set_defaults(run=_run_demo)
     return parser
 
@@ -65,7 +72,7 @@ def _token(value: str) -> str:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    asyncio.run(serve(args.host, args.port, args.admin_token))
+    asyncio.run(serve(args.host, args.port, args.admin_token, args.redis))
     return 0
 
 

@@ -173,19 +173,23 @@ async def test_publish_reaches_the_stream_exactly() -> None:
     data = "two\nlines, caf\u00e9 \U0001f600"
     async with demo_server() as (port, _), stream(port) as (client, _):
         status, body = await publish(port, data.encode(), "?event=greeting&id=" + quote("42/a b"))
-        assert (status, body) == (200, {"delivered_to": 1})
+        assert (status, body) == (200, {"delivered_to": 1, "id": "42/a b"})
         assert await client.next_event() == MessageEvent(data=data, event="greeting", id="42/a b")
 
 
 async def test_publish_without_fields_is_a_message() -> None:
     async with demo_server() as (port, _), stream(port) as (client, _):
-        assert await publish(port, b"") == (200, {"delivered_to": 1})
-        assert await client.next_event() == MessageEvent(data="", event="message", id="")
+        status, body = await publish(port, b"")
+        assert (status, body["delivered_to"]) == (200, 1)
+        assert body["id"].isascii()
+        assert await client.next_event() == MessageEvent(data="", event="message", id=body["id"])
 
 
 async def test_publish_to_nobody_delivers_to_zero() -> None:
     async with demo_server() as (port, _):
-        assert await publish(port, b"x") == (200, {"delivered_to": 0})
+        status, body = await publish(port, b"x")
+        assert (status, body["delivered_to"]) == (200, 0)
+        assert body["id"].isascii()
 
 
 @pytest.mark.parametrize(
@@ -202,7 +206,7 @@ async def test_publish_refuses_a_bad_field_and_sends_nothing(query: str, field: 
         status, body = await publish(port, b"bad", query)
         assert status == 400
         assert body["error"].startswith(field + " ")
-        assert await publish(port, b"good", "?id=1") == (200, {"delivered_to": 1})
+        assert await publish(port, b"good", "?id=1") == (200, {"delivered_to": 1, "id": "1"})
         assert await client.next_event() == MessageEvent(data="good", id="1")
 
 
@@ -215,7 +219,9 @@ async def test_publish_refuses_invalid_utf8() -> None:
         status, body = await publish(port, b"x", "?event=%FF")
         assert status == 400
         assert body["error"].startswith("event ")
-        assert await publish(port, b"good") == (200, {"delivered_to": 1})
+        status, body = await publish(port, b"good")
+        assert (status, body["delivered_to"]) == (200, 1)
+        assert body["id"].isascii()
         assert (await client.next_event()).data == "good"
 
 
@@ -241,7 +247,9 @@ async def test_admin_refuses_without_the_right_token(headers: dict[str, str]) ->
             assert response.headers["WWW-Authenticate"].startswith("Bearer")
             assert "error" in json.loads(response.body)
         assert handler.connection_ids() == [cid]
-        assert await publish(port, b"still here") == (200, {"delivered_to": 1})
+        status, body = await publish(port, b"still here")
+        assert (status, body["delivered_to"]) == (200, 1)
+        assert body["id"].isascii()
         assert (await client.next_event()).data == "still here"
 
 

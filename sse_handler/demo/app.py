@@ -5,12 +5,14 @@ Routes:
 ``GET /``
     ``page.html``: an ``EventSource`` on ``/events`` that lists what arrives,
     and a form that publishes.
-``GET /events``
+``GET /events[?channel=NAME...]``
     The stream. Each connection first gets ``event: welcome`` with
-    ``{"connection_id": "<cid>"}``, then every published event.
-``POST /publish[?event=NAME][&id=ID]``
-    The body (UTF-8 text) is the data of one event sent to every connection;
-    answers ``{"delivered_to": N}``. A field the event model refuses (an
+    ``{"connection_id": "<cid>"}``, then every event published to its
+    channels (default ``default``); ``Last-Event-ID`` resumes.
+``POST /publish[?channel=NAME][&event=NAME][&id=ID]``
+    The body (UTF-8 text) is the data of one event published to the channel
+    (default ``default``); answers ``{"delivered_to": N, "id": "<id>"}``, N
+    being this process's subscribers, and ``503`` when the broker is down. A field the event model refuses (an
     ``event`` with a line break, an ``id`` with NUL, ...) answers ``400`` with
     ``{"error": "<message naming the field>"}`` and nothing is sent.
     ``curl --data-binary @file`` keeps line breaks; ``curl -d`` strips them.
@@ -34,6 +36,7 @@ from tornado.log import access_log
 from tornado.netutil import bind_sockets
 
 from ..admin import admin_routes
+from ..brokers import Broker, BrokerUnavailableError
 from ..connection import ServerSentEventConnection
 from ..event import ServerSentEvent
 from ..handler import ServerSentEventHandler
@@ -83,7 +86,7 @@ class PublishHandler(tornado.web.RequestHandler):
     def initialize(self, sse_handler: ServerSentEventHandler) -> None:
         self.sse_handler = sse_handler
 
-    def post(self) -> None:
+    async def post(self) -> None:
         if len(self.request.body) > MAX_PUBLISH_BYTES:
             self._answer(413, {"error": f"data must be at most {MAX_PUBLISH_BYTES} bytes"})
             return
@@ -92,13 +95,22 @@ class PublishHandler(tornado.web.RequestHandler):
             event = ServerSentEvent(
                 data=data, event=self._query_field("event"), id=self._query_field("id")
             )
+            channel = self._query_field("channel") or self.sse_handler.default_channel
         except UnicodeDecodeError:
             self._answer(400, {"error": "data (the request body) must be valid UTF-8"})
             return
         except ValueError as exc:
             self._answer(400, {"error": str(exc)})
             return
-        self._answer(200, {"delivered_to": self.sse_handler.send_all(event)})
+        handler = self.sse_handler
+        try:
+            event_id = await handler.publish(channel, event)
+        except BrokerUnavailableError as exc:
+            self._answer(503, {"error": str(exc)})
+            return
+        # With Redis the other processes deliver too; this counts this one's.
+        delivered = sum(1 for conn in handler.subscribers(channel) if conn.is_active)
+        self._answer(200, {"delivered_to": delivered, "id": event_id})
 
     def _query_field(self, name: str) -> str | None:
         # Read raw: get_query_argument() would replace control characters
@@ -117,10 +129,14 @@ class PublishHandler(tornado.web.RequestHandler):
 
 
 def make_app(
-    admin_token: str | None = None,
+    admin_token: str | None = None, broker: Broker | None = None
 ) -> tuple[tornado.web.Application, DemoHandler]:
-    """The demo application and its handler; the admin API only with a token."""
-    handler = DemoHandler()
+    """The demo application and its handler; the admin API only with a token.
+
+    ``broker`` defaults to an in-memory one; pass a RedisBroker to fan out
+    across processes.
+    """
+    handler = DemoHandler(broker=broker)
     routes: list[Any] = [
         (r"/", PageHandler),
         handler.route(r"/events"),
@@ -140,12 +156,21 @@ def _log_request(rh: tornado.web.RequestHandler) -> None:
         access_log.log(level, "%d %s %.2fms", status, rh._request_summary(), ms)
 
 
-async def serve(host: str, port: int, admin_token: str | None = None) -> None:
+async def serve(
+    host: str, port: int, admin_token: str | None = None, redis_url: str | None = None
+) -> None:
     """Serve the demo until SIGINT or SIGTERM, then close the streams (grace 2 s).
 
-    ``port`` 0 picks a free port; the URL logged names the real one.
+    ``port`` 0 picks a free port; the URL logged names the real one. With
+    ``redis_url`` the channels go through Redis Streams, so several demo
+    processes share events and history.
     """
-    app, handler = make_app(admin_token)
+    broker: Broker | None = None
+    if redis_url is not None:
+        from ..brokers.redis import RedisBroker
+
+        broker = RedisBroker(redis_url)
+    app, handler = make_app(admin_token, broker)
     sockets = bind_sockets(port, host)
     server = HTTPServer(app)
     server.add_sockets(sockets)
@@ -156,6 +181,8 @@ async def serve(host: str, port: int, admin_token: str | None = None) -> None:
         server.stop()
         await handler.shutdown(grace=2)
         await server.close_all_connections()
+        if broker is not None:
+            await broker.close()
 
 
 def _url(sock: socket.socket) -> str:
