@@ -13,8 +13,9 @@ Routes:
     The body (UTF-8 text) is the data of one event published to the channel
     (default ``default``); answers ``{"delivered_to": N, "id": "<id>"}``, N
     being this process's subscribers, and ``503`` when the broker is down. A
-    field the event model refuses (an ``event`` with a line break, an ``id`` with NUL, ...) answers ``400`` with
-    ``{"error": "<message naming the field>"}`` and nothing is sent.
+    field the event model refuses (an ``event`` with a line break, an ``id``
+    with NUL, ...) answers ``400`` with ``{"error": "<message naming the
+    field>"}`` and nothing is sent.
     ``curl --data-binary @file`` keeps line breaks; ``curl -d`` strips them.
 ``/admin/connections[/<cid>]``
     :mod:`sse_handler.admin`, mounted only when an admin token is given.
