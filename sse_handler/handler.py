@@ -96,6 +96,7 @@ class ServerSentEventHandler:
             encode_retry(self.retry)  # refuse a bad hint now, not at the first client
         self._connections: dict[str, ServerSentEventConnection] = {}
         self._subscribers: dict[str, set[ServerSentEventConnection]] = {}
+        self._subscribing: dict[str, asyncio.Future[None]] = {}
         if self.broker is None:
             self.broker = MemoryBroker()
         self._broker: Broker = self.broker
@@ -242,15 +243,24 @@ class ServerSentEventHandler:
             held = conn._held
             if held is not None:
                 held.append(delivery)
-            elif conn.is_active:
+            elif conn.is_active and not _already_replayed(conn, delivery):
                 conn.send_encoded(frame)
 
     async def _subscribe(self, conn: ServerSentEventConnection, channel: str) -> None:
-        subscribers = self._subscribers.get(channel)
-        if subscribers is None:
-            subscribers = self._subscribers[channel] = set()
-            await self._broker.subscribe(channel)
-        subscribers.add(conn)
+        # The first local subscriber subscribes the process; the others wait
+        # for that to finish, so none counts as live before the broker is.
+        pending = self._subscribing.get(channel)
+        if channel not in self._subscribers and pending is None:
+            pending = self._subscribing[channel] = asyncio.ensure_future(
+                self._broker.subscribe(channel)
+            )
+            try:
+                await pending
+            finally:
+                del self._subscribing[channel]
+        elif pending is not None:
+            await asyncio.shield(pending)
+        self._subscribers.setdefault(channel, set()).add(conn)
         conn.channels.add(channel)
 
     def _unsubscribe(self, conn: ServerSentEventConnection, channel: str) -> None:
@@ -261,8 +271,14 @@ class ServerSentEventHandler:
         subscribers.discard(conn)
         if not subscribers:
             del self._subscribers[channel]
-            task = asyncio.ensure_future(self._broker.unsubscribe(channel))
+            task = asyncio.ensure_future(self._unsubscribe_process(channel))
             task.add_done_callback(_log_failure)
+
+    async def _unsubscribe_process(self, channel: str) -> None:
+        # A client that reconnects at once may have subscribed the channel
+        # again meanwhile: then this process keeps reading it.
+        if channel not in self._subscribers and channel not in self._subscribing:
+            await self._broker.unsubscribe(channel)
 
     def send_encoded_all(
         self, frame: bytes, connections: Iterable[ServerSentEventConnection] | None = None
@@ -367,11 +383,10 @@ class ServerSentEventHandler:
     def _release_held(self, conn: ServerSentEventConnection) -> None:
         """Send the live events held during replay, minus what replay already sent."""
         held, conn._held = conn._held or [], None
-        upto = conn._replayed_upto
         for delivery in held:
             if not conn.is_active:
                 return
-            if upto is None or delivery.position is None or delivery.position > upto:
+            if not _already_replayed(conn, delivery):
                 conn.send_encoded(delivery.frame)
 
     def _deregister(self, conn: ServerSentEventConnection) -> None:
@@ -417,6 +432,13 @@ class EventStreamRequestHandler(RequestHandler):
 
     async def get(self, *args: str, **kwargs: str) -> None:
         await accept_stream(self, self.sse_handler)
+
+
+def _already_replayed(conn: ServerSentEventConnection, delivery: Delivery) -> bool:
+    """Did the replay send this one already? (A broker's reader may lag behind
+    what replay read from history, so this holds after the hand-off too.)"""
+    upto = conn._replayed_upto
+    return upto is not None and delivery.position is not None and delivery.position <= upto
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:

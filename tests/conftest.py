@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from redis_server import RedisServer
+from tornado.testing import bind_unused_port
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -33,3 +36,16 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 
     asyncio.run(run())
     return True
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh real Redis server on a free port for one test."""
+    sock, port = bind_unused_port()
+    sock.close()
+    server = RedisServer(port)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
+from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 from tornado.web import Application
@@ -35,10 +39,13 @@ class Server:
 
 
 @asynccontextmanager
-async def serve(routes: list[object], *handlers: ServerSentEventHandler) -> AsyncIterator[Server]:
-    """Serve ``routes`` on 127.0.0.1 and a free port; shut everything down after."""
+async def serve(
+    routes: list[object] | Application, *handlers: ServerSentEventHandler
+) -> AsyncIterator[Server]:
+    """Serve ``routes`` (or an app) on 127.0.0.1 and a free port; shut down after."""
     sock, port = bind_unused_port()
-    server = HTTPServer(Application(routes))  # type: ignore[arg-type]
+    app = routes if isinstance(routes, Application) else Application(routes)  # type: ignore[arg-type]
+    server = HTTPServer(app)
     server.add_sockets([sock])
     try:
         yield Server(port)
@@ -57,3 +64,60 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
         if loop.time() > deadline:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(0.005)
+
+
+def free_port() -> int:
+    sock, port = bind_unused_port()
+    sock.close()
+    return port
+
+
+class DemoProcess:
+    """``python -m sse_handler demo`` as a real subprocess."""
+
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = ["--port", str(self.port), *args]
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout: float = 15.0) -> DemoProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "sse_handler",
+            "demo",
+            *self.args,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            assert self.proc.returncode is None, "demo process exited"
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                if loop.time() > deadline:
+                    raise TimeoutError("demo process did not start") from None
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            return self
+
+    async def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.terminate()
+        return await asyncio.wait_for(self.proc.wait(), 10)
+
+    async def publish(self, data: str, channel: str = "default") -> tuple[int, dict[str, Any]]:
+        http = AsyncHTTPClient()
+        response = await http.fetch(
+            f"{self.url}/publish?channel={channel}",
+            method="POST",
+            body=data.encode(),
+            raise_error=False,
+        )
+        return response.code, json.loads(response.body) if response.body else {}

@@ -176,3 +176,22 @@ async def test_memory_broker_ids_from_another_epoch_are_unknown() -> None:
     assert before_restart.position(old_id) == 1
     assert after_restart.position(old_id) is None
     assert (await after_restart.replay(["c"], old_id)).reset == "unknown_id"
+
+
+async def test_reconnect_to_the_same_process_keeps_the_channel_live() -> None:
+    handler = ServerSentEventHandler()
+    async with serve([handler.route("/events")], handler) as server:
+        for round_ in range(20):
+            client = await server.stream("/events?channel=hop")
+            await wait_until(lambda: len(handler.subscribers("hop")) == 1)
+            await handler.publish("hop", data=str(round_))
+            assert (await client.next_event()).data == str(round_)
+            client.abort()
+            await wait_until(lambda: not handler.subscribers("hop"))
+        # The process unsubscribed once its last subscriber left, and
+        # subscribes again for the next one.
+        client = await server.stream("/events?channel=hop")
+        await wait_until(lambda: len(handler.subscribers("hop")) == 1)
+        await handler.publish("hop", data="again")
+        assert (await client.next_event()).data == "again"
+        client.close()
