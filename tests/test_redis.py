@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import pytest
+from redis import asyncio as aioredis
 from redis_server import RedisServer
 from support import DemoProcess, serve, wait_until
 
@@ -178,3 +180,15 @@ async def test_fan_out_and_redis_restart_across_processes(redis_server: RedisSer
     finally:
         codes = await asyncio.gather(one.stop(), two.stop())
     assert codes == [0, 0]
+
+
+async def test_the_engines_are_redis_6_2_and_valkey(redis_server: RedisServer) -> None:
+    client = aioredis.Redis.from_url(redis_server.url)
+    info = await client.info("server")
+    await client.aclose()
+    if os.environ.get("SSE_TEST_REDIS_SERVER"):
+        return  # one engine of the runner's choice, whatever it is
+    if redis_server.engine == "valkey":
+        assert str(info.get("server_name", "")).lower() == "valkey"
+    else:
+        assert str(info["redis_version"]).startswith("6.2.")
