@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 ENGINES = ("redis", "valkey")
 
 
