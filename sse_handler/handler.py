@@ -26,6 +26,7 @@ from .connection import CloseReason, OverflowPolicy, ServerSentEventConnection, 
 from .errors import SSEHandlerError, UnknownConnectionError
 from .event import ServerSentEvent, encode_comment, encode_retry
 from .response import accept_stream
+from .stats import EndpointStats, Snapshot
 
 __all__ = ["ServerSentEventHandler"]
 
@@ -97,6 +98,8 @@ class ServerSentEventHandler:
         self._connections: dict[str, ServerSentEventConnection] = {}
         self._subscribers: dict[str, set[ServerSentEventConnection]] = {}
         self._subscribing: dict[str, asyncio.Future[None]] = {}
+        #: Lifetime counters (see :meth:`stats`).
+        self.counters = EndpointStats()
         if self.broker is None:
             self.broker = MemoryBroker()
         self._broker: Broker = self.broker
@@ -178,6 +181,7 @@ class ServerSentEventHandler:
     ) -> None:
         replay = await self._broker.replay(sorted(conn.channels), last_event_id)
         if replay.reset is not None:
+            self.counters.resets[replay.reset] += 1
             conn.send(event="reset", data={"reason": replay.reset})
             return
         for delivery in replay.deliveries:
@@ -192,6 +196,11 @@ class ServerSentEventHandler:
 
     def connections(self) -> list[ServerSentEventConnection]:
         return list(self._connections.values())
+
+    def stats(self) -> Snapshot:
+        """Counts of this endpoint: open, opened, closed by reason, events,
+        bytes, drops, replays, resets by reason, and the live queue depths."""
+        return self.counters.snapshot(self._connections.values())
 
     def __len__(self) -> int:
         return len(self._connections)
@@ -345,6 +354,7 @@ class ServerSentEventHandler:
     async def _register(self, conn: ServerSentEventConnection, channels: Iterable[str]) -> None:
         """Registry entry, channels, replay, hooks, then the I/O task (DESIGN: lifecycle)."""
         self._connections[conn.cid] = conn
+        self.counters.opened += 1
         self._ensure_keepalive()
         if conn.last_event_id:
             conn._held = []  # live events wait until the replay has gone out
@@ -356,6 +366,7 @@ class ServerSentEventHandler:
             conn._close(CloseReason.BROKER_ERROR)
             return
         if conn.last_event_id:
+            self.counters.replays += 1
             ok = await self._run_hook(conn, self.replay_events_since, conn, conn.last_event_id)
             self._release_held(conn)
             if not ok:
@@ -392,6 +403,7 @@ class ServerSentEventHandler:
     def _deregister(self, conn: ServerSentEventConnection) -> None:
         if self._connections.get(conn.cid) is conn:
             del self._connections[conn.cid]
+        self.counters.connection_closed(conn, conn.close_reason or "unknown")
         for channel in list(conn.channels):
             self._unsubscribe(conn, channel)
         try:

@@ -17,6 +17,8 @@ Routes:
     with NUL, ...) answers ``400`` with ``{"error": "<message naming the
     field>"}`` and nothing is sent.
     ``curl --data-binary @file`` keeps line breaks; ``curl -d`` strips them.
+``GET /metrics``
+    Prometheus metrics of ``/events``, when ``sse_handler[metrics]`` is installed.
 ``/admin/connections[/<cid>]``
     :mod:`sse_handler.admin`, mounted only when an admin token is given.
 """
@@ -145,7 +147,21 @@ def make_app(
     ]
     if admin_token is not None:
         routes += admin_routes(handler, admin_token)
+    routes += _metrics_routes(handler)
     return tornado.web.Application(routes, log_function=_log_request), handler
+
+
+def _metrics_routes(handler: DemoHandler) -> list[Any]:
+    """``/metrics`` when the ``metrics`` extra (prometheus-client) is installed."""
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from ..metrics import metrics_route, register_metrics
+    except ImportError:
+        return []
+    registry = CollectorRegistry()  # one per app: tests build several
+    register_metrics(handler, "events", registry)
+    return [metrics_route("/metrics", registry)]
 
 
 def _log_request(rh: tornado.web.RequestHandler) -> None:

@@ -1,0 +1,147 @@
+"""Prometheus metrics (extra ``sse_handler[metrics]``, prometheus-client).
+
+::
+
+    from sse_handler.metrics import register_metrics, metrics_route
+
+    register_metrics(events, endpoint="events")           # once per handler
+    app = Application([events.route("/events"), metrics_route("/metrics")])
+
+Everything is read at scrape time from the handlers' counters
+(:meth:`ServerSentEventHandler.stats`), so the write path pays nothing for it:
+
+==============================================  =======================================
+``sse_connections_open``                        gauge: connections open now
+``sse_connections_opened_total``                counter
+``sse_connections_closed_total{reason}``        counter, by :class:`CloseReason`
+``sse_events_sent_total``                       counter: events accepted for sending
+``sse_bytes_sent_total``                        counter: bytes the sockets took
+``sse_dropped_total{policy}``                   counter: frames dropped by the overflow policy
+``sse_queue_depth``                             gauge histogram of the live queue depths
+``sse_replay_requests_total``                   counter: connections with a Last-Event-ID
+``sse_replay_resets_total{reason}``             counter: ``event: reset`` sent, by reason
+==============================================  =======================================
+
+Every metric has an ``endpoint`` label, so several handlers share a registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeHistogramMetricFamily,
+    GaugeMetricFamily,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+from tornado.web import RequestHandler
+
+from .handler import ServerSentEventHandler
+
+__all__ = ["QUEUE_DEPTH_BUCKETS", "EndpointCollector", "metrics_route", "register_metrics"]
+
+#: Upper bounds of the ``sse_queue_depth`` buckets (frames).
+QUEUE_DEPTH_BUCKETS = (0, 1, 4, 16, 64, 256, 1024)
+
+
+class EndpointCollector(Collector):
+    """Reads one handler's counters when Prometheus scrapes."""
+
+    def __init__(self, handler: ServerSentEventHandler, endpoint: str) -> None:
+        self.handler = handler
+        self.endpoint = endpoint
+
+    def collect(self) -> Iterator[Any]:
+        snap = self.handler.stats()
+        ep = [self.endpoint]
+        labels = ["endpoint"]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, doc, labels=labels)
+            family.add_metric(ep, value)
+            return family
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=labels)
+            family.add_metric(ep, value)
+            return family
+
+        yield gauge("sse_connections_open", "Event-stream connections open now.", snap.open)
+        yield counter("sse_connections_opened", "Connections opened.", snap.opened)
+        closed = CounterMetricFamily(
+            "sse_connections_closed", "Connections closed, by reason.", labels=[*labels, "reason"]
+        )
+        for reason, count in sorted(snap.closed.items()):
+            closed.add_metric([self.endpoint, reason], count)
+        yield closed
+        yield counter("sse_events_sent", "Events accepted for sending.", snap.events_sent)
+        yield counter("sse_bytes_sent", "Bytes written to the sockets.", snap.bytes_sent)
+        dropped = CounterMetricFamily(
+            "sse_dropped", "Frames dropped by the overflow policy.", labels=[*labels, "policy"]
+        )
+        dropped.add_metric([self.endpoint, str(self.handler.overflow_policy)], snap.dropped)
+        yield dropped
+        yield _queue_depths(ep, labels, snap.queue_depths)
+        yield counter("sse_replay_requests", "Connections that asked for a replay.", snap.replays)
+        resets = CounterMetricFamily(
+            "sse_replay_resets", "Reset events sent, by reason.", labels=[*labels, "reason"]
+        )
+        for reason, count in sorted(snap.resets.items()):
+            resets.add_metric([self.endpoint, reason], count)
+        yield resets
+
+
+def _queue_depths(
+    ep: list[str], labels: list[str], depths: list[int]
+) -> GaugeHistogramMetricFamily:
+    counts = [0] * (len(QUEUE_DEPTH_BUCKETS) + 1)
+    for depth in depths:
+        for i, bound in enumerate(QUEUE_DEPTH_BUCKETS):
+            if depth <= bound:
+                counts[i] += 1
+                break
+        else:
+            counts[-1] += 1
+    buckets: list[tuple[str, float]] = []
+    running = 0
+    for le, count in zip([*map(str, QUEUE_DEPTH_BUCKETS), "+Inf"], counts, strict=True):
+        running += count
+        buckets.append((le, float(running)))
+    family = GaugeHistogramMetricFamily(
+        "sse_queue_depth", "Frames queued per open connection.", labels=labels
+    )
+    family.add_metric(ep, buckets, gsum_value=float(sum(depths)))
+    return family
+
+
+def register_metrics(
+    handler: ServerSentEventHandler,
+    endpoint: str = "events",
+    registry: CollectorRegistry = REGISTRY,
+) -> EndpointCollector:
+    """Expose ``handler``'s counters in ``registry`` under the ``endpoint`` label."""
+    collector = EndpointCollector(handler, endpoint)
+    registry.register(collector)
+    return collector
+
+
+class MetricsHandler(RequestHandler):
+    """``GET`` answers the registry in Prometheus' text format."""
+
+    def initialize(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.write(generate_latest(self.registry))
+
+
+def metrics_route(
+    pattern: str = "/metrics", registry: CollectorRegistry = REGISTRY
+) -> tuple[str, type[RequestHandler], dict[str, Any]]:
+    """A Tornado route serving ``registry``."""
+    return (pattern, MetricsHandler, {"registry": registry})
