@@ -351,26 +351,34 @@ class ServerSentEventHandler:
             if cid not in self._connections:
                 return cid
 
-    async def _register(self, conn: ServerSentEventConnection, channels: Iterable[str]) -> None:
-        """Registry entry, channels, replay, hooks, then the I/O task (DESIGN: lifecycle)."""
-        self._connections[conn.cid] = conn
-        self.counters.opened += 1
-        self._ensure_keepalive()
-        if conn.last_event_id:
-            conn._held = []  # live events wait until the replay has gone out
+    async def _register(
+        self, conn: ServerSentEventConnection, channels: Iterable[str], head: bytes
+    ) -> None:
+        """Channels, head, registry, replay, hooks, then the I/O task (DESIGN: lifecycle).
+
+        The channels are subscribed before the head is written, so a client that
+        sees its stream open is already receiving its channels; their events
+        are held until the head (and the replay, if any) has gone out.
+        """
+        conn._held = []
         try:
             for channel in channels:
                 await self._subscribe(conn, channel)
         except SSEHandlerError:
             log.exception("Could not subscribe connection %s", conn.cid)
+            # Come back later: a browser retries after the hint.
+            conn._push(head + encode_retry(random.randint(*self.shutdown_retry)), bounded=False)
             conn._close(CloseReason.BROKER_ERROR)
             return
+        conn._push(head, bounded=False)
+        self._connections[conn.cid] = conn
+        self.counters.opened += 1
+        self._ensure_keepalive()
         if conn.last_event_id:
             self.counters.replays += 1
-            ok = await self._run_hook(conn, self.replay_events_since, conn, conn.last_event_id)
-            self._release_held(conn)
-            if not ok:
+            if not await self._run_hook(conn, self.replay_events_since, conn, conn.last_event_id):
                 return
+        self._release_held(conn)
         for hook, args in ((conn.registered, ()), (self.on_connection_registered, (conn,))):
             if not await self._run_hook(conn, hook, *args):
                 return

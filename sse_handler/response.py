@@ -89,8 +89,7 @@ async def accept_stream(rh: RequestHandler, handler: ServerSentEventHandler) -> 
         return
     # The head and the first comment leave in one write, so the client sees
     # the stream open at once (and proxies that wait for a body byte too).
-    conn._push(head, bounded=False)
-    await handler._register(conn, channels)
+    await handler._register(conn, channels, head)
 
 
 def _refuse(sock: socket.socket, status: bytes) -> None:
