@@ -70,6 +70,7 @@ class CloseReason(StrEnum):
     HOOK_ERROR = "hook_error"  # a hook or poll_data() raised
     BROKER_ERROR = "broker_error"  # the broker could not subscribe the channels
     SOURCE_DONE = "source_done"  # an overridden poll_data() returned None
+    MAX_AGE = "max_age"  # max_connection_age reached (the client gets a retry hint)
 
 
 class OverflowPolicy(StrEnum):
@@ -108,6 +109,7 @@ class ServerSentEventConnection:
         "_closed_waiter",
         "_closing",
         "_enqueued_total",
+        "_expires_at",
         "_fd",
         "_flush_waiters",
         "_head_partial",
@@ -161,6 +163,8 @@ class ServerSentEventConnection:
         # of the last replayed one (DESIGN: replay hand-off).
         self._held: list[Delivery] | None = None
         self._replayed_upto: Any = None
+        # Monotonic deadline set by the handler's max_connection_age.
+        self._expires_at: float | None = None
         self.connected_at = time.time()
         self.events_sent = 0
         self.bytes_sent = 0
@@ -239,6 +243,8 @@ class ServerSentEventConnection:
         """
         if self.close_reason is not None or self._closing is not None:
             raise ConnectionClosedError(self.cid, self.close_reason or self._closing)
+        if self.handler.max_event_size:
+            self.handler.check_event_size(frame)
         if self._push(frame):
             self.events_sent += 1
 

@@ -9,6 +9,7 @@ admin operations (``send_all``, ``send_one``, ``stop_one``, ``stop_all``,
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
 import random
@@ -20,12 +21,13 @@ from typing import Any, ClassVar
 from tornado.httputil import HTTPServerRequest
 from tornado.web import RequestHandler
 
-from .brokers import Broker, Delivery
+from .brokers import Broker, Delivery, Replay
 from .brokers.memory import MemoryBroker
 from .connection import CloseReason, OverflowPolicy, ServerSentEventConnection, event_frame
+from .cors import CorsPolicy
 from .errors import SSEHandlerError, UnknownConnectionError
 from .event import ServerSentEvent, encode_comment, encode_retry
-from .response import accept_stream
+from .response import accept_stream, answer_preflight
 from .stats import EndpointStats, Snapshot
 
 __all__ = ["ServerSentEventHandler"]
@@ -64,9 +66,28 @@ class ServerSentEventHandler:
     retry: int | None = None
     #: Sent by :meth:`shutdown` before closing, with a jittered retry hint.
     shutdown_farewell: ServerSentEvent | None = ServerSentEvent(event="shutdown", data="")
-    #: The jittered ``retry:`` hint of :meth:`shutdown` is drawn from this
-    #: range (ms), so that clients do not all reconnect in the same instant.
-    shutdown_retry: tuple[int, int] = (1000, 5000)
+    #: "Come back later" hints (shutdown, shedding over a limit, the maximum
+    #: age, a broker that is down) are ``retry:`` values drawn from this range
+    #: (ms), so that clients do not all reconnect in the same instant.
+    reconnect_retry: tuple[int, int] = (1000, 5000)
+    #: Connection caps: in all, and per client address (0 = no cap).
+    max_connections: int = 0
+    max_connections_per_ip: int = 0
+    #: The answer over a cap: 200 (a ``retry:`` hint and a close; browsers come
+    #: back later), or 429 / 503 with ``Retry-After`` (browsers give up).
+    over_limit_status: int = 200
+    #: Seconds after which a connection is stopped with a retry hint, +/- 10 %
+    #: so that clients rebalance across processes over time (0 = never).
+    max_connection_age: float = 0.0
+    #: Largest encoded event accepted by send()/send_all()/publish() (0 = any).
+    max_event_size: int = 0
+    #: A longer Last-Event-ID is not looked up: the client gets a reset.
+    max_last_event_id: int = 256
+    #: Origins that may open a stream from another site (``"*"`` for any,
+    #: without credentials); empty: no CORS headers at all.
+    cors_origins: Collection[str] = ()
+    #: Allow cookies/credentials cross-origin (never with ``"*"``).
+    cors_credentials: bool = False
     #: Where :meth:`publish` goes; ``None``: a :class:`MemoryBroker` of its own.
     broker: Broker | None = None
     #: The channel of a request that names none (see :meth:`channels_for`).
@@ -82,9 +103,17 @@ class ServerSentEventHandler:
         "dead_peer_timeout",
         "retry",
         "shutdown_farewell",
-        "shutdown_retry",
+        "reconnect_retry",
         "broker",
         "default_channel",
+        "max_connections",
+        "max_connections_per_ip",
+        "over_limit_status",
+        "max_connection_age",
+        "max_event_size",
+        "max_last_event_id",
+        "cors_origins",
+        "cors_credentials",
     )
 
     def __init__(self, **settings: Any) -> None:
@@ -95,6 +124,10 @@ class ServerSentEventHandler:
         self.overflow_policy = OverflowPolicy(self.overflow_policy)
         if self.retry is not None:
             encode_retry(self.retry)  # refuse a bad hint now, not at the first client
+        if self.over_limit_status not in (200, 429, 503):
+            raise ValueError("over_limit_status must be 200, 429 or 503")
+        self.cors = CorsPolicy(self.cors_origins, self.cors_credentials)
+        self._per_ip: collections.Counter[str] = collections.Counter()
         self._connections: dict[str, ServerSentEventConnection] = {}
         self._subscribers: dict[str, set[ServerSentEventConnection]] = {}
         self._subscribing: dict[str, asyncio.Future[None]] = {}
@@ -104,7 +137,7 @@ class ServerSentEventHandler:
             self.broker = MemoryBroker()
         self._broker: Broker = self.broker
         self._broker.add_listener(self._on_delivery)
-        self._keepalive_timer: asyncio.TimerHandle | None = None
+        self._housekeeping_timer: asyncio.TimerHandle | None = None
         self._shutting_down = False
 
     # ----------------------------------------------------------------- mount
@@ -179,7 +212,10 @@ class ServerSentEventHandler:
     async def _replay_from_broker(
         self, conn: ServerSentEventConnection, last_event_id: str
     ) -> None:
-        replay = await self._broker.replay(sorted(conn.channels), last_event_id)
+        if len(last_event_id) > self.max_last_event_id or "\0" in last_event_id:
+            replay = Replay(reset="unknown_id")  # not worth a lookup
+        else:
+            replay = await self._broker.replay(sorted(conn.channels), last_event_id)
         if replay.reset is not None:
             self.counters.resets[replay.reset] += 1
             conn.send(event="reset", data={"reason": replay.reset})
@@ -236,6 +272,7 @@ class ServerSentEventHandler:
             event = ServerSentEvent(**fields)
         elif fields:
             raise TypeError("give an event or its fields as keywords, not both")
+        self.check_event_size(event.encode())
         return await self._broker.publish(channel, event)
 
     def subscribers(self, channel: str) -> list[ServerSentEventConnection]:
@@ -293,6 +330,7 @@ class ServerSentEventHandler:
         self, frame: bytes, connections: Iterable[ServerSentEventConnection] | None = None
     ) -> int:
         """Send a pre-encoded frame to every (or the given) connection."""
+        self.check_event_size(frame)
         delivered = 0
         for conn in list(self._connections.values()) if connections is None else connections:
             if conn.is_active:
@@ -320,18 +358,17 @@ class ServerSentEventHandler:
 
         New requests get a retry hint and a close. Each open connection gets
         :attr:`shutdown_farewell` and a ``retry:`` hint drawn from
-        :attr:`shutdown_retry` (jittered per connection, so that clients spread
+        :attr:`reconnect_retry` (jittered per connection, so that clients spread
         their reconnects), then closes once that is written; whatever has not
         closed when the grace time is up is closed at once.
         """
         self._shutting_down = True
-        if self._keepalive_timer is not None:
-            self._keepalive_timer.cancel()
-            self._keepalive_timer = None
-        low, high = self.shutdown_retry
+        if self._housekeeping_timer is not None:
+            self._housekeeping_timer.cancel()
+            self._housekeeping_timer = None
         conns = list(self._connections.values())
         for conn in conns:
-            conn._stop(CloseReason.SHUTDOWN, self.shutdown_farewell, random.randint(low, high))
+            conn._stop(CloseReason.SHUTDOWN, self.shutdown_farewell, self.jittered_retry())
         waiting = [c.wait_closed() for c in conns if c.close_reason is None]
         if waiting:
             await asyncio.wait([asyncio.ensure_future(w) for w in waiting], timeout=grace)
@@ -341,6 +378,24 @@ class ServerSentEventHandler:
     @property
     def shutting_down(self) -> bool:
         return self._shutting_down
+
+    def jittered_retry(self) -> int:
+        """A "come back later" hint in ms, drawn from :attr:`reconnect_retry`."""
+        return random.randint(*self.reconnect_retry)
+
+    def over_limit(self, remote_ip: str | None) -> bool:
+        """Would one more connection from ``remote_ip`` exceed a cap?"""
+        if self.max_connections and len(self._connections) >= self.max_connections:
+            return True
+        return bool(
+            self.max_connections_per_ip
+            and self._per_ip[remote_ip or ""] >= self.max_connections_per_ip
+        )
+
+    def check_event_size(self, frame: bytes) -> None:
+        limit = self.max_event_size
+        if limit and len(frame) > limit:
+            raise ValueError(f"event is {len(frame)} bytes encoded; max_event_size is {limit}")
 
     # -------------------------------------------------------------- lifecycle
 
@@ -367,13 +422,18 @@ class ServerSentEventHandler:
         except SSEHandlerError:
             log.exception("Could not subscribe connection %s", conn.cid)
             # Come back later: a browser retries after the hint.
-            conn._push(head + encode_retry(random.randint(*self.shutdown_retry)), bounded=False)
+            conn._push(head + encode_retry(self.jittered_retry()), bounded=False)
             conn._close(CloseReason.BROKER_ERROR)
             return
         conn._push(head, bounded=False)
         self._connections[conn.cid] = conn
+        self._per_ip[conn.remote_ip or ""] += 1
+        if self.max_connection_age:
+            conn._expires_at = time.monotonic() + self.max_connection_age * random.uniform(
+                0.9, 1.1
+            )
         self.counters.opened += 1
-        self._ensure_keepalive()
+        self._ensure_housekeeping()
         if conn.last_event_id:
             self.counters.replays += 1
             if not await self._run_hook(conn, self.replay_events_since, conn, conn.last_event_id):
@@ -411,6 +471,10 @@ class ServerSentEventHandler:
     def _deregister(self, conn: ServerSentEventConnection) -> None:
         if self._connections.get(conn.cid) is conn:
             del self._connections[conn.cid]
+            ip = conn.remote_ip or ""
+            self._per_ip[ip] -= 1
+            if not self._per_ip[ip]:
+                del self._per_ip[ip]
         self.counters.connection_closed(conn, conn.close_reason or "unknown")
         for channel in list(conn.channels):
             self._unsubscribe(conn, channel)
@@ -419,39 +483,54 @@ class ServerSentEventHandler:
         except Exception:
             log.exception("Uncaught exception in on_connection_deregistered for %s", conn.cid)
 
-    def _ensure_keepalive(self) -> None:
-        if self.keepalive and self._keepalive_timer is None and not self._shutting_down:
+    def _ensure_housekeeping(self) -> None:
+        """One timer per handler, not per connection: keep-alives and ages."""
+        if self._housekeeping_timer is not None or self._shutting_down:
+            return
+        periods = []
+        if self.keepalive:
             # Half the interval: a connection waits at most 1.5x the interval.
-            period = self.keepalive / 2
+            periods.append(self.keepalive / 2)
+        if self.max_connection_age:
+            periods.append(max(0.01, self.max_connection_age / 20))
+        if periods:
             loop = asyncio.get_running_loop()
-            self._keepalive_timer = loop.call_later(period, self._keepalive_tick, period)
+            self._housekeeping_timer = loop.call_later(min(periods), self._housekeeping_tick)
 
-    def _keepalive_tick(self, period: float) -> None:
-        """One timer per handler, not per connection: ping the idle ones."""
-        self._keepalive_timer = None
+    def _housekeeping_tick(self) -> None:
+        self._housekeeping_timer = None
         if not self._connections:
             return  # restarted by the next registration
-        idle_since = time.monotonic() - self.keepalive
+        now = time.monotonic()
+        idle_since = now - self.keepalive if self.keepalive else -1.0
         for conn in list(self._connections.values()):
-            if conn.last_write <= idle_since and conn.is_active:
+            if not conn.is_active:
+                continue
+            if conn._expires_at is not None and conn._expires_at <= now:
+                conn._stop(CloseReason.MAX_AGE, None, self.jittered_retry())
+            elif conn.last_write <= idle_since:
                 conn._ping(_KEEPALIVE)
-        self._ensure_keepalive()
+        self._ensure_housekeeping()
 
 
 class EventStreamRequestHandler(RequestHandler):
     """The Tornado side of an endpoint: answers GET with an event stream.
 
     It only authorizes the request and writes the head; then the stream is
-    detached and the connection object owns the socket. Other methods get 405.
+    detached and the connection object owns the socket. ``OPTIONS`` answers a
+    CORS preflight when ``cors_origins`` is set; other methods get 405.
     """
 
-    SUPPORTED_METHODS = ("GET",)
+    SUPPORTED_METHODS = ("GET", "OPTIONS")
 
     def initialize(self, sse_handler: ServerSentEventHandler) -> None:
         self.sse_handler = sse_handler
 
     async def get(self, *args: str, **kwargs: str) -> None:
         await accept_stream(self, self.sse_handler)
+
+    def options(self, *args: str, **kwargs: str) -> None:
+        answer_preflight(self, self.sse_handler)
 
 
 def _already_replayed(conn: ServerSentEventConnection, delivery: Delivery) -> bool:

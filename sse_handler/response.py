@@ -30,7 +30,7 @@ from .event import encode_comment, encode_retry
 if TYPE_CHECKING:
     from .handler import ServerSentEventHandler
 
-__all__ = ["STREAM_HEADERS", "accept_stream", "tune_socket"]
+__all__ = ["STREAM_HEADERS", "accept_stream", "answer_preflight", "tune_socket"]
 
 #: The fixed part of every stream's response head (DESIGN: lifecycle).
 STREAM_HEADERS = (
@@ -48,11 +48,8 @@ log = logging.getLogger("sse_handler")
 async def accept_stream(rh: RequestHandler, handler: ServerSentEventHandler) -> None:
     """Answer one GET: deny it, shed it, or turn it into a registered connection."""
     request = rh.request
-    if handler.shutting_down:
-        # Shedding: 200 with a retry hint and a close makes a browser come back
-        # later; a 5xx would make it give up for good.
-        _set_stream_headers(rh, handler)
-        rh.write(encode_retry(handler.shutdown_retry[1]))
+    if handler.shutting_down or handler.over_limit(request.remote_ip):
+        _shed(rh, handler, 200 if handler.shutting_down else handler.over_limit_status)
         return
     channels = handler.channels_for(request, rh.path_kwargs)
     try:
@@ -100,17 +97,47 @@ def _refuse(sock: socket.socket, status: bytes) -> None:
     sock.close()
 
 
-def _set_stream_headers(rh: RequestHandler, handler: ServerSentEventHandler) -> None:
+def _shed(rh: RequestHandler, handler: ServerSentEventHandler, status: int) -> None:
+    """Turn a client away for now.
+
+    200 with a ``retry:`` hint, then the end of the stream, makes a browser
+    come back after the hint (jittered, so a crowd spreads out); a 5xx or 429
+    would make it give up for good, which is for applications that choose it.
+    """
+    retry = handler.jittered_retry()
+    if status != 200:
+        rh.set_status(status)
+        rh.set_header("Retry-After", str(max(1, round(retry / 1000))))
+        return
     for name, value in STREAM_HEADERS:
         rh.set_header(name, value)
-    for name, value in handler.response_headers(rh.request).items():
+    for name, value in _extra_headers(rh, handler).items():
         rh.set_header(name, value)
+    rh.write(encode_retry(retry))
+
+
+def _extra_headers(rh: RequestHandler, handler: ServerSentEventHandler) -> dict[str, str]:
+    headers = handler.cors.headers(rh.request.headers.get("Origin"))
+    headers.update(handler.response_headers(rh.request))
+    return headers
+
+
+def answer_preflight(rh: RequestHandler, handler: ServerSentEventHandler) -> None:
+    """``OPTIONS``: a CORS preflight, answered from the allow-list."""
+    if not handler.cors.enabled:
+        raise HTTPError(405)
+    headers = handler.cors.preflight_headers(rh.request.headers.get("Origin"))
+    if "Access-Control-Allow-Origin" not in headers:
+        raise HTTPError(403)
+    for name, value in headers.items():
+        rh.set_header(name, value)
+    rh.set_status(204)
 
 
 def _head(rh: RequestHandler, handler: ServerSentEventHandler) -> bytes:
     lines = ["HTTP/1.1 200 OK", f"Date: {formatdate(usegmt=True)}"]
     lines += [f"{name}: {value}" for name, value in STREAM_HEADERS]
-    for name, value in handler.response_headers(rh.request).items():
+    for name, value in _extra_headers(rh, handler).items():
         if any(c in name + value for c in "\r\n\0"):
             raise ValueError(f"response header {name!r} contains CR, LF or NUL")
         lines.append(f"{name}: {value}")

@@ -58,15 +58,22 @@ class EventStreamClient:
         *,
         timeout: float = 5.0,
         keep_comments: bool = True,
+        local_addr: tuple[str, int] | None = None,
     ) -> EventStreamClient:
-        """Send ``GET url`` and read the response head (not the body)."""
+        """Send ``GET url`` and read the response head (not the body).
+
+        ``local_addr`` binds the client's end (e.g. ``("127.0.0.2", 0)`` to
+        look like another client address on loopback).
+        """
         parts = urlsplit(url)
         host = parts.hostname or "127.0.0.1"
         port = parts.port or 80
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, local_addr=local_addr), timeout
+        )
         lines = [f"GET {target} HTTP/1.1", f"Host: {host}:{port}", "Accept: text/event-stream"]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))

@@ -34,7 +34,6 @@ from functools import cache
 from typing import Any
 
 import tornado.web
-from tornado.httpserver import HTTPServer
 from tornado.log import access_log
 from tornado.netutil import bind_sockets
 
@@ -43,6 +42,7 @@ from ..brokers import Broker, BrokerUnavailableError
 from ..connection import ServerSentEventConnection
 from ..event import ServerSentEvent
 from ..handler import ServerSentEventHandler
+from ..server import make_server
 
 __all__ = ["MAX_PUBLISH_BYTES", "DemoConnection", "DemoHandler", "make_app", "serve"]
 
@@ -189,7 +189,7 @@ async def serve(
         broker = RedisBroker(redis_url)
     app, handler = make_app(admin_token, broker)
     sockets = bind_sockets(port, host)
-    server = HTTPServer(app)
+    server = make_server(app)
     server.add_sockets(sockets)
     log.info("sse_handler demo: open %s in a browser", _url(sockets[0]))
     try:

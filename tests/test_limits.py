@@ -1,0 +1,258 @@
+"""Limits, CORS and hostile requests: 4xx or a retry hint, never a 5xx, never a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+
+import pytest
+from support import serve, wait_until
+from tornado.httpclient import AsyncHTTPClient
+from tornado.netutil import bind_sockets
+from tornado.testing import bind_unused_port
+from tornado.web import Application
+
+from sse_handler import CloseReason, ServerSentEvent, ServerSentEventHandler
+from sse_handler.server import make_server
+from sse_handler.testing import EventStreamClient
+
+
+def retry_of(body: bytes) -> int:
+    assert body.startswith(b"retry: "), body
+    return int(body[7:].split(b"\n")[0])
+
+
+async def test_global_cap_answers_200_with_a_retry_hint() -> None:
+    handler = ServerSentEventHandler(max_connections=2, reconnect_retry=(1000, 2000))
+    async with serve([handler.route("/events")], handler) as server:
+        a, b = await server.stream(), await server.stream()
+        over = await server.stream()
+        assert over.status == 200
+        assert over.headers["Content-Type"].startswith("text/event-stream")
+        assert 1000 <= retry_of(await over.read_body()) <= 2000
+        assert len(handler) == 2
+        a.close()
+        await wait_until(lambda: len(handler) == 1)
+        again = await server.stream()
+        await wait_until(lambda: len(handler) == 2)
+        for client in (b, over, again):
+            client.close()
+
+
+async def test_per_address_cap_and_status_choice() -> None:
+    handler = ServerSentEventHandler(max_connections_per_ip=1, over_limit_status=429)
+    async with serve([handler.route("/events")], handler) as server:
+        url = server.url + "/events"
+        first = await EventStreamClient.connect(url, local_addr=("127.0.0.1", 0))
+        refused = await EventStreamClient.connect(url, local_addr=("127.0.0.1", 0))
+        assert refused.status == 429
+        assert int(refused.headers["Retry-After"]) >= 1
+        # Another client address is not held back by the first one's cap.
+        other = await EventStreamClient.connect(url, local_addr=("127.0.0.2", 0))
+        assert other.status == 200
+        await wait_until(lambda: len(handler) == 2)
+        for client in (first, refused, other):
+            client.close()
+    with pytest.raises(ValueError, match="over_limit_status"):
+        ServerSentEventHandler(over_limit_status=500)
+
+
+async def test_max_connection_age_stops_with_a_jittered_retry() -> None:
+    handler = ServerSentEventHandler(max_connection_age=0.3, reconnect_retry=(100, 900))
+    async with serve([handler.route("/events")], handler) as server:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        clients = [await server.stream() for _ in range(5)]
+        conns = handler.connections()
+        for client in clients:
+            await client.wait_closed(timeout=2)
+            assert 100 <= (client.parser.retry or 0) <= 900
+        elapsed = loop.time() - start
+        assert 0.27 <= elapsed <= 1.0
+        assert {c.close_reason for c in conns} == {CloseReason.MAX_AGE}
+
+
+async def test_max_event_size_refuses_and_sends_nothing() -> None:
+    handler = ServerSentEventHandler(max_event_size=100)
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream()
+        await wait_until(lambda: len(handler) == 1)
+        conn = handler.connections()[0]
+        with pytest.raises(ValueError, match="max_event_size"):
+            handler.send_all(data="x" * 200)
+        with pytest.raises(ValueError, match="max_event_size"):
+            conn.send(data="y" * 200)
+        with pytest.raises(ValueError, match="max_event_size"):
+            await handler.publish("default", data="z" * 200)
+        handler.send_all(data="small")
+        assert (await client.next_event()).data == "small"
+        assert b"xxx" not in client.raw and b"yyy" not in client.raw
+        client.close()
+
+
+async def test_hostile_last_event_ids_get_a_reset_not_an_error() -> None:
+    handler = ServerSentEventHandler()
+    async with serve([handler.route("/events")], handler) as server:
+        await handler.publish("default", data="history")
+        hostile = [
+            {"Last-Event-ID": "9" * 10_000},
+            {"Last-Event-ID": "caf\xe9-\xff\xfe"},
+        ]
+        for headers in hostile:
+            client = await server.stream(headers=headers)
+            assert client.status == 200
+            event = await client.next_event()
+            assert (event.event, json.loads(event.data)) == ("reset", {"reason": "unknown_id"})
+            client.close()
+        # Control characters in a header: Tornado refuses the request itself.
+        control = await server.stream(headers={"Last-Event-ID": "1\x01\x02-3"})
+        assert control.status == 400
+        control.close()
+        with_nul = await server.stream("/events?last_event_id=1%00-2")
+        assert with_nul.status == 200
+        assert (await with_nul.next_event()).event == "reset"
+        bad_utf8 = await server.stream("/events?last_event_id=%ff%fe")
+        assert bad_utf8.status == 400
+        with_nul.close()
+        bad_utf8.close()
+
+
+async def test_cors_allow_list() -> None:
+    handler = ServerSentEventHandler(cors_origins=["https://app.example"], cors_credentials=True)
+    async with serve([handler.route("/events")], handler) as server:
+        ok = await server.stream(headers={"Origin": "https://app.example"})
+        assert ok.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        assert ok.headers["Access-Control-Allow-Credentials"] == "true"
+        assert ok.headers["Vary"] == "Origin"
+        other = await server.stream(headers={"Origin": "https://evil.example"})
+        assert "Access-Control-Allow-Origin" not in other.headers
+        http = AsyncHTTPClient()
+        preflight = await http.fetch(
+            server.url + "/events",
+            method="OPTIONS",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Headers": "last-event-id",
+            },
+            raise_error=False,
+        )
+        assert preflight.code == 204
+        assert "Last-Event-ID" in preflight.headers["Access-Control-Allow-Headers"]
+        assert preflight.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        denied = await http.fetch(
+            server.url + "/events",
+            method="OPTIONS",
+            headers={"Origin": "https://evil.example"},
+            raise_error=False,
+        )
+        assert denied.code == 403
+        ok.close()
+        other.close()
+    with pytest.raises(ValueError, match="credentials"):
+        ServerSentEventHandler(cors_origins=["*"], cors_credentials=True)
+    anyone = ServerSentEventHandler(cors_origins=["*"])
+    async with serve([anyone.route("/events")], anyone) as server:
+        client = await server.stream(headers={"Origin": "https://x.example"})
+        assert client.headers["Access-Control-Allow-Origin"] == "*"
+        assert "Access-Control-Allow-Credentials" not in client.headers
+        client.close()
+    plain = ServerSentEventHandler()
+    async with serve([plain.route("/events")], plain) as server:
+        response = await AsyncHTTPClient().fetch(
+            server.url + "/events", method="OPTIONS", raise_error=False
+        )
+        assert response.code == 405
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_half_open_connections_are_dropped_by_the_header_timeout() -> None:
+    handler = ServerSentEventHandler()
+    # A backlog that holds the whole flood, so the test does not wait on SYN
+    # retransmits (the default of 128 would).
+    sockets = bind_sockets(0, "127.0.0.1", backlog=2048)
+    port = sockets[0].getsockname()[1]
+    server = make_server(Application([handler.route("/events")]), header_timeout=0.3)
+    server.add_sockets(sockets)
+    try:
+        client = await EventStreamClient.connect(f"http://127.0.0.1:{port}/events")
+        await wait_until(lambda: len(handler) == 1)
+        baseline = open_fds()
+        silent = []
+        for _ in range(1000):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            silent.append(s)
+        # The server holds them (the client ends are 1,000 of these fds).
+        await wait_until(lambda: open_fds() >= baseline + 1500, timeout=5)
+        # Each silent socket is closed by the server once the timeout passes.
+        loop = asyncio.get_running_loop()
+
+        def all_closed() -> bool:
+            for s in silent:
+                try:
+                    if s.recv(1) != b"":
+                        return False
+                except BlockingIOError:
+                    return False
+                except OSError:
+                    pass
+            return True
+
+        await wait_until(all_closed, timeout=10)
+        for s in silent:
+            s.close()
+        await wait_until(lambda: open_fds() <= baseline + 5, timeout=5)
+        # The stream went on meanwhile.
+        handler.send_all(data="still streaming")
+        assert (await client.next_event()).data == "still streaming"
+        assert loop.time() > 0
+        client.close()
+    finally:
+        server.stop()
+        await handler.shutdown(grace=0.1)
+        await server.close_all_connections()
+
+
+async def test_oversized_headers_and_truncated_requests_get_no_5xx() -> None:
+    handler = ServerSentEventHandler()
+    sock, port = bind_unused_port()
+    server = make_server(Application([handler.route("/events")]), max_header_size=4096)
+    server.add_sockets([sock])
+    try:
+        good = await EventStreamClient.connect(f"http://127.0.0.1:{port}/events")
+        await wait_until(lambda: len(handler) == 1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /events HTTP/1.1\r\nX-Big: " + b"a" * 10_000 + b"\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        assert not answer.startswith(b"HTTP/1.1 5")
+        writer.close()
+        # A request cut off in the middle of its head.
+        for cut in (b"GET /ev", b"GET /events HTTP/1.1\r\nHost: x\r\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(cut)
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+        # Garbage instead of HTTP.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"\x00\x01\x02 nonsense\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 4")
+        writer.close()
+        handler.send_all(ServerSentEvent(data="unharmed"))
+        assert (await good.next_event()).data == "unharmed"
+        assert len(handler) == 1
+        good.close()
+    finally:
+        server.stop()
+        await handler.shutdown(grace=0.1)
+        await server.close_all_connections()
