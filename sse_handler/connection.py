@@ -6,7 +6,7 @@ a bounded queue of encoded frames and an I/O task.
 
 Fast path and slow path -- one mechanism, two speeds:
 
-* ``send()`` / ``send_encoded()`` hand a frame to :meth:`_push`. When the queue
+* ``send()`` / ``send_encoded()`` hand a frame to ``_push()``. When the queue
   is empty and no write is in flight, the frame goes straight to the socket with
   one non-blocking ``send``: no task switch, no future. That is the common case
   for a reader that keeps up.
@@ -208,6 +208,7 @@ class ServerSentEventConnection:
 
     @property
     def queued_bytes(self) -> int:
+        """Bytes waiting in the queue."""
         return self._queued_bytes
 
     def stats(self) -> dict[str, Any]:

@@ -29,9 +29,11 @@ class CorsPolicy:
 
     @property
     def enabled(self) -> bool:
+        """True when any origin is allowed."""
         return bool(self.origins)
 
     def allows(self, origin: str | None) -> bool:
+        """Is ``origin`` on the allow-list?"""
         return origin is not None and ("*" in self.origins or origin in self.origins)
 
     def headers(self, origin: str | None) -> dict[str, str]:
@@ -52,6 +54,7 @@ class CorsPolicy:
         return headers
 
     def preflight_headers(self, origin: str | None) -> dict[str, str]:
+        """Headers answering an ``OPTIONS`` preflight from ``origin``."""
         headers = self.headers(origin)
         if "Access-Control-Allow-Origin" in headers:
             headers["Access-Control-Allow-Methods"] = "GET"

@@ -51,7 +51,8 @@ class ServerSentEvent:
     milliseconds.
 
     Raises ``ValueError`` (naming the field) for a value that would break the frame or not
-    survive the trip to the client, ``TypeError`` for a field of the wrong type. The frame
+    survive the trip to the client (``retry`` that is not a non-negative ``int`` included),
+    ``TypeError`` for ``data``, ``event``, ``id`` or ``comment`` of the wrong type. The frame
     is computed from the values given, so mutating a ``dict`` / ``list`` afterwards does not
     change what :meth:`encode` returns.
     """

@@ -30,7 +30,7 @@ from .event import ServerSentEvent, encode_comment, encode_retry
 from .response import accept_stream, answer_preflight
 from .stats import EndpointStats, Snapshot
 
-__all__ = ["ServerSentEventHandler"]
+__all__ = ["EventStreamRequestHandler", "ServerSentEventHandler"]
 
 log = logging.getLogger("sse_handler")
 
@@ -54,8 +54,9 @@ class ServerSentEventHandler:
     #: Seconds a blocked write may wait for the client before the connection
     #: closes with reason ``slow`` (0 = wait forever).
     write_timeout: float = 30.0
-    #: Queue bounds per connection, in frames and in bytes.
+    #: Queue bound per connection, in frames.
     max_queue_messages: int = 1000
+    #: Queue bound per connection, in bytes.
     max_queue_bytes: int = 1 << 20
     #: What a full queue does: ``disconnect``, ``drop_oldest`` or ``drop_newest``.
     overflow_policy: OverflowPolicy = OverflowPolicy.DISCONNECT
@@ -70,8 +71,9 @@ class ServerSentEventHandler:
     #: age, a broker that is down) are ``retry:`` values drawn from this range
     #: (ms), so that clients do not all reconnect in the same instant.
     reconnect_retry: tuple[int, int] = (1000, 5000)
-    #: Connection caps: in all, and per client address (0 = no cap).
+    #: Connection cap of this endpoint, in all (0 = no cap).
     max_connections: int = 0
+    #: Connection cap per client address (0 = no cap).
     max_connections_per_ip: int = 0
     #: The answer over a cap: 200 (a ``retry:`` hint and a close; browsers come
     #: back later), or 429 / 503 with ``Retry-After`` (browsers give up).
@@ -231,6 +233,7 @@ class ServerSentEventHandler:
         return list(self._connections)
 
     def connections(self) -> list[ServerSentEventConnection]:
+        """The registered connections."""
         return list(self._connections.values())
 
     def stats(self) -> Snapshot:
@@ -377,6 +380,7 @@ class ServerSentEventHandler:
 
     @property
     def shutting_down(self) -> bool:
+        """True once :meth:`shutdown` has begun."""
         return self._shutting_down
 
     def jittered_retry(self) -> int:
@@ -393,6 +397,7 @@ class ServerSentEventHandler:
         )
 
     def check_event_size(self, frame: bytes) -> None:
+        """Refuse (``ValueError``) a frame over :attr:`max_event_size`."""
         limit = self.max_event_size
         if limit and len(frame) > limit:
             raise ValueError(f"event is {len(frame)} bytes encoded; max_event_size is {limit}")

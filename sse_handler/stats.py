@@ -51,12 +51,14 @@ class EndpointStats:
     dropped: int = 0
 
     def connection_closed(self, conn: ConnectionCounts, reason: str) -> None:
+        """Add a closed connection's counts to the totals."""
         self.closed[reason] += 1
         self.events_sent += conn.events_sent
         self.bytes_sent += conn.bytes_sent
         self.dropped += conn.dropped
 
     def snapshot(self, live: Iterable[ConnectionCounts]) -> Snapshot:
+        """The totals plus what the ``live`` connections have counted so far."""
         conns = list(live)
         return Snapshot(
             open=len(conns),

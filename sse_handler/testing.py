@@ -157,10 +157,12 @@ class EventStreamClient:
 
     @property
     def comments(self) -> list[str]:
+        """Comment lines received so far (keep-alives, the first ``: ok``)."""
         return self.parser.comments
 
     @property
     def last_event_id(self) -> str:
+        """The last event id the stream set, as ``EventSource.lastEventId``."""
         return self.parser.last_event_id
 
     def close(self) -> None:
