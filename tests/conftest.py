@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import settings
 from redis_server import ENGINES, RedisServer
 from tornado.testing import bind_unused_port
 
@@ -49,3 +51,8 @@ def redis_server(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+# The long fuzzing run (tox -e fuzz): HYPOTHESIS_PROFILE=fuzz.
+settings.register_profile("fuzz", max_examples=100_000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

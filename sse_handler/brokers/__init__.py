@@ -62,7 +62,17 @@ class Replay:
 
 
 class BrokerUnavailableError(SSEHandlerError):
-    """The broker cannot be reached (e.g. Redis is down); nothing was published."""
+    """The broker cannot be reached (e.g. Redis is down or does not answer).
+
+    ``published`` is ``False`` when the event was certainly not stored (the
+    connection failed), ``None`` when that is unknown: a command that timed
+    out may still run when a paused or slow broker catches up. Either way the
+    caller may publish again; a subscriber never gets one stored event twice.
+    """
+
+    def __init__(self, message: str, published: bool | None = False) -> None:
+        super().__init__(message)
+        self.published = published
 
 
 class Broker(Protocol):

@@ -26,6 +26,7 @@ from typing import Any
 try:
     from redis import asyncio as aioredis
     from redis.exceptions import RedisError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - depends on the extra
     raise ImportError(
         "RedisBroker needs the redis extra: pip install 'sse_handler[redis]'"
@@ -41,6 +42,15 @@ log = logging.getLogger("sse_handler.redis")
 Position = tuple[int, int]
 
 
+def _unavailable(url: str, exc: BaseException) -> BrokerUnavailableError:
+    if isinstance(exc, RedisTimeoutError | TimeoutError):
+        return BrokerUnavailableError(
+            f"Redis at {url} did not answer in time ({exc}); the command may still run",
+            published=None,
+        )
+    return BrokerUnavailableError(f"Redis at {url} is unavailable: {exc}", published=False)
+
+
 def _position(entry_id: str) -> Position | None:
     ms, sep, seq = entry_id.partition("-")
     if not sep or not ms.isdigit() or not seq.isdigit():
@@ -54,7 +64,10 @@ class RedisBroker:
     ``url`` as redis-py takes it (``redis://host:6379/0``). ``history_size``
     entries per channel (approximate trimming, so a few more may stay) and
     ``history_age`` seconds (0 = no age bound) are kept for replay.
-    ``block`` is the longest an ``XREAD`` waits before it is re-issued.
+    ``block`` is the longest an ``XREAD`` waits before it is re-issued;
+    ``timeout`` bounds every other command (and the reader's wait beyond
+    ``block``), so that a Redis that hangs (paused, partitioned) makes
+    ``publish`` fail with :class:`BrokerUnavailableError` instead of waiting.
     """
 
     def __init__(
@@ -66,6 +79,7 @@ class RedisBroker:
         history_age: float = 0.0,
         block: float = 5.0,
         max_backoff: float = 2.0,
+        timeout: float = 5.0,
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -73,11 +87,16 @@ class RedisBroker:
         self.history_age = history_age
         self.block = block
         self.max_backoff = max_backoff
-        self._redis: Any = aioredis.Redis.from_url(url)
+        self._redis: Any = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
         # The blocking reader gets its own connection: a pooled connection
         # parked in XREAD BLOCK would stall the publishers behind it.
         self._reader_redis: Any = aioredis.Redis.from_url(
-            url, socket_timeout=block + 5, single_connection_client=True
+            url,
+            socket_timeout=block + timeout,
+            socket_connect_timeout=timeout,
+            single_connection_client=True,
         )
         self._listeners: list[Listener] = []
         #: Last entry id seen per subscribed channel.
@@ -107,7 +126,7 @@ class RedisBroker:
                 min_ms = int((time.time() - self.history_age) * 1000)
                 await self._redis.xtrim(self._key(channel), minid=min_ms, approximate=True)
         except (RedisError, OSError) as exc:
-            raise BrokerUnavailableError(f"Redis at {self.url} is unavailable: {exc}") from exc
+            raise _unavailable(self.url, exc) from exc
         entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
         return event.id if event.id is not None else entry
 
@@ -119,7 +138,7 @@ class RedisBroker:
         try:
             newest = await self._redis.xrevrange(self._key(channel), count=1)
         except (RedisError, OSError) as exc:
-            raise BrokerUnavailableError(f"Redis at {self.url} is unavailable: {exc}") from exc
+            raise _unavailable(self.url, exc) from exc
         self._cursors[channel] = newest[0][0].decode() if newest else "0-0"
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read_loop())
@@ -196,7 +215,7 @@ class RedisBroker:
                 entries = await self._redis.xrange(self._key(channel), min=start)
                 found.extend(self._delivery(channel, e.decode(), f) for e, f in entries)
         except (RedisError, OSError) as exc:
-            raise BrokerUnavailableError(f"Redis at {self.url} is unavailable: {exc}") from exc
+            raise _unavailable(self.url, exc) from exc
         found.sort(key=lambda d: d.position)
         return Replay(found)
 
