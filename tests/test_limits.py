@@ -256,3 +256,27 @@ async def test_oversized_headers_and_truncated_requests_get_no_5xx() -> None:
         server.stop()
         await handler.shutdown(grace=0.1)
         await server.close_all_connections()
+
+
+async def test_authorize_runs_before_any_byte_of_the_stream() -> None:
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    class Slow(ServerSentEventHandler):
+        async def authorize(self, request: object) -> bool:
+            entered.set()
+            await release.wait()
+            return True
+
+    handler = Slow()
+    async with serve([handler.route("/events")], handler) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(entered.wait(), 5)
+        # authorize() is running: the client has nothing, not even the head.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.read(1), 0.2)
+        release.set()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        writer.close()
