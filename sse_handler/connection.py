@@ -275,11 +275,11 @@ class ServerSentEventConnection:
 
     async def subscribe(self, channel: str) -> None:
         """Receive ``channel``'s events from now on (e.g. from ``registered()``)."""
-        await self.handler._subscribe(self, channel)
+        await self.handler.router.subscribe(self, channel)
 
     def unsubscribe(self, channel: str) -> None:
         """Stop receiving ``channel``'s events."""
-        self.handler._unsubscribe(self, channel)
+        self.handler.router.unsubscribe(self, channel)
 
     async def wait_closed(self) -> CloseReason:
         """Wait until the connection has ended; returns the close reason."""

@@ -21,8 +21,9 @@ from typing import Any, ClassVar
 from tornado.httputil import HTTPServerRequest
 from tornado.web import RequestHandler
 
-from .brokers import Broker, Delivery, Replay
+from .brokers import Broker, Replay
 from .brokers.memory import MemoryBroker
+from .channels import ChannelRouter
 from .connection import CloseReason, OverflowPolicy, ServerSentEventConnection, event_frame
 from .cors import CorsPolicy
 from .errors import SSEHandlerError, UnknownConnectionError
@@ -131,14 +132,12 @@ class ServerSentEventHandler:
         self.cors = CorsPolicy(self.cors_origins, self.cors_credentials)
         self._per_ip: collections.Counter[str] = collections.Counter()
         self._connections: dict[str, ServerSentEventConnection] = {}
-        self._subscribers: dict[str, set[ServerSentEventConnection]] = {}
-        self._subscribing: dict[str, asyncio.Future[None]] = {}
         #: Lifetime counters (see :meth:`stats`).
         self.counters = EndpointStats()
         if self.broker is None:
             self.broker = MemoryBroker()
-        self._broker: Broker = self.broker
-        self._broker.add_listener(self._on_delivery)
+        #: Channel subscriptions of this handler's connections, over its broker.
+        self.router = ChannelRouter(self.broker)
         self._housekeeping_timer: asyncio.TimerHandle | None = None
         self._shutting_down = False
 
@@ -217,14 +216,10 @@ class ServerSentEventHandler:
         if len(last_event_id) > self.max_last_event_id or "\0" in last_event_id:
             replay = Replay(reset="unknown_id")  # not worth a lookup
         else:
-            replay = await self._broker.replay(sorted(conn.channels), last_event_id)
+            replay = await self.router.replay(conn, last_event_id)
         if replay.reset is not None:
             self.counters.resets[replay.reset] += 1
             conn.send(event="reset", data={"reason": replay.reset})
-            return
-        for delivery in replay.deliveries:
-            conn.send_encoded(delivery.frame)
-            conn._replayed_upto = delivery.position
 
     # --------------------------------------------------------------- registry
 
@@ -276,58 +271,11 @@ class ServerSentEventHandler:
         elif fields:
             raise TypeError("give an event or its fields as keywords, not both")
         self.check_event_size(event.encode())
-        return await self._broker.publish(channel, event)
+        return await self.router.broker.publish(channel, event)
 
     def subscribers(self, channel: str) -> list[ServerSentEventConnection]:
         """The local connections subscribed to ``channel``."""
-        return list(self._subscribers.get(channel, ()))
-
-    def _on_delivery(self, delivery: Delivery) -> None:
-        """The broker's listener: one channel event to its local subscribers."""
-        subscribers = self._subscribers.get(delivery.channel)
-        if not subscribers:
-            return
-        frame = delivery.frame
-        for conn in tuple(subscribers):
-            held = conn._held
-            if held is not None:
-                held.append(delivery)
-            elif conn.is_active and not _already_replayed(conn, delivery):
-                conn.send_encoded(frame)
-
-    async def _subscribe(self, conn: ServerSentEventConnection, channel: str) -> None:
-        # The first local subscriber subscribes the process; the others wait
-        # for that to finish, so none counts as live before the broker is.
-        pending = self._subscribing.get(channel)
-        if channel not in self._subscribers and pending is None:
-            pending = self._subscribing[channel] = asyncio.ensure_future(
-                self._broker.subscribe(channel)
-            )
-            try:
-                await pending
-            finally:
-                del self._subscribing[channel]
-        elif pending is not None:
-            await asyncio.shield(pending)
-        self._subscribers.setdefault(channel, set()).add(conn)
-        conn.channels.add(channel)
-
-    def _unsubscribe(self, conn: ServerSentEventConnection, channel: str) -> None:
-        conn.channels.discard(channel)
-        subscribers = self._subscribers.get(channel)
-        if subscribers is None:
-            return
-        subscribers.discard(conn)
-        if not subscribers:
-            del self._subscribers[channel]
-            task = asyncio.ensure_future(self._unsubscribe_process(channel))
-            task.add_done_callback(_log_failure)
-
-    async def _unsubscribe_process(self, channel: str) -> None:
-        # A client that reconnects at once may have subscribed the channel
-        # again meanwhile: then this process keeps reading it.
-        if channel not in self._subscribers and channel not in self._subscribing:
-            await self._broker.unsubscribe(channel)
+        return self.router.subscribers(channel)
 
     def send_encoded_all(
         self, frame: bytes, connections: Iterable[ServerSentEventConnection] | None = None
@@ -423,7 +371,7 @@ class ServerSentEventHandler:
         conn._held = []
         try:
             for channel in channels:
-                await self._subscribe(conn, channel)
+                await self.router.subscribe(conn, channel)
         except SSEHandlerError:
             log.exception("Could not subscribe connection %s", conn.cid)
             # Come back later: a browser retries after the hint.
@@ -443,7 +391,7 @@ class ServerSentEventHandler:
             self.counters.replays += 1
             if not await self._run_hook(conn, self.replay_events_since, conn, conn.last_event_id):
                 return
-        self._release_held(conn)
+        self.router.release_held(conn)
         for hook, args in ((conn.registered, ()), (self.on_connection_registered, (conn,))):
             if not await self._run_hook(conn, hook, *args):
                 return
@@ -464,15 +412,6 @@ class ServerSentEventHandler:
             return False
         return conn.close_reason is None
 
-    def _release_held(self, conn: ServerSentEventConnection) -> None:
-        """Send the live events held during replay, minus what replay already sent."""
-        held, conn._held = conn._held or [], None
-        for delivery in held:
-            if not conn.is_active:
-                return
-            if not _already_replayed(conn, delivery):
-                conn.send_encoded(delivery.frame)
-
     def _deregister(self, conn: ServerSentEventConnection) -> None:
         if self._connections.get(conn.cid) is conn:
             del self._connections[conn.cid]
@@ -482,7 +421,7 @@ class ServerSentEventHandler:
                 del self._per_ip[ip]
         self.counters.connection_closed(conn, conn.close_reason or "unknown")
         for channel in list(conn.channels):
-            self._unsubscribe(conn, channel)
+            self.router.unsubscribe(conn, channel)
         try:
             self.on_connection_deregistered(conn)
         except Exception:
@@ -536,15 +475,3 @@ class EventStreamRequestHandler(RequestHandler):
 
     def options(self, *args: str, **kwargs: str) -> None:
         answer_preflight(self, self.sse_handler)
-
-
-def _already_replayed(conn: ServerSentEventConnection, delivery: Delivery) -> bool:
-    """Did the replay send this one already? (A broker's reader may lag behind
-    what replay read from history, so this holds after the hand-off too.)"""
-    upto = conn._replayed_upto
-    return upto is not None and delivery.position is not None and delivery.position <= upto
-
-
-def _log_failure(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("Broker operation failed", exc_info=task.exception())
