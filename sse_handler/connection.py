@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import inspect
 import logging
 import socket
@@ -62,6 +63,7 @@ class CloseReason(StrEnum):
     """Why a connection ended; passed to ``connection_closed(reason)``."""
 
     CLIENT_CLOSED = "client_closed"  # the peer closed or reset the TCP connection
+    DEAD_PEER = "dead_peer"  # the peer vanished without FIN (keepalive / TCP_USER_TIMEOUT)
     STOPPED = "stopped"  # stop() / handler.stop_one() / stop_all()
     SHUTDOWN = "shutdown"  # handler.shutdown()
     WRITE_ERROR = "write_error"  # the socket refused a write
@@ -71,6 +73,11 @@ class CloseReason(StrEnum):
     BROKER_ERROR = "broker_error"  # the broker could not subscribe the channels
     SOURCE_DONE = "source_done"  # an overridden poll_data() returned None
     MAX_AGE = "max_age"  # max_connection_age reached (the client gets a retry hint)
+
+
+def _gone_reason(exc: OSError, otherwise: CloseReason) -> CloseReason:
+    """ETIMEDOUT on a socket is the kernel giving up on a silent peer."""
+    return CloseReason.DEAD_PEER if exc.errno == errno.ETIMEDOUT else otherwise
 
 
 class OverflowPolicy(StrEnum):
@@ -360,8 +367,8 @@ class ServerSentEventConnection:
                 sent = self._sock.send(frame)
             except BlockingIOError:
                 sent = 0
-            except _GONE:
-                self._close(CloseReason.WRITE_ERROR)
+            except _GONE as exc:
+                self._close(_gone_reason(exc, CloseReason.WRITE_ERROR))
                 return False
             self.bytes_sent += sent
             self._settled_total += sent
@@ -492,8 +499,8 @@ class ServerSentEventConnection:
                     sent = self._sock.send(view)
                 except BlockingIOError:
                     sent = 0
-                except _GONE:
-                    self._close(CloseReason.WRITE_ERROR)
+                except _GONE as exc:
+                    self._close(_gone_reason(exc, CloseReason.WRITE_ERROR))
                     raise _Closed from None
                 if sent:
                     self.bytes_sent += sent
@@ -536,8 +543,9 @@ class ServerSentEventConnection:
             chunk = self._sock.recv(4096)
         except BlockingIOError:
             return
-        except OSError:
-            chunk = b""
+        except OSError as exc:
+            self._close(self._closing or _gone_reason(exc, CloseReason.CLIENT_CLOSED))
+            return
         if not chunk:
             self._close(self._closing or CloseReason.CLIENT_CLOSED)
 

@@ -374,11 +374,16 @@ class ServerSentEventHandler:
                 await self.router.subscribe(conn, channel)
         except SSEHandlerError:
             log.exception("Could not subscribe connection %s", conn.cid)
-            # Come back later: a browser retries after the hint.
-            conn._push(head + encode_retry(self.jittered_retry()), bounded=False)
-            conn._close(CloseReason.BROKER_ERROR)
+            self._turn_away(conn, head, CloseReason.BROKER_ERROR)
+            return
+        if self._shutting_down:
+            # shutdown() began while this request was in authorize() or
+            # subscribing: it only knows the registry, so answer here.
+            self._turn_away(conn, head, CloseReason.SHUTDOWN)
             return
         conn._push(head, bounded=False)
+        if conn.close_reason is not None:
+            return  # the client was gone before the head: never registered
         self._connections[conn.cid] = conn
         self._per_ip[conn.remote_ip or ""] += 1
         if self.max_connection_age:
@@ -397,6 +402,13 @@ class ServerSentEventHandler:
                 return
         if conn.close_reason is None:
             conn._start()
+
+    def _turn_away(
+        self, conn: ServerSentEventConnection, head: bytes, reason: CloseReason
+    ) -> None:
+        """Head, a "come back later" hint, close: a browser retries after the hint."""
+        conn._push(head + encode_retry(self.jittered_retry()), bounded=False)
+        conn._close(reason)
 
     async def _run_hook(self, conn: ServerSentEventConnection, hook: Any, *args: Any) -> bool:
         """Run one hook; one that raises closes only this connection."""

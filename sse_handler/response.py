@@ -90,6 +90,7 @@ async def accept_stream(rh: RequestHandler, handler: ServerSentEventHandler) -> 
 
 
 def _refuse(sock: socket.socket, status: bytes) -> None:
+    """An error answer after Tornado has let go of the stream."""
     try:
         sock.send(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
     except OSError:
@@ -109,11 +110,16 @@ def _shed(rh: RequestHandler, handler: ServerSentEventHandler, status: int) -> N
         rh.set_status(status)
         rh.set_header("Retry-After", str(max(1, round(retry / 1000))))
         return
-    for name, value in STREAM_HEADERS:
-        rh.set_header(name, value)
-    for name, value in _extra_headers(rh, handler).items():
-        rh.set_header(name, value)
-    rh.write(encode_retry(retry))
+    # Written on the socket itself: the head says the body ends with the
+    # connection, and Tornado would keep a keep-alive request's socket open.
+    answer = _head(rh, handler) + encode_retry(retry)
+    sock = _take_socket(rh)
+    if sock is not None:
+        try:
+            sock.send(answer)
+        except OSError:
+            pass
+        sock.close()
 
 
 def _extra_headers(rh: RequestHandler, handler: ServerSentEventHandler) -> dict[str, str]:

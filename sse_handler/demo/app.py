@@ -188,7 +188,9 @@ async def serve(
 
         broker = RedisBroker(redis_url)
     app, handler = make_app(admin_token, broker)
-    sockets = bind_sockets(port, host)
+    # A backlog that takes a reconnect storm: with the default 128, SYNs
+    # overflow and clients come back seconds after their retry hint.
+    sockets = bind_sockets(port, host, backlog=4096)
     server = make_server(app)
     server.add_sockets(sockets)
     log.info("sse_handler demo: open %s in a browser", _url(sockets[0]))
