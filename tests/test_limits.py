@@ -19,8 +19,6 @@ from sse_handler.server import make_server
 from sse_handler.testing import EventStreamClient
 
 
-
-
 async def test_global_cap_answers_200_with_a_retry_hint() -> None:
     handler = ServerSentEventHandler(max_connections=2, reconnect_retry=(1000, 2000))
     async with serve([handler.route("/events")], handler) as server:
