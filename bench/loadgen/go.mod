@@ -1,0 +1,3 @@
+module sse_handler/bench/loadgen
+
+go 1.19

@@ -1,0 +1,290 @@
+// Command loadgen is the load generator of sse_handler's benchmarks.
+//
+// It opens -conns streaming connections (GET /events), at most -dialers at a
+// time, checks that each answers 200 with a text/event-stream head, and parses
+// the events that arrive (close-delimited or chunked bodies), all in one epoll
+// loop (stream.go). Then it publishes -rate events per second for -duration
+// over HTTP (POST /publish, body = event data). The data of every published
+// event is
+//
+//	<unix-nanos> <seq> <padding to -size bytes>
+//
+// so a subscriber computes publish->receive latency from the event alone and
+// counts each (connection, seq) once. Events whose data does not start with a
+// timestamp (a welcome event, keep-alive comments) are ignored.
+//
+// It prints one JSON object per phase on stdout: "connected" once every
+// connection has its head (or failed), "done" after publishing and draining.
+// With -wait it reads a line from stdin before publishing and another before
+// closing the connections, so that the caller can sample the server (RSS,
+// CPU) at those points. Standard library only: the bench builds it with
+// `go build` and no network.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"os"
+	"runtime"
+	"sort"
+	"sync"
+	"time"
+)
+
+type config struct {
+	addr        string
+	eventsPath  string
+	publishPath string
+	conns       int
+	rate        float64
+	duration    time.Duration
+	size        int
+	dialers     int
+	publishers  int
+	drain       time.Duration
+	headTimeout time.Duration
+	wait        bool
+}
+
+func parseFlags() config {
+	var c config
+	flag.StringVar(&c.addr, "addr", "127.0.0.1:8888", "server host:port")
+	flag.StringVar(&c.eventsPath, "events", "/events", "path of the stream")
+	flag.StringVar(&c.publishPath, "publish", "/publish", "path that broadcasts a POST body")
+	flag.IntVar(&c.conns, "conns", 100, "streaming connections to open")
+	flag.Float64Var(&c.rate, "rate", 10, "events published per second (0: idle, publish nothing)")
+	flag.DurationVar(&c.duration, "duration", 10*time.Second, "how long to publish")
+	flag.IntVar(&c.size, "size", 100, "bytes of data per event (at least the timestamp and seq)")
+	flag.IntVar(&c.dialers, "dialers", 100, "connections being opened at once (dial to response head)")
+	flag.IntVar(&c.publishers, "publishers", 4, "concurrent publishing HTTP connections")
+	flag.DurationVar(&c.drain, "drain", 5*time.Second, "how long to wait for deliveries after the last publish")
+	flag.DurationVar(&c.headTimeout, "head-timeout", 15*time.Second, "per connection: dial to response head")
+	flag.BoolVar(&c.wait, "wait", false, "read a line from stdin before publishing and before closing")
+	flag.Parse()
+	return c
+}
+
+func main() {
+	cfg := parseFlags()
+	if cfg.conns < 1 {
+		fail("-conns must be at least 1")
+	}
+	scheduled := 0
+	if cfg.rate > 0 {
+		scheduled = int(math.Round(cfg.rate * cfg.duration.Seconds()))
+	}
+	r, err := newReceiver(cfg, scheduled)
+	if err != nil {
+		fail(err.Error())
+	}
+	connected := make(chan float64, 1)
+	stopped := make(chan struct{})
+	go func() {
+		runtime.LockOSThread()
+		r.run(connected)
+		close(stopped)
+	}()
+	acceptSeconds := <-connected
+	sort.Float64s(r.openMs) // the loop no longer touches it once connected
+	emit(map[string]any{
+		"phase":          "connected",
+		"conns":          cfg.conns,
+		"connected":      cfg.conns - r.failed,
+		"failed":         r.failed,
+		"first_error":    r.firstErr,
+		"accept_seconds": acceptSeconds,
+		"open_ms":        percentiles(r.openMs),
+	})
+	stdin := bufio.NewReader(os.Stdin)
+	if cfg.wait {
+		waitLine(stdin)
+	}
+	emit(publishAndDrain(cfg, scheduled, r, cfg.conns-r.failed, stopped))
+	if cfg.wait {
+		waitLine(stdin)
+	}
+	r.closeAll()
+}
+
+func fail(msg string) {
+	fmt.Fprintln(os.Stderr, "loadgen:", msg)
+	os.Exit(2)
+}
+
+func waitLine(r *bufio.Reader) {
+	if _, err := r.ReadString('\n'); err != nil && err != io.EOF {
+		fail("reading stdin: " + err.Error())
+	}
+}
+
+func emit(v any) {
+	out, err := json.Marshal(v)
+	if err != nil {
+		fail(err.Error())
+	}
+	os.Stdout.Write(append(out, '\n'))
+}
+
+type publishStats struct {
+	ok, errors int
+	firstErr   string
+	lagMs      []float64 // how late each publish left, against its schedule
+	start, end time.Time
+}
+
+// publish sends the scheduled events at a fixed rate from cfg.publishers
+// keep-alive connections. A publisher that falls behind sends late events at
+// once; nothing is sent after twice the duration (those count as unsent).
+func publish(cfg config, scheduled int) publishStats {
+	transport := &http.Transport{
+		MaxIdleConnsPerHost: cfg.publishers,
+		MaxConnsPerHost:     cfg.publishers,
+		DisableCompression:  true,
+	}
+	client := &http.Client{Transport: transport, Timeout: 30 * time.Second}
+	url := "http://" + cfg.addr + cfg.publishPath
+	pad := bytes.Repeat([]byte("x"), cfg.size)
+	interval := time.Duration(float64(time.Second) / cfg.rate)
+	start := time.Now()
+	cutoff := start.Add(2 * cfg.duration)
+	slots := make(chan int, scheduled)
+	go func() {
+		for i := 0; i < scheduled; i++ {
+			if d := time.Until(start.Add(time.Duration(i) * interval)); d > 0 {
+				time.Sleep(d)
+			}
+			slots <- i
+		}
+		close(slots)
+	}()
+	var mu sync.Mutex
+	st := publishStats{start: start}
+	var wg sync.WaitGroup
+	for w := 0; w < cfg.publishers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for seq := range slots {
+				now := time.Now()
+				if now.After(cutoff) {
+					continue
+				}
+				lag := now.Sub(start.Add(time.Duration(seq) * interval))
+				head := fmt.Sprintf("%d %d ", now.UnixNano(), seq)
+				body := []byte(head)
+				if len(head) < cfg.size {
+					body = append(body, pad[:cfg.size-len(head)]...)
+				}
+				err := post(client, url, body)
+				mu.Lock()
+				st.lagMs = append(st.lagMs, float64(lag.Microseconds())/1000)
+				if err != nil {
+					st.errors++
+					if st.firstErr == "" {
+						st.firstErr = err.Error()
+					}
+				} else {
+					st.ok++
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	st.end = time.Now()
+	transport.CloseIdleConnections()
+	return st
+}
+
+func post(client *http.Client, url string, body []byte) error {
+	resp, err := client.Post(url, "text/plain; charset=utf-8", bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		return fmt.Errorf("publish: status %d", resp.StatusCode)
+	}
+	return nil
+}
+
+func publishAndDrain(cfg config, scheduled int, r *receiver, connected int, stopped <-chan struct{}) map[string]any {
+	result := map[string]any{"phase": "done", "scheduled": scheduled, "connected": connected}
+	if scheduled == 0 || connected == 0 {
+		r.stop.Store(true)
+		<-stopped
+		result["disconnected"] = r.disconnect.Load()
+		return result
+	}
+	st := publish(cfg, scheduled)
+	expected := int64(st.ok) * int64(connected)
+	// Drain: until every delivery of an accepted publish has arrived, or
+	// cfg.drain has passed since the last publish.
+	deadline := st.end.Add(cfg.drain)
+	for r.received.Load() < expected && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	r.stop.Store(true)
+	<-stopped // from here on the receiver's fields are ours to read
+	lat := make([]float64, len(r.latencies))
+	for i, us := range r.latencies {
+		lat[i] = float64(us) / 1000
+	}
+	sort.Float64s(lat)
+	sort.Float64s(st.lagMs)
+	// Deliveries per second over the scheduled publishing time, or longer when
+	// the last deliveries arrived after it.
+	window := cfg.duration.Seconds()
+	if r.lastRecv > 0 {
+		if w := float64(r.lastRecv-st.start.UnixNano()) / 1e9; w > window {
+			window = w
+		}
+	}
+	loss := 0.0
+	if expected > 0 {
+		loss = 1 - float64(r.unique)/float64(expected)
+	}
+	result["published"] = st.ok
+	result["publish_errors"] = st.errors
+	result["first_publish_error"] = st.firstErr
+	result["publish_seconds"] = st.end.Sub(st.start).Seconds()
+	result["publish_lag_ms"] = percentiles(st.lagMs)
+	result["offered"] = int64(scheduled) * int64(connected)
+	result["offered_per_s"] = cfg.rate * float64(connected)
+	result["expected"] = expected
+	result["received"] = r.unique
+	result["duplicates"] = r.dups
+	result["loss_of_expected"] = loss
+	result["deliveries_per_s"] = float64(r.unique) / window
+	result["latency_ms"] = percentiles(lat)
+	result["disconnected"] = r.disconnect.Load()
+	result["first_disconnect_error"] = r.endErr
+	return result
+}
+
+func percentiles(sorted []float64) map[string]any {
+	if len(sorted) == 0 {
+		return map[string]any{"n": 0}
+	}
+	at := func(q float64) float64 {
+		i := int(math.Ceil(q*float64(len(sorted)))) - 1
+		if i < 0 {
+			i = 0
+		}
+		return sorted[i]
+	}
+	return map[string]any{
+		"n":   len(sorted),
+		"p50": at(0.50),
+		"p90": at(0.90),
+		"p99": at(0.99),
+		"max": sorted[len(sorted)-1],
+	}
+}

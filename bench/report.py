@@ -1,0 +1,268 @@
+"""Figures from raw runs: per-run metrics, medians, ratios, targets, and the Markdown doc."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from .run import Scenario
+
+__all__ = ["medians", "metrics", "render_doc", "summary_table", "targets"]
+
+BASE, REFERENCE = "sse_handler", "nchan"
+NAN = math.nan
+TIMES = "\N{MULTIPLICATION SIGN}"
+NONE = "\N{EN DASH}"
+
+
+def metrics(run: dict[str, Any], sc: Scenario) -> dict[str, float]:
+    """The figures of one run (NaN where a figure does not apply)."""
+    connected, done = run["connected"], run["done"]
+    n = connected["connected"]
+    m: dict[str, float] = {
+        "connected": n,
+        "failed": connected["failed"],
+        "accept_s": connected["accept_seconds"],
+        "open_p99_ms": connected["open_ms"].get("p99", NAN),
+    }
+    if sc.idle:
+        m["others_cores"] = run.get("others_connecting", NAN)
+        m["rss_per_conn_kib"] = (run["rss_after"] - run["rss_before"]) / max(n, 1) / 1024
+        m["rss_mib"] = run["rss_after"] / 2**20
+        return m
+    received, offered = done.get("received", 0), done.get("offered", 0)
+    latency = done.get("latency_ms", {})
+    m.update(
+        cpu_s=run["cpu_seconds"],
+        cpu_us_per_delivery=run["cpu_seconds"] / received * 1e6 if received else NAN,
+        cpu_util=run["cpu_seconds"] / run["wall_seconds"],
+        loadgen_cpu_util=run.get("loadgen_cpu_seconds", NAN) / run["wall_seconds"],
+        others_cores=run.get("others_publishing", NAN),
+        reached_per_s=done.get("deliveries_per_s", 0.0),
+        offered_per_s=done.get("offered_per_s", 0.0),
+        loss=1 - received / offered if offered else NAN,
+        published=done.get("published", 0),
+        publish_errors=done.get("publish_errors", 0),
+        disconnected=done.get("disconnected", 0),
+        **{q: latency.get(q, NAN) for q in ("p50", "p90", "p99", "max")},
+    )
+    return m
+
+
+def medians(per_run: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The median of each figure over the runs (each figure on its own)."""
+    keys = per_run[0].keys() if per_run else ()
+    return {k: statistics.median(r[k] for r in per_run) for k in keys}
+
+
+def _ratio(a: float, b: float) -> str:
+    if math.isnan(a) or math.isnan(b) or b == 0:
+        return NONE
+    return f"{a / b:.2f}{TIMES}"
+
+
+def _ms(v: float) -> str:
+    return NONE if math.isnan(v) else (f"{v:.1f}" if v < 100 else f"{v:,.0f}")
+
+
+def _cores(v: float) -> str:
+    return NONE if math.isnan(v) else f"{v:.2f} cores"
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def summary_table(sc: Scenario, med: dict[str, dict[str, float]]) -> str:
+    """One Markdown table of medians for a scenario, with ratios to sse_handler and nchan."""
+    base, ref = med.get(BASE, {}), med.get(REFERENCE, {})
+    if sc.idle:
+        head = ["server", "connected", "accept time (s)", "÷ sse_handler", "÷ nchan",
+                "RSS / idle conn (KiB)", "÷ sse_handler", "÷ nchan",
+                "RSS total (MiB)", "others' load"]  # fmt: skip
+        lines = [_row(head), _row(["---"] + ["---:"] * (len(head) - 1))]
+        for name, m in med.items():
+            lines.append(_row([
+                name, f"{m['connected']:,.0f}/{sc.conns:,}", f"{m['accept_s']:.2f}",
+                _ratio(m["accept_s"], base.get("accept_s", NAN)),
+                _ratio(m["accept_s"], ref.get("accept_s", NAN)),
+                f"{m['rss_per_conn_kib']:.1f}",
+                _ratio(m["rss_per_conn_kib"], base.get("rss_per_conn_kib", NAN)),
+                _ratio(m["rss_per_conn_kib"], ref.get("rss_per_conn_kib", NAN)),
+                f"{m['rss_mib']:.0f}", _cores(m["others_cores"]),
+            ]))  # fmt: skip
+        return "\n".join(lines) + "\n"
+    head = ["server", "CPU µs / delivery", "÷ sse_handler", "÷ nchan", "server CPU",
+            "deliveries/s reached / offered", "loss", "p50 ms", "p90 ms", "p99 ms",
+            "÷ sse_handler", "÷ nchan", "max ms", "loadgen CPU", "others' load"]  # fmt: skip
+    lines = [_row(head), _row(["---"] + ["---:"] * (len(head) - 1))]
+    for name, m in med.items():
+        lines.append(_row([
+            name, f"{m['cpu_us_per_delivery']:.2f}",
+            _ratio(m["cpu_us_per_delivery"], base.get("cpu_us_per_delivery", NAN)),
+            _ratio(m["cpu_us_per_delivery"], ref.get("cpu_us_per_delivery", NAN)),
+            f"{m['cpu_util']:.0%}",
+            f"{m['reached_per_s']:,.0f} / {m['offered_per_s']:,.0f}",
+            f"{m['loss']:.2%}", _ms(m["p50"]), _ms(m["p90"]), _ms(m["p99"]),
+            _ratio(m["p99"], base.get("p99", NAN)), _ratio(m["p99"], ref.get("p99", NAN)),
+            _ms(m["max"]), f"{m['loadgen_cpu_util']:.0%}", _cores(m["others_cores"]),
+        ]))  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def targets(
+    scenarios: Sequence[Scenario],
+    med: dict[str, dict[str, dict[str, float]]],
+    per_run: dict[str, dict[str, list[dict[str, float]]]],
+) -> list[tuple[str, str, bool | None]]:
+    """Issue 3's targets against the medians: (target, measured, holds; None = not measured)."""
+    out: list[tuple[str, str, bool | None]] = []
+    by_shape = {(s.conns, s.rate): s.name for s in scenarios}
+
+    def figure(scenario: str | None, server: str, key: str) -> float:
+        if scenario is None:
+            return NAN
+        return med.get(scenario, {}).get(server, {}).get(key, NAN)
+
+    def runs_of(scenario: str, server: str, key: str, fmt: str) -> str:
+        values = [format(r[key], fmt) for r in per_run.get(scenario, {}).get(server, [])]
+        return f" (runs: {', '.join(values)})" if len(values) > 1 else ""
+
+    for sc in scenarios:
+        if sc.idle:
+            continue
+        mine = figure(sc.name, BASE, "cpu_us_per_delivery")
+        theirs = figure(sc.name, REFERENCE, "cpu_us_per_delivery")
+        ratio = mine / theirs if theirs else NAN
+        out.append((
+            f"{sc.title}: server CPU per delivered event ≤ 0.9 {TIMES} nchan's",
+            f"{mine:.2f} µs vs {theirs:.2f} µs = {ratio:.2f}{TIMES}"
+            + runs_of(sc.name, BASE, "cpu_us_per_delivery", ".2f"),
+            None if math.isnan(ratio) else ratio <= 0.9,
+        ))  # fmt: skip
+    name = by_shape.get((5000, 20))
+    if name is not None:
+        runs = per_run.get(name, {}).get(BASE, [])
+        worst = max((r["loss"] for r in runs), default=NAN)
+        p99 = figure(name, BASE, "p99")
+        out.append((
+            f"5,000 {TIMES} 20 events/s: all delivered, p99 ≤ 100 ms",
+            f"loss {worst:.3%} (worst run), p99 {_ms(p99)} ms"
+            + runs_of(name, BASE, "p99", ".1f"),
+            None if math.isnan(p99) else worst == 0 and p99 <= 100,
+        ))  # fmt: skip
+    name = by_shape.get((1000, 50))
+    if name is not None:
+        p99 = figure(name, BASE, "p99")
+        out.append((
+            f"1,000 {TIMES} 50 events/s: p99 ≤ 20 ms",
+            f"p99 {_ms(p99)} ms" + runs_of(name, BASE, "p99", ".1f"),
+            None if math.isnan(p99) else p99 <= 20,
+        ))  # fmt: skip
+    idle = next((s for s in scenarios if s.idle), None)
+    if idle is not None:
+        rss = figure(idle.name, BASE, "rss_per_conn_kib")
+        accept = figure(idle.name, BASE, "accept_s")
+        out.append((
+            "≤ 6 KB RSS per idle connection",
+            f"{rss:.1f} KiB",
+            None if math.isnan(rss) else rss <= 6,
+        ))  # fmt: skip
+        out.append((
+            f"{idle.conns:,} connections accepted in ≤ 2 s",
+            f"{accept:.2f} s" + runs_of(idle.name, BASE, "accept_s", ".2f"),
+            None if math.isnan(accept) else accept <= 2,
+        ))  # fmt: skip
+    return out
+
+
+def _holds(v: bool | None) -> str:
+    return "not measured" if v is None else ("**holds**" if v else "**does not hold**")
+
+
+def render_doc(
+    *,
+    command: str,
+    date: str,
+    machine: dict[str, Any],
+    scenarios: Sequence[Scenario],
+    runs: int,
+    servers: dict[str, str],
+    med: dict[str, dict[str, dict[str, float]]],
+    per_run: dict[str, dict[str, list[dict[str, float]]]],
+    errors: list[str],
+    profile_md: str | None,
+    method_md: str,
+    notes_md: str | None,
+) -> str:
+    peers = machine.get("peers", {})
+    out = [
+        "# Benchmarks",
+        "",
+        f"Measured on {date} with `{command}` (from the repository root); this file is "
+        "written by that command. Medians of "
+        f"{runs} run{'s' if runs != 1 else ''} per server and scenario; ratios are "
+        "server ÷ sse_handler and server ÷ nginx+nchan, from the same run of the bench.",
+        "",
+        "## Issue 3's targets",
+        "",
+        "| target | sse_handler measured | |",
+        "|---|---|---|",
+    ]
+    out += [f"| {t} | {m} | {_holds(h)} |" for t, m, h in targets(scenarios, med, per_run)]
+    out += ["", "## Servers", ""]
+    out += [f"- **{name}**: {desc}" for name, desc in servers.items()]
+    for sc in scenarios:
+        out += ["", f"## {sc.title}", ""]
+        if sc.name in med:
+            out.append(summary_table(sc, med[sc.name]))
+        else:
+            out.append("No run completed.\n")
+    if notes_md:
+        out += ["## Notes", "", notes_md]
+    if profile_md:
+        out += ["## Where sse_handler spends its CPU (py-spy)", "", profile_md]
+    if errors:
+        out += ["## Runs that failed", ""] + [f"- {e}" for e in errors] + [""]
+    out += [
+        "## Machine",
+        "",
+        f"- {machine['cores']} cores ({machine['cpu']}), Linux {machine['kernel']}",
+        f"- Python {machine['python']}, Tornado {machine['tornado']}, "
+        f"sse_handler {machine['sse_handler']} (commit {machine.get('commit', '?')})",
+        f"- nginx {machine['nginx']}, libnginx-mod-nchan {machine['nchan']}",
+        "- peers: " + ", ".join(f"{k} {v}" for k, v in peers.items()),
+        f"- load generator: Go {machine['go']} (`bench/loadgen`, standard library only)",
+        "",
+        "## Method",
+        "",
+        method_md,
+        "## Every run",
+        "",
+        _all_runs(scenarios, per_run),
+    ]
+    return "\n".join(out)
+
+
+def _all_runs(
+    scenarios: Sequence[Scenario], per_run: dict[str, dict[str, list[dict[str, float]]]]
+) -> str:
+    lines = []
+    for sc in scenarios:
+        for server, runs in per_run.get(sc.name, {}).items():
+            if sc.idle:
+                cells = [
+                    f"{r['accept_s']:.2f} s, {r['rss_per_conn_kib']:.1f} KiB, "
+                    f"others {r['others_cores']:.2f}"
+                    for r in runs
+                ]
+            else:
+                cells = [
+                    f"{r['cpu_us_per_delivery']:.2f} µs, p99 {_ms(r['p99'])} ms, "
+                    f"loss {r['loss']:.2%}, others {r['others_cores']:.2f}"
+                    for r in runs
+                ]
+            lines.append(f"- {sc.name}, {server}: " + "; ".join(cells))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,298 @@
+"""One measurement: start a server on core 0, drive it from core 1, read /proc.
+
+The load generator talks to us over its stdin/stdout (see bench/loadgen):
+
+1. it opens every connection and prints ``connected`` (with the accept time);
+2. we sample the server's RSS and CPU, and say go;
+3. it publishes for the scenario's duration, drains, and prints ``done``;
+4. we sample CPU again (before the clients leave: closing thousands of sockets
+   is not part of delivering events), and say close.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from .proc import cpu_seconds, machine_busy_seconds, rss_bytes, tree_pids
+from .servers import BUILD, PEERS_VENV, Server
+
+__all__ = ["PROFILE_ACCEPT_SECONDS", "PROFILE_RATE", "Scenario", "run_once"]
+
+SERVER_CORE = "0"
+LOADGEN_CORE = "1"
+SETTLE_SECONDS = 1.0  # after the last connection, before sampling RSS and CPU
+#: Before a run, wait (at most QUIET_WAIT seconds) until the rest of the machine
+#: uses less than QUIET_CORES: the machine is shared, and a run that competes
+#: with someone's test suite measures that suite as much as the server.
+QUIET_CORES = 0.3
+QUIET_WAIT = 30.0
+PROFILE_RATE = 200  # py-spy samples per second
+PROFILE_ACCEPT_SECONDS = 8  # idle scenarios: the profile covers opening the connections
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    conns: int
+    rate: float  # events per second; 0 = idle clients
+    duration: float  # seconds of publishing
+
+    @property
+    def idle(self) -> bool:
+        return self.rate == 0
+
+    @property
+    def title(self) -> str:
+        if self.idle:
+            return f"{self.conns:,} idle clients"
+        times = "\N{MULTIPLICATION SIGN}"
+        return f"{self.conns:,} clients {times} {self.rate:g} events/s ({self.duration:g} s)"
+
+
+class BenchError(Exception):
+    """A run that could not be measured (the server died, a timeout, ...)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"the server exited with status {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise BenchError(f"the server did not listen on port {port} within {timeout:g} s")
+
+
+def _warm_up(port: int) -> None:
+    """One stream and one publish, so lazy imports and first-request costs are paid."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as stream:
+        stream.sendall(
+            b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = stream.recv(4096)
+            if not chunk:
+                raise BenchError("the stream closed before its head")
+            head += chunk
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise BenchError(f"GET /events answered {head.splitlines()[0]!r}")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as pub:
+            pub.sendall(
+                b"POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 6\r\n"
+                b"Content-Type: text/plain\r\nConnection: close\r\n\r\nwarmup"
+            )
+            answer = pub.recv(4096)
+            if not answer.startswith(b"HTTP/1.1 20"):
+                raise BenchError(f"POST /publish answered {answer.splitlines()[:1]!r}")
+            while pub.recv(4096):
+                pass
+
+
+def others_load(seconds: float = 1.0) -> float:
+    """Cores' worth of CPU used by the rest of the machine over ``seconds``."""
+    busy, own = machine_busy_seconds(), time.process_time()
+    time.sleep(seconds)
+    return (machine_busy_seconds() - busy - (time.process_time() - own)) / seconds
+
+
+def wait_quiet(max_wait: float = QUIET_WAIT) -> float:
+    """Wait until the machine is quiet (or ``max_wait`` passed); the last load seen."""
+    deadline = time.monotonic() + max_wait
+    load = others_load()
+    while load > QUIET_CORES and time.monotonic() < deadline:
+        load = others_load()
+    return load
+
+
+class _Snapshot:
+    """CPU seconds of the server, the load generator, and the whole machine, at one instant."""
+
+    def __init__(self, server: list[int], gen: int) -> None:
+        self.t = time.monotonic()
+        self.server = cpu_seconds(server)
+        self.gen = cpu_seconds([gen])
+        self.machine = machine_busy_seconds()
+        self.own = time.process_time()
+
+    def others_since(self, before: _Snapshot) -> float:
+        """Cores used by everything but us between ``before`` and this snapshot."""
+        ours = (self.server - before.server) + (self.gen - before.gen) + (self.own - before.own)
+        return max(0.0, (self.machine - before.machine - ours) / max(self.t - before.t, 1e-9))
+
+
+class _Lines:
+    """Reads JSON lines from a child's stdout, each within a timeout."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+        self._buf = b""
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(stream, selectors.EVENT_READ)
+
+    def next(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sel.select(left):
+                raise BenchError(f"the load generator said nothing for {timeout:g} s")
+            chunk = os.read(self._stream.fileno(), 65536)
+            if not chunk:
+                raise BenchError("the load generator exited early (see loadgen.log)")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def close(self) -> None:
+        self._sel.close()
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """Stop a process group we started, politely first."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def _start_server(server: Server, port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    with open(workdir / "server.log", "wb") as log:
+        return subprocess.Popen(
+            ["taskset", "-c", SERVER_CORE, *server.argv(port, workdir)],
+            cwd=server.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _start_loadgen(
+    loadgen: Path, port: int, sc: Scenario, workdir: Path
+) -> subprocess.Popen[bytes]:
+    argv = [
+        "taskset", "-c", LOADGEN_CORE, str(loadgen), "-wait",
+        "-addr", f"127.0.0.1:{port}", "-conns", str(sc.conns),
+        "-rate", f"{sc.rate:g}", "-duration", f"{sc.duration:g}s",
+    ]  # fmt: skip
+    with open(workdir / "loadgen.log", "wb") as log:
+        return subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+            start_new_session=True,
+        )  # fmt: skip
+
+
+def _say(proc: subprocess.Popen[bytes], word: str) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(word.encode() + b"\n")
+    proc.stdin.flush()
+
+
+def _py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
+    """Sample the server for ``seconds`` (collapsed stacks, native frames included)."""
+    argv = [
+        "taskset", "-c", LOADGEN_CORE, str(PEERS_VENV / "bin" / "py-spy"), "record",
+        "--pid", str(pid), "--native", "--rate", str(PROFILE_RATE),
+        "--duration", str(int(seconds)), "--format", "raw", "--output", str(out),
+    ]  # fmt: skip
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def run_once(
+    server: Server, sc: Scenario, loadgen: Path, profile: Path | None = None
+) -> dict[str, Any]:
+    """Measure ``server`` under ``sc`` once; raises :class:`BenchError` if it cannot."""
+    quiet = wait_quiet()
+    (BUILD / "runs").mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f"{server.name}-{sc.name}-", dir=BUILD / "runs"))
+    port = free_port()
+    srv = _start_server(server, port, workdir)
+    gen: subprocess.Popen[bytes] | None = None
+    spy: subprocess.Popen[bytes] | None = None
+    try:
+        _wait_ready(srv, port)
+        _warm_up(port)
+        time.sleep(0.5)
+        rss_before = rss_bytes(tree_pids(srv.pid))
+        pids = tree_pids(srv.pid)
+        if profile is not None and sc.idle:
+            spy = _py_spy(srv.pid, PROFILE_ACCEPT_SECONDS, profile)
+            time.sleep(1)  # py-spy attaches
+        gen = _start_loadgen(loadgen, port, sc, workdir)
+        assert gen.stdout is not None
+        lines = _Lines(gen.stdout)
+        start = _Snapshot(pids, gen.pid)
+        connected = lines.next(timeout=180)
+        accepted = _Snapshot(pids, gen.pid)
+        time.sleep(SETTLE_SECONDS)
+        pids = tree_pids(srv.pid)
+        rss_after = rss_bytes(pids)
+        if profile is not None and not sc.idle:
+            spy = _py_spy(srv.pid, sc.duration, profile)
+        if spy is not None and sc.idle:
+            spy.wait(timeout=PROFILE_ACCEPT_SECONDS + 60)  # the clients stay until it is done
+        go = _Snapshot(pids, gen.pid)
+        _say(gen, "go")
+        done = lines.next(timeout=3 * sc.duration + 60)
+        end = _Snapshot(tree_pids(srv.pid), gen.pid)
+        _say(gen, "close")
+        gen.wait(timeout=30)
+        lines.close()
+        if srv.poll() is not None:
+            raise BenchError(f"the server exited with status {srv.returncode}")
+        if spy is not None:
+            spy.wait(timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise BenchError(f"{type(exc).__name__}: {exc} (logs in {workdir})") from exc
+    except BenchError as exc:
+        raise BenchError(f"{exc} (logs in {workdir})") from exc
+    finally:
+        for proc in (spy, gen):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        _stop(srv)
+    shutil.rmtree(workdir, ignore_errors=True)  # kept above only when the run failed
+    return {
+        "server": server.name,
+        "scenario": sc.name,
+        "port": port,
+        "rss_before": rss_before,
+        "rss_after": rss_after,
+        "cpu_seconds": end.server - go.server,
+        "loadgen_cpu_seconds": end.gen - go.gen,
+        "wall_seconds": end.t - go.t,
+        "others_before": quiet,
+        "others_connecting": accepted.others_since(start),
+        "others_publishing": end.others_since(go),
+        "connected": connected,
+        "done": done,
+    }
