@@ -39,6 +39,11 @@ class ChannelRouter:
     def subscribers(self, channel: str) -> list[ServerSentEventConnection]:
         return list(self._subscribers.get(channel, ()))
 
+    def count(self, channel: str) -> int:
+        """How many local connections read ``channel``."""
+        subscribers = self._subscribers.get(channel)
+        return len(subscribers) if subscribers else 0
+
     def deliver(self, delivery: Delivery) -> None:
         """The broker's listener: one channel event to its local subscribers."""
         subscribers = self._subscribers.get(delivery.channel)
@@ -49,8 +54,8 @@ class ChannelRouter:
             held = conn._held
             if held is not None:
                 held.append(delivery)
-            elif conn.is_active and not _already_replayed(conn, delivery):
-                conn.send_encoded(frame)
+            elif not _already_replayed(conn, delivery):
+                conn._deliver(frame)
 
     async def subscribe(self, conn: ServerSentEventConnection, channel: str) -> None:
         # The first local subscriber subscribes the process; the others wait

@@ -6,12 +6,13 @@ a bounded queue of encoded frames and an I/O task.
 
 Fast path and slow path -- one mechanism, two speeds:
 
-* ``send()`` / ``send_encoded()`` hand a frame to ``_push()``. When the queue
-  is empty and no write is in flight, the frame goes straight to the socket with
-  one non-blocking ``send``: no task switch, no future. That is the common case
-  for a reader that keeps up.
+* ``send()`` / ``send_encoded()`` (and the handler's fan-out) hand a frame to
+  ``_push()``. When the queue is empty and no write is in flight, the frame
+  goes straight to the socket with one non-blocking ``send``: no task switch,
+  no future. That is the common case for a reader that keeps up.
 * Otherwise (the kernel buffer is full, or a write is already waiting) the frame
-  is appended to the bounded queue. The I/O task takes it with
+  is appended to the bounded queue. The I/O task (started the first time a
+  connection needs one) takes it with
   :meth:`poll_data`, adds everything else that is ready with
   :meth:`poll_data_immediate` (so a burst becomes one ``send``), and waits for
   writability under the write deadline.
@@ -129,6 +130,7 @@ class ServerSentEventConnection:
         "_settled_total",
         "_sock",
         "_source_task",
+        "_started",
         "_wakeup",
         "_writing",
         "bytes_sent",
@@ -180,7 +182,7 @@ class ServerSentEventConnection:
         # Monotonic time of the last byte handed to the socket; the handler's
         # single keep-alive timer reads it to find idle connections.
         self.last_write = time.monotonic()
-        self._loop = asyncio.get_running_loop()
+        self._loop = handler._loop or asyncio.get_running_loop()
         self._sock = sock
         self._fd = sock.fileno()
         self._queue: collections.deque[bytes] = collections.deque()
@@ -194,6 +196,7 @@ class ServerSentEventConnection:
         self._closing: CloseReason | None = None
         self._closed_waiter: asyncio.Future[None] | None = None
         self._io_task: asyncio.Task[None] | None = None
+        self._started = False
         self._source_task: asyncio.Task[None] | None = None
         # flush() bookkeeping: bytes ever accepted vs. bytes ever settled
         # (written to the socket, or dropped by drop_oldest after acceptance).
@@ -254,6 +257,12 @@ class ServerSentEventConnection:
         if self.handler.max_event_size:
             self.handler.check_event_size(frame)
         if self._push(frame):
+            self.events_sent += 1
+
+    def _deliver(self, frame: bytes) -> None:
+        """``send_encoded`` for fan-out loops: the size was checked once for all,
+        and a connection that has just ended is skipped, not an error."""
+        if self.close_reason is None and self._closing is None and self._push(frame):
             self.events_sent += 1
 
     async def flush(self) -> None:
@@ -352,9 +361,16 @@ class ServerSentEventConnection:
         return type(self).poll_data is not ServerSentEventConnection.poll_data
 
     def _start(self) -> None:
-        """Watch the socket for EOF and start the I/O task (called by the handler)."""
+        """Watch the socket for EOF; the I/O task follows (called by the handler).
+
+        The I/O task is started the first time a frame has to wait in the
+        queue, and then stays: a reader that always keeps up never needs one,
+        which saves its memory and the cost of starting it on every accept.
+        """
+        self._started = True
         self._loop.add_reader(self._fd, self._on_readable)
-        self._io_task = self._loop.create_task(self._io_loop())
+        if self._queue:
+            self._io_task = self._loop.create_task(self._io_loop())
         if self._has_custom_source():
             self._source_task = self._loop.create_task(self._source_loop())
 
@@ -434,6 +450,10 @@ class ServerSentEventConnection:
         return False
 
     def _wake(self) -> None:
+        if self._io_task is None:
+            if self._started and self.close_reason is None:
+                self._io_task = self._loop.create_task(self._io_loop())
+            return
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)

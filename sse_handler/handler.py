@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import inspect
+import itertools
 import logging
 import random
 import secrets
@@ -138,6 +139,10 @@ class ServerSentEventHandler:
             self.broker = MemoryBroker()
         #: Channel subscriptions of this handler's connections, over its broker.
         self.router = ChannelRouter(self.broker)
+        self._cid_prefix = secrets.token_urlsafe(6)
+        self._cid_counter = itertools.count()
+        # The loop the handler serves on, set when the first request arrives.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._housekeeping_timer: asyncio.TimerHandle | None = None
         self._shutting_down = False
 
@@ -285,7 +290,7 @@ class ServerSentEventHandler:
         delivered = 0
         for conn in list(self._connections.values()) if connections is None else connections:
             if conn.is_active:
-                conn.send_encoded(frame)
+                conn._deliver(frame)
                 delivered += 1
         return delivered
 
@@ -353,11 +358,13 @@ class ServerSentEventHandler:
     # -------------------------------------------------------------- lifecycle
 
     def new_cid(self) -> str:
-        """A fresh connection id: 12 URL-safe ASCII characters, unique here."""
-        while True:
-            cid = secrets.token_urlsafe(9)
-            if cid not in self._connections:
-                return cid
+        """A fresh connection id: short, URL-safe ASCII, unique in this process.
+
+        A random prefix drawn once per handler (so ids from different
+        processes or restarts differ) and a counter: no system call per
+        connection, unlike drawing random bytes each time.
+        """
+        return self._cid_prefix + _base62(next(self._cid_counter))
 
     async def _register(
         self, conn: ServerSentEventConnection, channels: Iterable[str], head: bytes
@@ -487,3 +494,15 @@ class EventStreamRequestHandler(RequestHandler):
 
     def options(self, *args: str, **kwargs: str) -> None:
         answer_preflight(self, self.sse_handler)
+
+
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def _base62(n: int) -> str:
+    out = _BASE62[n % 62]
+    n //= 62
+    while n:
+        out = _BASE62[n % 62] + out
+        n //= 62
+    return out

@@ -16,10 +16,12 @@ framing would add bytes and work to every write and buy nothing; the head says
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import os
 import socket
+import time
 from email.utils import formatdate
 from typing import TYPE_CHECKING
 
@@ -48,6 +50,8 @@ log = logging.getLogger("sse_handler")
 async def accept_stream(rh: RequestHandler, handler: ServerSentEventHandler) -> None:
     """Answer one GET: deny it, shed it, or turn it into a registered connection."""
     request = rh.request
+    if handler._loop is None:
+        handler._loop = asyncio.get_running_loop()
     if handler.shutting_down or handler.over_limit(request.remote_ip):
         _shed(rh, handler, 200 if handler.shutting_down else handler.over_limit_status)
         return
@@ -141,7 +145,7 @@ def answer_preflight(rh: RequestHandler, handler: ServerSentEventHandler) -> Non
 
 
 def _head(rh: RequestHandler, handler: ServerSentEventHandler) -> bytes:
-    lines = ["HTTP/1.1 200 OK", f"Date: {formatdate(usegmt=True)}"]
+    lines = ["HTTP/1.1 200 OK", f"Date: {_http_date()}"]
     lines += [f"{name}: {value}" for name, value in STREAM_HEADERS]
     for name, value in _extra_headers(rh, handler).items():
         if any(c in name + value for c in "\r\n\0"):
@@ -152,6 +156,18 @@ def _head(rh: RequestHandler, handler: ServerSentEventHandler) -> bytes:
     if handler.retry is not None:
         first += encode_retry(handler.retry)
     return head + first
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    """The Date header's value, formatted once per second, not per request."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True))
+    return _date_cache[1]
 
 
 def _take_socket(rh: RequestHandler) -> socket.socket | None:

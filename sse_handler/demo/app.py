@@ -112,7 +112,7 @@ class PublishHandler(tornado.web.RequestHandler):
             self._answer(503, {"error": str(exc)})
             return
         # With Redis the other processes deliver too; this counts this one's.
-        delivered = sum(1 for conn in handler.subscribers(channel) if conn.is_active)
+        delivered = handler.router.count(channel)
         self._answer(200, {"delivered_to": delivered, "id": event_id})
 
     def _query_field(self, name: str) -> str | None:
