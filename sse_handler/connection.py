@@ -116,18 +116,19 @@ class ServerSentEventConnection:
         "__dict__",  # subclasses may add attributes freely
         "_closed_waiter",
         "_closing",
-        "_enqueued_total",
+        "_dropped_bytes",
         "_expires_at",
         "_fd",
         "_flush_waiters",
         "_head_partial",
         "_held",
+        "_inflight",
         "_io_task",
         "_loop",
         "_queue",
         "_queued_bytes",
+        "_quiet",
         "_replayed_upto",
-        "_settled_total",
         "_sock",
         "_source_task",
         "_started",
@@ -143,7 +144,6 @@ class ServerSentEventConnection:
         "handler",
         "headers",
         "last_event_id",
-        "last_write",
         "path",
         "query_arguments",
         "remote_ip",
@@ -179,9 +179,9 @@ class ServerSentEventConnection:
         self.bytes_sent = 0
         self.dropped = 0
         self.close_reason: CloseReason | None = None
-        # Monotonic time of the last byte handed to the socket; the handler's
-        # single keep-alive timer reads it to find idle connections.
-        self.last_write = time.monotonic()
+        # Ticks of the handler's keep-alive timer since the last write: a
+        # counter reset on the hot path costs less than reading the clock.
+        self._quiet = 0
         self._loop = handler._loop or asyncio.get_running_loop()
         self._sock = sock
         self._fd = sock.fileno()
@@ -198,10 +198,10 @@ class ServerSentEventConnection:
         self._io_task: asyncio.Task[None] | None = None
         self._started = False
         self._source_task: asyncio.Task[None] | None = None
-        # flush() bookkeeping: bytes ever accepted vs. bytes ever settled
-        # (written to the socket, or dropped by drop_oldest after acceptance).
-        self._enqueued_total = 0
-        self._settled_total = 0
+        # flush() bookkeeping, kept off the fast path: bytes left of the batch
+        # being written, and bytes drop_oldest discarded after accepting them.
+        self._inflight = 0
+        self._dropped_bytes = 0
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     # ------------------------------------------------------------------ public
@@ -272,9 +272,10 @@ class ServerSentEventConnection:
         """
         if self.close_reason is not None:
             raise ConnectionClosedError(self.cid, self.close_reason)
-        target = self._enqueued_total
-        if self._settled_total >= target:
-            return
+        if not self._queue and not self._writing:
+            return  # nothing waits: everything sent so far is on the socket
+        # Settled = written or dropped; wait until what is pending now is.
+        target = self._settled() + self._queued_bytes + self._inflight
         fut: asyncio.Future[None] = self._loop.create_future()
         self._flush_waiters.append((target, fut))
         await fut
@@ -374,10 +375,12 @@ class ServerSentEventConnection:
         if self._has_custom_source():
             self._source_task = self._loop.create_task(self._source_loop())
 
+    def _settled(self) -> int:
+        return self.bytes_sent + self._dropped_bytes
+
     def _push(self, frame: bytes, bounded: bool = True) -> bool:
         """Write now if nothing waits, else queue; False if the frame was dropped."""
         if not self._queue and not self._writing:
-            self._enqueued_total += len(frame)
             # Fast path: nothing is waiting, so nothing can be overtaken.
             try:
                 sent = self._sock.send(frame)
@@ -387,11 +390,8 @@ class ServerSentEventConnection:
                 self._close(_gone_reason(exc, CloseReason.WRITE_ERROR))
                 return False
             self.bytes_sent += sent
-            self._settled_total += sent
-            self.last_write = time.monotonic()
+            self._quiet = 0
             if sent == len(frame):
-                if self._flush_waiters:
-                    self._resolve_flush_waiters()
                 return True
             # The kernel took part of it: the rest becomes the head of the
             # queue and the I/O task finishes it when the socket drains.
@@ -404,7 +404,6 @@ class ServerSentEventConnection:
             return True
         if bounded and not self._fits(len(frame)):
             return False
-        self._enqueued_total += len(frame)
         self._queue.append(frame)
         self._queued_bytes += len(frame)
         self._wake()
@@ -435,7 +434,7 @@ class ServerSentEventConnection:
                 oldest = queue[keep]
                 del queue[keep]
                 self._queued_bytes -= len(oldest)
-                self._settled_total += len(oldest)
+                self._dropped_bytes += len(oldest)
                 self.dropped += 1
                 self.events_sent -= 1
             if self._flush_waiters:
@@ -513,6 +512,7 @@ class ServerSentEventConnection:
         view = memoryview(data)
         deadline: float | None = None
         self._writing = True
+        self._inflight = len(view)
         try:
             while view:
                 try:
@@ -524,9 +524,9 @@ class ServerSentEventConnection:
                     raise _Closed from None
                 if sent:
                     self.bytes_sent += sent
-                    self._settled_total += sent
-                    self.last_write = time.monotonic()
+                    self._quiet = 0
                     view = view[sent:]
+                    self._inflight = len(view)
                 if view:
                     if deadline is None and self.handler.write_timeout:
                         # One deadline for the whole batch: a reader that
@@ -535,6 +535,7 @@ class ServerSentEventConnection:
                     await self._writable(deadline)
         finally:
             self._writing = False
+            self._inflight = 0
         if self._flush_waiters:
             self._resolve_flush_waiters()
 
@@ -570,7 +571,7 @@ class ServerSentEventConnection:
             self._close(self._closing or CloseReason.CLIENT_CLOSED)
 
     def _resolve_flush_waiters(self, exc: BaseException | None = None) -> None:
-        written = self._settled_total
+        written = self._settled()
         keep = []
         for target, fut in self._flush_waiters:
             if fut.done():

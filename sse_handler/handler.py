@@ -13,6 +13,7 @@ import collections
 import inspect
 import itertools
 import logging
+import math
 import random
 import secrets
 import time
@@ -450,28 +451,37 @@ class ServerSentEventHandler:
         """One timer per handler, not per connection: keep-alives and ages."""
         if self._housekeeping_timer is not None or self._shutting_down:
             return
+        # Half the keep-alive interval: a quiet connection gets its comment
+        # between 1 and 1.5 intervals after its last write.
+        period = self._housekeeping_period()
+        if period:
+            loop = asyncio.get_running_loop()
+            self._housekeeping_timer = loop.call_later(period, self._housekeeping_tick)
+
+    def _housekeeping_period(self) -> float:
         periods = []
         if self.keepalive:
-            # Half the interval: a connection waits at most 1.5x the interval.
             periods.append(self.keepalive / 2)
         if self.max_connection_age:
             periods.append(max(0.01, self.max_connection_age / 20))
-        if periods:
-            loop = asyncio.get_running_loop()
-            self._housekeeping_timer = loop.call_later(min(periods), self._housekeeping_tick)
+        return min(periods, default=0.0)
 
     def _housekeeping_tick(self) -> None:
+        period = self._housekeeping_period()
         self._housekeeping_timer = None
         if not self._connections:
             return  # restarted by the next registration
         now = time.monotonic()
-        idle_since = now - self.keepalive if self.keepalive else -1.0
+        # Quiet for `quiet_ticks` ticks means quiet for at least the interval
+        # (a write just after a tick leaves one tick less of silence).
+        quiet_ticks = math.ceil(self.keepalive / period) + 1 if self.keepalive else 0
         for conn in list(self._connections.values()):
             if not conn.is_active:
                 continue
+            conn._quiet += 1
             if conn._expires_at is not None and conn._expires_at <= now:
                 conn._stop(CloseReason.MAX_AGE, None, self.jittered_retry())
-            elif conn.last_write <= idle_since:
+            elif quiet_ticks and conn._quiet >= quiet_ticks:
                 conn._ping(_KEEPALIVE)
         self._ensure_housekeeping()
 

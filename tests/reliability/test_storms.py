@@ -199,9 +199,10 @@ async def test_disconnect_storm_leaks_nothing(fd_limit: int) -> None:
         assert set(handler.deregistered.values()) == {1}
         assert handler.reasons == {CloseReason.CLIENT_CLOSED: 2 * N}
         assert handler.stats().closed == {"client_closed": 2 * N}
-        # While connected, each connection held a descriptor and an I/O task.
+        # While connected, each connection held a descriptor; no task (a
+        # connection starts its I/O task only when a frame has to wait).
         assert storm.fds_connected >= fds0 + 2 * N  # both ends live in this process
-        assert storm.tasks_connected >= tasks0 + N
+        assert storm.tasks_connected <= tasks0 + TASK_TOLERANCE
         assert fds1 <= fds0 + FD_TOLERANCE
         assert tasks1 <= tasks0 + TASK_TOLERANCE
         assert abs(rss1 - rss0) <= RSS_TOLERANCE
