@@ -125,6 +125,7 @@ class ServerSentEventConnection:
         "_inflight",
         "_io_task",
         "_loop",
+        "_open",
         "_queue",
         "_queued_bytes",
         "_quiet",
@@ -179,6 +180,8 @@ class ServerSentEventConnection:
         self.bytes_sent = 0
         self.dropped = 0
         self.close_reason: CloseReason | None = None
+        # False once stop() began or the connection closed: send() refuses.
+        self._open = True
         # Ticks of the handler's keep-alive timer since the last write: a
         # counter reset on the hot path costs less than reading the clock.
         self._quiet = 0
@@ -209,7 +212,7 @@ class ServerSentEventConnection:
     @property
     def is_active(self) -> bool:
         """True until the connection is stopped or closed."""
-        return self.close_reason is None and self._closing is None
+        return self._open
 
     @property
     def queue_depth(self) -> int:
@@ -252,7 +255,7 @@ class ServerSentEventConnection:
 
         The bytes go out as given: no validation, no re-encoding.
         """
-        if self.close_reason is not None or self._closing is not None:
+        if not self._open:
             raise ConnectionClosedError(self.cid, self.close_reason or self._closing)
         if self.handler.max_event_size:
             self.handler.check_event_size(frame)
@@ -261,9 +264,29 @@ class ServerSentEventConnection:
 
     def _deliver(self, frame: bytes) -> None:
         """``send_encoded`` for fan-out loops: the size was checked once for all,
-        and a connection that has just ended is skipped, not an error."""
-        if self.close_reason is None and self._closing is None and self._push(frame):
-            self.events_sent += 1
+        and a connection that has just ended is skipped, not an error.
+
+        The fast path of ``_push`` is repeated here, inline: this runs once per
+        connection per event, and a Python call less is measurable there.
+        """
+        if not self._open:
+            return
+        if self._queue or self._writing:
+            if self._push(frame):
+                self.events_sent += 1
+            return
+        try:
+            sent = self._sock.send(frame)
+        except BlockingIOError:
+            sent = 0
+        except _GONE as exc:
+            self._close(_gone_reason(exc, CloseReason.WRITE_ERROR))
+            return
+        self.bytes_sent += sent
+        self._quiet = 0
+        self.events_sent += 1
+        if sent != len(frame):
+            self._queue_rest(frame, sent)
 
     async def flush(self) -> None:
         """Wait until everything sent so far has been handed to the socket.
@@ -391,16 +414,8 @@ class ServerSentEventConnection:
                 return False
             self.bytes_sent += sent
             self._quiet = 0
-            if sent == len(frame):
-                return True
-            # The kernel took part of it: the rest becomes the head of the
-            # queue and the I/O task finishes it when the socket drains.
-            if sent:
-                frame = frame[sent:]
-                self._head_partial = True
-            self._queue.appendleft(frame)
-            self._queued_bytes += len(frame)
-            self._wake()
+            if sent != len(frame):
+                self._queue_rest(frame, sent)
             return True
         if bounded and not self._fits(len(frame)):
             return False
@@ -413,6 +428,16 @@ class ServerSentEventConnection:
         """A keep-alive comment, only if nothing else is on its way."""
         if not self._queue and not self._writing:
             self._push(frame)
+
+    def _queue_rest(self, frame: bytes, sent: int) -> None:
+        """The kernel took part of a frame (or none): the rest heads the queue
+        and the I/O task finishes it when the socket drains."""
+        if sent:
+            frame = frame[sent:]
+            self._head_partial = True
+        self._queue.appendleft(frame)
+        self._queued_bytes += len(frame)
+        self._wake()
 
     def _fits(self, size: int) -> bool:
         """Apply the queue bounds and the overflow policy to one more frame."""
@@ -591,6 +616,7 @@ class ServerSentEventConnection:
             return
         # From here on send() refuses; what is queued still goes out.
         self._closing = reason
+        self._open = False
         frame = (encode_retry(retry) if retry is not None else b"") + (
             farewell.encode() if farewell is not None else b""
         )
@@ -605,6 +631,7 @@ class ServerSentEventConnection:
         if self.close_reason is not None:
             return
         self.close_reason = reason
+        self._open = False
         self._closing = None
         loop = self._loop
         loop.remove_reader(self._fd)
