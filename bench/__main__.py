@@ -4,12 +4,15 @@ From the repository root::
 
     python -m bench --quick        # every server, small scenarios, one run (tox -e bench)
     python -m bench                # the full run; writes docs/benchmarks.md
-    python -m bench --render bench/.build/results-STAMP.json   # the doc again, from raw results
+    python -m bench --scenarios frozen   # one scenario; the doc keeps the others' latest results
+    python -m bench --render       # the doc again, from the latest raw results of each scenario
+    python -m bench --render bench/.build/results-STAMP.json ...   # ... or from these
 
 The servers run on core 0 and the Go load generator on core 1 (``taskset``).
 The peers install into ``bench/.venv-peers`` (never dependencies of the library);
 the load generator is built with ``go build`` into ``bench/.build``, where the
-raw results of every invocation are kept as JSON.
+raw results of every invocation are kept as JSON. docs/benchmarks.md shows, for
+each scenario of the full run, the latest invocation that measured it.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from .hotspots import hot_spots, render
-from .report import medians, metrics, render_doc, summary_table
+from .report import Source, medians, metrics, render_doc, row_label, summary_table
 from .run import PROFILE_ACCEPT_SECONDS, PROFILE_RATE, BenchError, Scenario, run_once
 from .servers import (
     BENCH,
     BUILD,
+    FROZEN_SERVER,
     REPO,
     SERVERS,
     Server,
@@ -44,10 +48,13 @@ FULL = (
     Scenario("1000x50", conns=1000, rate=50, duration=10),
     Scenario("5000x20", conns=5000, rate=20, duration=10),
     Scenario("idle9000", conns=9000, rate=0, duration=0),
+    # Issue 6: 100 frozen readers next to 1,000 clients (sse_handler only).
+    Scenario("frozen", conns=1000, rate=50, duration=10, size=1024, frozen=100),
 )
 QUICK = (
     Scenario("200x50", conns=200, rate=50, duration=5),
     Scenario("idle1000", conns=1000, rate=0, duration=0),
+    Scenario("frozen200", conns=200, rate=50, duration=5, size=1024, frozen=20),
 )
 PROFILED = "5000x20"
 DOC = REPO / "docs" / "benchmarks.md"
@@ -83,6 +90,27 @@ METHOD = """\
 - Each figure is the median over the runs, taken figure by figure.
 """
 
+METHOD_FROZEN = """\
+- Frozen readers (issue 6): sse_handler only, on its demo app with a write
+  deadline shorter than the run (`bench/apps/sse_handler_frozen_app.py`). The
+  load generator opens the frozen connections along with the others, spread
+  evenly in the order of connection (1 in 11 with 1,000 + 100), each with
+  SO_RCVBUF 4 KiB (the kernel doubles it) and an MSS of 1,460 bytes set before
+  connect; each reads its response head and nothing more. The MSS is
+  Ethernet's: with loopback's ~64 KiB the server's kernel sizes each send
+  buffer at 4 MiB, which holds over a minute of these events before the
+  server's `send` would block, where on a network it holds tens of KiB. The
+  bench reads the server's
+  `sse_connections_closed_total` from `/metrics` before the first publish and
+  after the drain: *closed `slow` (server)* is the difference for reason
+  `slow`, *other closes* that for every other reason. The server's FIN waits
+  behind the data it could not send, so a client cannot see the close without
+  reading: after the measurement the load generator reads each frozen
+  connection to its end (*closed (clients saw)*: EOF or ECONNRESET; still open:
+  nothing more for 0.5 s). *RSS at end*: the server's RSS after the drain,
+  before the clients leave.
+"""
+
 
 def _log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -112,8 +140,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--render",
         type=Path,
+        nargs="*",
         metavar="RESULTS_JSON",
-        help="run nothing: write the doc again from bench/.build/results-*.json (and notes.md)",
+        help="run nothing: write the doc again (and notes.md) from these raw results "
+        "(where several have a scenario, the last one given wins), or without files from "
+        "the latest bench/.build/results-*.json of each scenario of the full run",
     )
     return p
 
@@ -163,12 +194,12 @@ def _profile(loadgen: Path, server: Server, sc: Scenario, stamp: str) -> str | N
 def _summarise(
     scenarios: Sequence[Scenario], raw: list[dict[str, Any]]
 ) -> tuple[dict[str, dict[str, list[dict[str, float]]]], dict[str, dict[str, dict[str, float]]]]:
-    """Per-run figures and their medians, by scenario and server."""
+    """Per-run figures and their medians, by scenario and server (or variant)."""
     by_name = {sc.name: sc for sc in scenarios}
     per_run: dict[str, dict[str, list[dict[str, float]]]] = {}
     for result in raw:
         sc = by_name[result["scenario"]]
-        per_run.setdefault(sc.name, {}).setdefault(result["server"], []).append(
+        per_run.setdefault(sc.name, {}).setdefault(row_label(result, sc), []).append(
             metrics(result, sc)
         )
     med = {
@@ -178,41 +209,142 @@ def _summarise(
     return per_run, med
 
 
-def _write_doc(results: dict[str, Any], doc: Path) -> None:
-    """docs/benchmarks.md from the raw results of one invocation (and bench/notes.md)."""
-    scenarios = [Scenario(**sc) for sc in results["scenarios"]]
-    per_run, med = _summarise(scenarios, results["runs"])
+def _load(path: Path) -> dict[str, Any] | None:
+    """The raw results of one invocation, or None if unreadable or of an older format."""
+    try:
+        results: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    keys = ("argv", "date", "machine", "scenarios", "run_count", "servers", "runs")
+    return results if all(k in results for k in keys) else None
+
+
+def _latest_results(but: Path | None = None) -> list[dict[str, Any]]:
+    """bench/.build/results-*.json (but ``but``), oldest first (their names sort by time)."""
+    loaded = (_load(p) for p in sorted(BUILD.glob("results-*.json")) if p != but)
+    return [r for r in loaded if r is not None]
+
+
+def _pick(candidates: Sequence[dict[str, Any]], names: Sequence[str] | None) -> list[Any]:
+    """For each scenario, the last of ``candidates`` that measured it (at least one run
+    completed; else the last that tried): [(results, [scenario names])], in the order
+    of ``names`` (default: the scenarios of the candidates as they come)."""
+    if names is None:
+        names = list(dict.fromkeys(sc["name"] for r in candidates for sc in r["scenarios"]))
+    chosen: dict[str, int] = {}
+    for name in names:
+        tried = [i for i, r in enumerate(candidates) if name in _scenario_names(r)]
+        ran = [i for i in tried if any(run["scenario"] == name for run in candidates[i]["runs"])]
+        if tried:
+            chosen[name] = (ran or tried)[-1]
+    picks: list[Any] = []
+    for i in sorted(set(chosen.values())):
+        picks.append((candidates[i], [n for n in names if chosen.get(n) == i]))
+    return picks
+
+
+def _scenario_names(results: dict[str, Any]) -> list[str]:
+    return [sc["name"] for sc in results["scenarios"]]
+
+
+def _error_scenario(error: str) -> str:
+    """The scenario of a failed run's message: "run 2, 1000x50, nchan: why"."""
+    parts = error.split(", ", 2)
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _write_doc(picks: Sequence[tuple[dict[str, Any], Sequence[str]]], doc: Path) -> None:
+    """docs/benchmarks.md from raw results: each scenario from the results given
+    with it (see :func:`_pick`), and bench/notes.md."""
+    order = [sc.name for sc in FULL]
+    scenarios: list[Scenario] = []
+    raw: list[dict[str, Any]] = []
+    errors: list[str] = []
+    sources: list[Source] = []
+    servers: dict[str, str] = {}
+    profiles: list[str] = []
+    frozen_server: str | None = None
+    for results, names in picks:
+        these = [Scenario(**sc) for sc in results["scenarios"] if sc["name"] in names]
+        scenarios += these
+        raw += [r for r in results["runs"] if r["scenario"] in names]
+        errors += [e for e in results.get("errors", []) if _error_scenario(e) in names]
+        sources.append(
+            Source(
+                command=shlex.join(["python", "-m", "bench", *results["argv"]]),
+                date=results["date"],
+                commit=results["machine"].get("commit", "?"),
+                runs=results["run_count"],
+                scenarios=tuple(sc.title for sc in these),
+            )
+        )
+        if any(not sc.frozen for sc in these):
+            servers.update(results["servers"])
+        if any(sc.frozen for sc in these):
+            frozen_server = results.get("frozen_server", frozen_server)
+        profiles = results.get("profiles") or profiles
+    scenarios.sort(key=lambda sc: order.index(sc.name) if sc.name in order else len(order))
+    per_run, med = _summarise(scenarios, raw)
+    method = METHOD + (METHOD_FROZEN if any(sc.frozen for sc in scenarios) else "")
     notes = BENCH / "notes.md"
     doc.write_text(
         render_doc(
-            command=shlex.join(["python", "-m", "bench", *results["argv"]]),
-            date=results["date"],
-            machine=results["machine"],
+            sources=sources,
+            machine=picks[-1][0]["machine"],
             scenarios=scenarios,
-            runs=results["run_count"],
-            servers=results["servers"],
+            servers=servers,
             med=med,
             per_run=per_run,
-            errors=results["errors"],
-            profile_md="\n".join(results["profiles"]) or None,
-            method_md=METHOD,
+            errors=errors,
+            profile_md="\n".join(profiles) or None,
+            method_md=method,
             notes_md=notes.read_text() if notes.exists() else None,
+            frozen_server=frozen_server,
         )
     )
-    _log(f"wrote {doc}")
+    _log(f"wrote {doc}: " + "; ".join(f"{', '.join(n)} from {s.command}" for s, n in zip(
+        sources, (names for _, names in picks), strict=True
+    )))  # fmt: skip
+
+
+def _render(files: Sequence[Path], doc: Path) -> int:
+    """``--render``: the doc again from raw results, without running anything."""
+    if files:
+        loaded = [(_load(f), f) for f in files]
+        bad = [str(f) for r, f in loaded if r is None]
+        if bad:
+            raise SystemExit(f"not raw results of this bench: {', '.join(bad)}")
+        picks = _pick([r for r, _ in loaded if r is not None], None)
+    else:
+        picks = _pick(_latest_results(), [sc.name for sc in FULL])
+    if not picks:
+        raise SystemExit(f"no raw results in {BUILD}")
+    _write_doc(picks, doc)
+    return 0
+
+
+def _jobs(
+    sc: Scenario, servers: Sequence[Server], frozen_server: Server | None, run: int
+) -> list[tuple[Server, int]]:
+    """The measurements of one run of a scenario: (server, frozen readers)."""
+    if not sc.frozen:
+        return [(server, 0) for server in servers]
+    if frozen_server is None:
+        return []
+    # Both variants, one after the other; the order alternates from run to run.
+    variants = [(frozen_server, 0), (frozen_server, sc.frozen)]
+    return variants if run % 2 == 0 else variants[::-1]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     argv_list = list(sys.argv[1:] if argv is None else argv)
-    if args.render:
-        _write_doc(json.loads(args.render.read_text()), args.doc or DOC)
-        return 0
+    if args.render is not None:
+        return _render(args.render, args.doc or DOC)
     scenarios: list[Scenario] = _select(QUICK if args.quick else FULL, args.scenarios, "scenario")
     if args.duration:
         scenarios = [
-            sc if sc.idle else Scenario(sc.name, sc.conns, sc.rate, args.duration)
-            for sc in scenarios
+            sc if sc.idle else dataclasses.replace(sc, duration=args.duration) for sc in scenarios
         ]
     runs = args.runs or (1 if args.quick else 3)
     _raise_fd_limit()
@@ -232,20 +364,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             servers.append(server)
     library = next(s for s in wanted if s.name == "sse_handler")
+    # The frozen-readers scenarios: sse_handler only, on the demo with a short
+    # write deadline (served from the same copy of the library).
+    frozen_server = (
+        dataclasses.replace(FROZEN_SERVER, cwd=library.cwd)
+        if any(s.name == "sse_handler" for s in servers)
+        else None
+    )
     raw: list[dict[str, Any]] = []
     errors: list[str] = []
     for i in range(0 if args.profile_only else runs):
         for sc in scenarios:
-            for server in servers:
-                _log(f"run {i + 1}/{runs}: {server.name}, {sc.title}")
+            for server, frozen in _jobs(sc, servers, frozen_server, i):
+                label = row_label({"server": server.name, "frozen": frozen}, sc)
+                _log(f"run {i + 1}/{runs}: {label}, {sc.title}")
                 try:
-                    result = run_once(server, sc, loadgen)
+                    result = run_once(server, sc, loadgen, frozen=frozen)
                 except BenchError as exc:
-                    errors.append(f"run {i + 1}, {sc.name}, {server.name}: {exc}")
+                    errors.append(f"run {i + 1}, {sc.name}, {label}: {exc}")
                     _log(f"  failed: {exc}")
                     continue
                 raw.append({"run": i + 1, **result})
-                m = metrics(result, sc)
+                m = metrics(raw[-1], sc)
                 _log("  " + ", ".join(f"{k}={v:.4g}" for k, v in m.items()))
     _, med = _summarise(scenarios, raw)
     for sc in scenarios:
@@ -257,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if want_profile:
         busy = next((s for s in scenarios if s.name == PROFILED), None)
-        busy = busy or next((s for s in scenarios if not s.idle), None)
+        busy = busy or next((s for s in scenarios if not s.idle and not s.frozen), None)
         idle = next((s for s in scenarios if s.idle), None)
         for target in (busy, idle):
             md = None if target is None else _profile(loadgen, library, target, stamp)
@@ -270,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scenarios": [dataclasses.asdict(sc) for sc in scenarios],
         "run_count": runs,
         "servers": {s.name: s.description for s in servers},
+        "frozen_server": None if frozen_server is None else frozen_server.description,
         "runs": raw,
         "errors": errors,
         "profiles": profiles,
@@ -279,7 +420,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log(f"raw results: {path.relative_to(REPO)} (python -m bench --render it again)")
     doc = args.doc or (None if args.quick or args.no_doc or args.profile_only else DOC)
     if doc is not None:
-        _write_doc(results, doc)
+        if args.quick:  # an explicit --doc: this invocation's scenarios alone
+            picks = _pick([results], None)
+        else:  # the full run's scenarios, each from the latest invocation that measured it
+            names = [sc.name for sc in FULL]
+            names += [n for n in _scenario_names(results) if n not in names]
+            picks = _pick([*_latest_results(but=path), results], names)
+        _write_doc(picks, doc)
     for e in errors:
         _log(f"FAILED {e}")
     return 1 if errors else 0

@@ -5,16 +5,39 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .run import Scenario
 
-__all__ = ["medians", "metrics", "render_doc", "summary_table", "targets"]
+__all__ = [
+    "ISSUE6_P99_RATIO",
+    "Source",
+    "frozen_target",
+    "medians",
+    "metrics",
+    "render_doc",
+    "row_label",
+    "summary_table",
+    "targets",
+]
 
 BASE, REFERENCE = "sse_handler", "nchan"
 NAN = math.nan
 TIMES = "\N{MULTIPLICATION SIGN}"
 NONE = "\N{EN DASH}"
+#: Issue 6: the normal clients' p99 with the frozen readers, at most this times
+#: their p99 without them.
+ISSUE6_P99_RATIO = 1.2
+
+
+def row_label(run: dict[str, Any], sc: Scenario) -> str:
+    """The row of a run in its scenario's table: the server, or for the frozen-readers
+    scenarios the variant."""
+    if not sc.frozen:
+        return str(run["server"])
+    frozen = run.get("frozen", 0)
+    return f"{run['server']} + {frozen:,} frozen" if frozen else f"{run['server']}, none frozen"
 
 
 def metrics(run: dict[str, Any], sc: Scenario) -> dict[str, float]:
@@ -48,7 +71,28 @@ def metrics(run: dict[str, Any], sc: Scenario) -> dict[str, float]:
         disconnected=done.get("disconnected", 0),
         **{q: latency.get(q, NAN) for q in ("p50", "p90", "p99", "max")},
     )
+    if sc.frozen:
+        m.update(_frozen_metrics(run))
     return m
+
+
+def _frozen_metrics(run: dict[str, Any]) -> dict[str, float]:
+    """Memory, and what became of the frozen readers: closed by the server with
+    reason ``slow`` (its /metrics), and closed as the clients saw it (read out
+    after the run)."""
+    closed = run.get("server_closed")  # None: the server had no /metrics
+    probe = run.get("frozen_probe") or {}
+    frozen = run.get("frozen", 0)
+    return {
+        "run": run.get("run", NAN),
+        "frozen": frozen,  # asked for; frozen_opened: how many opened
+        "rss_mib": run["rss_after"] / 2**20,
+        "rss_end_mib": run.get("rss_end", NAN) / 2**20,
+        "frozen_opened": run["connected"].get("frozen_opened", 0),
+        "closed_slow": NAN if closed is None else closed.get("slow", 0),
+        "closed_other": NAN if closed is None else sum(closed.values()) - closed.get("slow", 0),
+        "frozen_closed_seen": probe.get("closed_by_server", 0 if not frozen else NAN),
+    }
 
 
 def medians(per_run: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -77,6 +121,8 @@ def _row(cells: Sequence[str]) -> str:
 
 def summary_table(sc: Scenario, med: dict[str, dict[str, float]]) -> str:
     """One Markdown table of medians for a scenario, with ratios to sse_handler and nchan."""
+    if sc.frozen:
+        return _frozen_table(med)
     base, ref = med.get(BASE, {}), med.get(REFERENCE, {})
     if sc.idle:
         head = ["server", "connected", "accept time (s)", "÷ sse_handler", "÷ nchan",
@@ -112,6 +158,78 @@ def summary_table(sc: Scenario, med: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _count(v: float) -> str:
+    return NONE if math.isnan(v) else f"{v:,.0f}"
+
+
+def _split(med: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """The medians of a frozen-readers scenario: (without frozen readers, with)."""
+    without = next((m for m in med.values() if m["frozen"] == 0), {})
+    with_ = next((m for m in med.values() if m["frozen"] > 0), {})
+    return without, with_
+
+
+def _frozen_table(med: dict[str, dict[str, float]]) -> str:
+    without, _ = _split(med)
+    head = ["variant", "frozen readers open", "closed `slow` (server)", "closed (clients saw)",
+            "other closes", "p50 ms", "p90 ms", "p99 ms", "÷ none frozen", "max ms",
+            "deliveries/s reached / offered", "loss", "CPU µs / delivery", "server CPU",
+            "RSS connected (MiB)", "RSS at end (MiB)", "others' load"]  # fmt: skip
+    lines = [_row(head), _row(["---"] + ["---:"] * (len(head) - 1))]
+    for name, m in med.items():
+        lines.append(_row([
+            name, _count(m["frozen_opened"]), _count(m["closed_slow"]),
+            _count(m["frozen_closed_seen"]), _count(m["closed_other"]),
+            _ms(m["p50"]), _ms(m["p90"]), _ms(m["p99"]),
+            _ratio(m["p99"], without.get("p99", NAN)), _ms(m["max"]),
+            f"{m['reached_per_s']:,.0f} / {m['offered_per_s']:,.0f}", f"{m['loss']:.2%}",
+            f"{m['cpu_us_per_delivery']:.2f}", f"{m['cpu_util']:.0%}",
+            f"{m['rss_mib']:.1f}", f"{m['rss_end_mib']:.1f}", _cores(m["others_cores"]),
+        ]))  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _paired(runs: dict[str, list[dict[str, float]]], key: str) -> list[float]:
+    """Per run of a frozen-readers scenario: with ÷ without, for the runs that have both."""
+    by_run: dict[float, dict[bool, float]] = {}
+    for rows in runs.values():
+        for r in rows:
+            by_run.setdefault(r["run"], {})[r["frozen"] > 0] = r[key]
+    return [
+        pair[True] / pair[False]
+        for _, pair in sorted(by_run.items())
+        if True in pair and False in pair and pair[False]
+    ]
+
+
+def frozen_target(
+    sc: Scenario,
+    med: dict[str, dict[str, float]],
+    per_run: dict[str, list[dict[str, float]]],
+) -> tuple[str, str, bool | None]:
+    """Issue 6's first bullet against the medians of a frozen-readers scenario."""
+    without, with_ = _split(med)
+    p0, p1 = without.get("p99", NAN), with_.get("p99", NAN)
+    ratio = p1 / p0 if p0 else NAN
+    paired = ", ".join(f"{r:.2f}{TIMES}" for r in _paired(per_run, "p99"))
+    runs = [r for rows in per_run.values() for r in rows if r["frozen"] > 0]
+    evicted = [f"{_count(r['closed_slow'])}/{_count(r['frozen_opened'])}" for r in runs]
+    all_slow = bool(runs) and all(r["closed_slow"] == r["frozen_opened"] for r in runs)
+    target = (
+        f"{sc.conns:,} clients {TIMES} {sc.rate:g} events/s next to {sc.frozen:,} frozen "
+        f"readers: the clients' p99 ≤ {ISSUE6_P99_RATIO:g} {TIMES} without them, every "
+        "frozen reader closed with reason `slow`"
+    )
+    measured = (
+        f"p99 {_ms(p1)} ms vs {_ms(p0)} ms = {_ratio(p1, p0)}"
+        + (f" (paired runs: {paired})" if paired else "")
+        + f"; closed `slow` by run: {', '.join(evicted) or NONE}"
+    )
+    unknown = math.isnan(ratio) or not runs or any(math.isnan(r["closed_slow"]) for r in runs)
+    holds = None if unknown else ratio <= ISSUE6_P99_RATIO and all_slow
+    return target, measured, holds
+
+
 def targets(
     scenarios: Sequence[Scenario],
     med: dict[str, dict[str, dict[str, float]]],
@@ -119,6 +237,7 @@ def targets(
 ) -> list[tuple[str, str, bool | None]]:
     """Issue 3's targets against the medians: (target, measured, holds; None = not measured)."""
     out: list[tuple[str, str, bool | None]] = []
+    scenarios = [s for s in scenarios if not s.frozen]  # issue 6's: frozen_target()
     by_shape = {(s.conns, s.rate): s.name for s in scenarios}
 
     def figure(scenario: str | None, server: str, key: str) -> float:
@@ -182,13 +301,80 @@ def _holds(v: bool | None) -> str:
     return "not measured" if v is None else ("**holds**" if v else "**does not hold**")
 
 
+@dataclass(frozen=True)
+class Source:
+    """One invocation of the bench whose results the doc shows."""
+
+    command: str
+    date: str
+    commit: str
+    runs: int
+    scenarios: tuple[str, ...]  # the titles of the scenarios shown from it
+
+
+def _header(sources: Sequence[Source]) -> list[str]:
+    ratios = (
+        "ratios are server ÷ sse_handler and server ÷ nginx+nchan, from the same run of the bench."
+    )
+    if len(sources) == 1:
+        src = sources[0]
+        return [
+            f"Measured on {src.date} with `{src.command}` (from the repository root); this "
+            f"file is written by that command. Medians of {src.runs} "
+            f"run{'s' if src.runs != 1 else ''} per server and scenario; {ratios}",
+        ]
+    out = [
+        "Written by `python -m bench` (from the repository root), from the latest "
+        "invocation that measured each scenario (raw results in `bench/.build`). "
+        f"Medians of the runs per server and scenario; {ratios}",
+        "",
+        "| scenarios | measured | with | commit | runs |",
+        "|---|---|---|---|---:|",
+    ]
+    out += [
+        f"| {'; '.join(s.scenarios)} | {s.date} | `{s.command}` | {s.commit} | {s.runs} |"
+        for s in sources
+    ]
+    return out
+
+
+def _frozen_section(
+    sc: Scenario,
+    med: dict[str, dict[str, float]] | None,
+    per_run: dict[str, list[dict[str, float]]],
+    server: str | None,
+) -> list[str]:
+    runs = len(next(iter(per_run.values()), []))
+    out = [
+        f"sse_handler only, served by {server or 'sse_handler'}. {sc.conns:,} clients read "
+        f"{sc.rate:g} events/s of {sc.size:,} bytes of data for {sc.duration:g} s; in the "
+        f"second variant {sc.frozen:,} frozen readers are connected next to them, spread "
+        "among them in the order of connection (a small receive buffer and an "
+        "Ethernet-sized MSS, the response head read, then nothing more; see Method). "
+        "Every run measures both variants, each on a fresh server, one after the other "
+        "(the order alternates from run to run); medians "
+        f"of {runs} run{'s' if runs != 1 else ''}. Latency, deliveries and loss are the "
+        "normal clients'; CPU per delivery counts only their deliveries.",
+        "",
+    ]
+    if not med:
+        return [*out, "No run completed.", ""]
+    target, measured, holds = frozen_target(sc, med, per_run)
+    out += [
+        "| target (issue 6) | measured | |",
+        "|---|---|---|",
+        f"| {target} | {measured} | {_holds(holds)} |",
+        "",
+        summary_table(sc, med),
+    ]
+    return out
+
+
 def render_doc(
     *,
-    command: str,
-    date: str,
+    sources: Sequence[Source],
     machine: dict[str, Any],
     scenarios: Sequence[Scenario],
-    runs: int,
     servers: dict[str, str],
     med: dict[str, dict[str, dict[str, float]]],
     per_run: dict[str, dict[str, list[dict[str, float]]]],
@@ -196,27 +382,28 @@ def render_doc(
     profile_md: str | None,
     method_md: str,
     notes_md: str | None,
+    frozen_server: str | None = None,
 ) -> str:
     peers = machine.get("peers", {})
-    out = [
-        "# Benchmarks",
-        "",
-        f"Measured on {date} with `{command}` (from the repository root); this file is "
-        "written by that command. Medians of "
-        f"{runs} run{'s' if runs != 1 else ''} per server and scenario; ratios are "
-        "server ÷ sse_handler and server ÷ nginx+nchan, from the same run of the bench.",
-        "",
-        "## Issue 3's targets",
-        "",
-        "| target | sse_handler measured | |",
-        "|---|---|---|",
-    ]
-    out += [f"| {t} | {m} | {_holds(h)} |" for t, m, h in targets(scenarios, med, per_run)]
-    out += ["", "## Servers", ""]
-    out += [f"- **{name}**: {desc}" for name, desc in servers.items()]
+    commits = {s.commit for s in sources}
+    commit = machine.get("commit", "?") if len(commits) <= 1 else "see above"
+    out = ["# Benchmarks", "", *_header(sources)]
+    if any(not sc.frozen for sc in scenarios):
+        out += [
+            "",
+            "## Issue 3's targets",
+            "",
+            "| target | sse_handler measured | |",
+            "|---|---|---|",
+        ]
+        out += [f"| {t} | {m} | {_holds(h)} |" for t, m, h in targets(scenarios, med, per_run)]
+        out += ["", "## Servers", ""]
+        out += [f"- **{name}**: {desc}" for name, desc in servers.items()]
     for sc in scenarios:
         out += ["", f"## {sc.title}", ""]
-        if sc.name in med:
+        if sc.frozen:
+            out += _frozen_section(sc, med.get(sc.name), per_run.get(sc.name, {}), frozen_server)
+        elif sc.name in med:
             out.append(summary_table(sc, med[sc.name]))
         else:
             out.append("No run completed.\n")
@@ -231,7 +418,7 @@ def render_doc(
         "",
         f"- {machine['cores']} cores ({machine['cpu']}), Linux {machine['kernel']}",
         f"- Python {machine['python']}, Tornado {machine['tornado']}, "
-        f"sse_handler {machine['sse_handler']} (commit {machine.get('commit', '?')})",
+        f"sse_handler {machine['sse_handler']} (commit {commit})",
         f"- nginx {machine['nginx']}, libnginx-mod-nchan {machine['nchan']}",
         "- peers: " + ", ".join(f"{k} {v}" for k, v in peers.items()),
         f"- load generator: Go {machine['go']} (`bench/loadgen`, standard library only)",
@@ -262,6 +449,11 @@ def _all_runs(
                 cells = [
                     f"{r['cpu_us_per_delivery']:.2f} µs, p99 {_ms(r['p99'])} ms, "
                     f"loss {r['loss']:.2%}, others {r['others_cores']:.2f}"
+                    + (
+                        f", closed slow {_count(r['closed_slow'])}/{_count(r['frozen_opened'])}"
+                        if sc.frozen and r["frozen"]
+                        else ""
+                    )
                     for r in runs
                 ]
             lines.append(f"- {sc.name}, {server}: " + "; ".join(cells))

@@ -5,14 +5,19 @@ The load generator talks to us over its stdin/stdout (see bench/loadgen):
 1. it opens every connection and prints ``connected`` (with the accept time);
 2. we sample the server's RSS and CPU, and say go;
 3. it publishes for the scenario's duration, drains, and prints ``done``;
-4. we sample CPU again (before the clients leave: closing thousands of sockets
-   is not part of delivering events), and say close.
+4. we sample CPU and RSS again (before the clients leave: closing thousands of
+   sockets is not part of delivering events), read the server's ``/metrics``
+   if it has them, and say close;
+5. with frozen connections, it reads them out and prints ``frozen`` (how many
+   the server had closed), then closes everything.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -47,6 +52,10 @@ class Scenario:
     conns: int
     rate: float  # events per second; 0 = idle clients
     duration: float  # seconds of publishing
+    size: int = 100  # bytes of data per event
+    #: > 0: sse_handler only, each run twice: without frozen readers, and with
+    #: this many next to the clients (bench/loadgen -frozen).
+    frozen: int = 0
 
     @property
     def idle(self) -> bool:
@@ -57,6 +66,11 @@ class Scenario:
         if self.idle:
             return f"{self.conns:,} idle clients"
         times = "\N{MULTIPLICATION SIGN}"
+        if self.frozen:
+            return (
+                f"{self.conns:,} clients {times} {self.rate:g} events/s, "
+                f"with and without {self.frozen:,} frozen readers"
+            )
         return f"{self.conns:,} clients {times} {self.rate:g} events/s ({self.duration:g} s)"
 
 
@@ -196,12 +210,13 @@ def _start_server(server: Server, port: int, workdir: Path) -> subprocess.Popen[
 
 
 def _start_loadgen(
-    loadgen: Path, port: int, sc: Scenario, workdir: Path
+    loadgen: Path, port: int, sc: Scenario, workdir: Path, frozen: int
 ) -> subprocess.Popen[bytes]:
     argv = [
         "taskset", "-c", LOADGEN_CORE, str(loadgen), "-wait",
         "-addr", f"127.0.0.1:{port}", "-conns", str(sc.conns),
         "-rate", f"{sc.rate:g}", "-duration", f"{sc.duration:g}s",
+        "-size", str(sc.size), "-frozen", str(frozen),
     ]  # fmt: skip
     with open(workdir / "loadgen.log", "wb") as log:
         return subprocess.Popen(
@@ -226,10 +241,37 @@ def _py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
+_CLOSED = re.compile(r"^sse_connections_closed_total\{([^}]*)\}\s+(\S+)", re.MULTILINE)
+_REASON = re.compile(r'reason="([^"]*)"')
+
+
+def closed_by_reason(port: int) -> dict[str, int] | None:
+    """``sse_connections_closed_total`` of the server's ``/metrics``, by reason
+    (None: no metrics, e.g. prometheus-client is not installed)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        text = response.read().decode("utf-8", "replace")
+        if response.status != 200:
+            return None
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+    counts: dict[str, int] = {}
+    for labels, value in _CLOSED.findall(text):
+        reason = _REASON.search(labels)
+        if reason is not None:
+            counts[reason.group(1)] = counts.get(reason.group(1), 0) + int(float(value))
+    return counts
+
+
 def run_once(
-    server: Server, sc: Scenario, loadgen: Path, profile: Path | None = None
+    server: Server, sc: Scenario, loadgen: Path, profile: Path | None = None, frozen: int = 0
 ) -> dict[str, Any]:
-    """Measure ``server`` under ``sc`` once; raises :class:`BenchError` if it cannot."""
+    """Measure ``server`` under ``sc`` once, with ``frozen`` frozen readers next to
+    the clients; raises :class:`BenchError` if it cannot."""
     quiet = wait_quiet()
     (BUILD / "runs").mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"{server.name}-{sc.name}-", dir=BUILD / "runs"))
@@ -246,7 +288,7 @@ def run_once(
         if profile is not None and sc.idle:
             spy = _py_spy(srv.pid, PROFILE_ACCEPT_SECONDS, profile)
             time.sleep(1)  # py-spy attaches
-        gen = _start_loadgen(loadgen, port, sc, workdir)
+        gen = _start_loadgen(loadgen, port, sc, workdir, frozen)
         assert gen.stdout is not None
         lines = _Lines(gen.stdout)
         start = _Snapshot(pids, gen.pid)
@@ -259,11 +301,18 @@ def run_once(
             spy = _py_spy(srv.pid, sc.duration, profile)
         if spy is not None and sc.idle:
             spy.wait(timeout=PROFILE_ACCEPT_SECONDS + 60)  # the clients stay until it is done
+        closed_before = closed_by_reason(port) if server.metrics else None
         go = _Snapshot(pids, gen.pid)
         _say(gen, "go")
         done = lines.next(timeout=3 * sc.duration + 60)
         end = _Snapshot(tree_pids(srv.pid), gen.pid)
+        rss_end = rss_bytes(tree_pids(srv.pid))
+        closed = closed_by_reason(port) if server.metrics else None
+        if closed is not None and closed_before is not None:
+            # The warm-up stream's close is not part of the run.
+            closed = {k: v - closed_before.get(k, 0) for k, v in closed.items()}
         _say(gen, "close")
+        probe = lines.next(timeout=60) if frozen else None
         gen.wait(timeout=30)
         lines.close()
         if srv.poll() is not None:
@@ -287,6 +336,7 @@ def run_once(
         "port": port,
         "rss_before": rss_before,
         "rss_after": rss_after,
+        "rss_end": rss_end,
         "cpu_seconds": end.server - go.server,
         "loadgen_cpu_seconds": end.gen - go.gen,
         "wall_seconds": end.t - go.t,
@@ -295,4 +345,7 @@ def run_once(
         "others_publishing": end.others_since(go),
         "connected": connected,
         "done": done,
+        "frozen": frozen,
+        "frozen_probe": probe,
+        "server_closed": closed,  # closes while publishing and draining, by reason
     }

@@ -20,6 +20,7 @@ from pathlib import Path
 __all__ = [
     "BENCH",
     "BUILD",
+    "FROZEN_SERVER",
     "REPO",
     "SERVERS",
     "Server",
@@ -49,6 +50,8 @@ class Server:
     argv: Callable[[int, Path], list[str]]
     missing: Callable[[], str | None]
     cwd: Path = REPO
+    #: Serves Prometheus metrics at ``/metrics`` (read after each run).
+    metrics: bool = False
 
 
 def _sse_handler(port: int, workdir: Path) -> list[str]:
@@ -57,6 +60,17 @@ def _sse_handler(port: int, workdir: Path) -> list[str]:
         "-m",
         "sse_handler",
         "demo",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
+def _sse_handler_frozen(port: int, workdir: Path) -> list[str]:
+    return [
+        sys.executable,
+        str(APPS / "sse_handler_frozen_app.py"),
         "--host",
         "127.0.0.1",
         "--port",
@@ -140,6 +154,7 @@ SERVERS = (
         "sse_handler's demo (`python -m sse_handler demo`)",
         _sse_handler,
         lambda: None,
+        metrics=True,
     ),
     Server(
         "tornado", "hand-written Tornado RequestHandler, write + flush", _tornado, lambda: None
@@ -152,6 +167,18 @@ SERVERS = (
     ),
     Server("aiohttp-sse", "aiohttp-sse on aiohttp", _aiohttp, _missing_peers),
     Server("nchan", "nginx + nchan (1 worker)", _nchan, _missing_nchan),
+)
+
+
+#: The server of the frozen-readers scenarios: the demo with a write deadline
+#: shorter than the run (bench/apps/sse_handler_frozen_app.py).
+FROZEN_SERVER = Server(
+    "sse_handler",
+    "sse_handler's demo with `write_timeout = 2 s` and `max_queue_bytes = 256 KiB` "
+    "(`bench/apps/sse_handler_frozen_app.py`)",
+    _sse_handler_frozen,
+    lambda: None,
+    metrics=True,
 )
 
 

@@ -13,12 +13,25 @@
 // counts each (connection, seq) once. Events whose data does not start with a
 // timestamp (a welcome event, keep-alive comments) are ignored.
 //
+// With -frozen N it also opens N frozen connections, spread among the others
+// in the order of opening: each has a small receive buffer (SO_RCVBUF set
+// before connect, -frozen-rcvbuf) and an Ethernet-sized MSS (-frozen-mss, see
+// frozen.go), sends its request, reads the response head and then never reads
+// again, like a frozen browser tab. They count in no
+// figure of deliveries or latency. A server closes a frozen connection with
+// its unsent data still queued, so its FIN waits behind that data and the
+// client cannot tell without reading: "done" reports the closes visible
+// without reading (FIN or RST already received), and the last phase,
+// "frozen", reads each frozen connection to its end (EOF or ECONNRESET: the
+// server closed it; no end within -probe-idle of silence: still open).
+//
 // It prints one JSON object per phase on stdout: "connected" once every
-// connection has its head (or failed), "done" after publishing and draining.
+// connection has its head (or failed), "done" after publishing and draining,
+// and with -frozen "frozen" once the frozen connections have been read out.
 // With -wait it reads a line from stdin before publishing and another before
-// closing the connections, so that the caller can sample the server (RSS,
-// CPU) at those points. Standard library only: the bench builds it with
-// `go build` and no network.
+// reading out the frozen connections and closing, so that the caller can
+// sample the server (RSS, CPU) at those points. Standard library only: the
+// bench builds it with `go build` and no network.
 package main
 
 import (
@@ -50,6 +63,11 @@ type config struct {
 	drain       time.Duration
 	headTimeout time.Duration
 	wait        bool
+	frozen      int
+	frozenBuf   int
+	frozenMSS   int
+	probeIdle   time.Duration
+	probeLimit  time.Duration
 }
 
 func parseFlags() config {
@@ -66,6 +84,11 @@ func parseFlags() config {
 	flag.DurationVar(&c.drain, "drain", 5*time.Second, "how long to wait for deliveries after the last publish")
 	flag.DurationVar(&c.headTimeout, "head-timeout", 15*time.Second, "per connection: dial to response head")
 	flag.BoolVar(&c.wait, "wait", false, "read a line from stdin before publishing and before closing")
+	flag.IntVar(&c.frozen, "frozen", 0, "extra connections that read the response head and then nothing")
+	flag.IntVar(&c.frozenBuf, "frozen-rcvbuf", 4096, "SO_RCVBUF of a frozen connection, in bytes (the kernel doubles it)")
+	flag.IntVar(&c.frozenMSS, "frozen-mss", 1460, "TCP_MAXSEG of a frozen connection, as on Ethernet (0: loopback's, ~64 KiB)")
+	flag.DurationVar(&c.probeIdle, "probe-idle", 500*time.Millisecond, "reading out a frozen connection: silence that means it is still open")
+	flag.DurationVar(&c.probeLimit, "probe-limit", 10*time.Second, "reading out the frozen connections: at most this long")
 	flag.Parse()
 	return c
 }
@@ -74,6 +97,9 @@ func main() {
 	cfg := parseFlags()
 	if cfg.conns < 1 {
 		fail("-conns must be at least 1")
+	}
+	if cfg.frozen < 0 {
+		fail("-frozen must not be negative")
 	}
 	scheduled := 0
 	if cfg.rate > 0 {
@@ -100,6 +126,9 @@ func main() {
 		"first_error":    r.firstErr,
 		"accept_seconds": acceptSeconds,
 		"open_ms":        percentiles(r.openMs),
+		"frozen":         cfg.frozen,
+		"frozen_opened":  r.frozenOpened,
+		"frozen_failed":  r.frozenFailed,
 	})
 	stdin := bufio.NewReader(os.Stdin)
 	if cfg.wait {
@@ -108,6 +137,9 @@ func main() {
 	emit(publishAndDrain(cfg, scheduled, r, cfg.conns-r.failed, stopped))
 	if cfg.wait {
 		waitLine(stdin)
+	}
+	if cfg.frozen > 0 {
+		emit(r.probeFrozen(cfg.probeIdle, cfg.probeLimit))
 	}
 	r.closeAll()
 }
@@ -221,6 +253,7 @@ func publishAndDrain(cfg config, scheduled int, r *receiver, connected int, stop
 		r.stop.Store(true)
 		<-stopped
 		result["disconnected"] = r.disconnect.Load()
+		r.peekFrozen(result)
 		return result
 	}
 	st := publish(cfg, scheduled)
@@ -266,6 +299,7 @@ func publishAndDrain(cfg config, scheduled int, r *receiver, connected int, stop
 	result["latency_ms"] = percentiles(lat)
 	result["disconnected"] = r.disconnect.Load()
 	result["first_disconnect_error"] = r.endErr
+	r.peekFrozen(result)
 	return result
 }
 

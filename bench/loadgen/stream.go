@@ -37,6 +37,7 @@ type stream struct {
 	state   int
 	started time.Time
 	head    []byte // the response head, until complete
+	frozen  bool   // reads its head, then nothing (frozen.go)
 
 	chunked   bool
 	chState   int
@@ -63,11 +64,13 @@ type receiver struct {
 	now       int64 // unix nanos of the current read
 
 	// Connect phase.
-	nextDial int
-	opening  int
-	openMs   []float64
-	failed   int
-	firstErr string
+	nextDial     int
+	opening      int
+	openMs       []float64 // the normal connections'
+	failed       int       // normal connections that failed to open
+	firstErr     string
+	frozenOpened int // frozen connections whose head arrived
+	frozenFailed int
 
 	// Deliveries: only the loop goroutine writes these until it has stopped.
 	latencies []uint32 // microseconds
@@ -92,8 +95,9 @@ func newReceiver(cfg config, scheduled int) (*receiver, error) {
 	}
 	r := &receiver{
 		cfg: cfg, host: cfg.addr, scheduled: scheduled, epfd: epfd,
-		streams: make([]*stream, cfg.conns), byFd: make(map[int]*stream, cfg.conns),
-		buf: make([]byte, 64<<10),
+		streams: make([]*stream, cfg.conns+cfg.frozen),
+		byFd:    make(map[int]*stream, cfg.conns+cfg.frozen),
+		buf:     make([]byte, 64<<10),
 	}
 	r.sa.Port = addr.Port
 	copy(r.sa.Addr[:], addr.IP.To4())
@@ -136,8 +140,8 @@ func (r *receiver) run(connected chan<- float64) {
 
 func (r *receiver) dialMore() {
 	for r.opening < r.cfg.dialers && r.nextDial < len(r.streams) {
-		s := &stream{started: time.Now(), firstData: true}
-		if r.scheduled > 0 {
+		s := &stream{started: time.Now(), firstData: true, frozen: r.isFrozen(r.nextDial)}
+		if r.scheduled > 0 && !s.frozen {
 			s.seen = make([]uint64, (r.scheduled+63)/64)
 		}
 		r.streams[r.nextDial] = s
@@ -150,6 +154,12 @@ func (r *receiver) dialMore() {
 		}
 		s.fd = fd
 		r.byFd[fd] = s
+		if s.frozen {
+			if err := r.frozenOptions(fd); err != nil {
+				r.failOpen(s, err)
+				continue
+			}
+		}
 		err = syscall.Connect(fd, &r.sa)
 		if err != nil && err != syscall.EINPROGRESS {
 			r.failOpen(s, err)
@@ -164,7 +174,11 @@ func (r *receiver) dialMore() {
 
 func (r *receiver) failOpen(s *stream, err error) {
 	r.opening--
-	r.failed++
+	if s.frozen {
+		r.frozenFailed++
+	} else {
+		r.failed++
+	}
 	if r.firstErr == "" {
 		r.firstErr = err.Error()
 	}
@@ -248,10 +262,14 @@ func (r *receiver) handle(s *stream, ev uint32) {
 			return
 		}
 		r.opening--
-		r.openMs = append(r.openMs, float64(time.Since(s.started).Microseconds())/1000)
 		s.state = stBody
-		data = append([]byte(nil), rest...)
 		s.head = nil
+		if s.frozen {
+			r.freeze(s)
+			return
+		}
+		r.openMs = append(r.openMs, float64(time.Since(s.started).Microseconds())/1000)
+		data = append([]byte(nil), rest...)
 	}
 	r.body(s, data)
 }
