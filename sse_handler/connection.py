@@ -259,8 +259,7 @@ class ServerSentEventConnection:
             raise ConnectionClosedError(self.cid, self.close_reason or self._closing)
         if self.handler.max_event_size:
             self.handler.check_event_size(frame)
-        if self._push(frame):
-            self.events_sent += 1
+        self._deliver(frame)
 
     def _deliver(self, frame: bytes) -> None:
         """``send_encoded`` for fan-out loops: the size was checked once for all,
