@@ -50,14 +50,10 @@ class ChannelRouter:
         if not subscribers:
             return
         frame = delivery.frame
-        position = delivery.position
         for conn in tuple(subscribers):
-            # The hot loop of a fan-out: plain attribute reads, one call.
             if conn._held is not None:
                 conn._held.append(delivery)
-                continue
-            upto = conn._replayed_upto
-            if upto is None or position is None or position > upto:
+            elif not _already_replayed(conn, delivery):
                 conn._deliver(frame)
 
     async def subscribe(self, conn: ServerSentEventConnection, channel: str) -> None:

@@ -26,7 +26,13 @@ from tornado.web import RequestHandler
 from .brokers import Broker, Replay
 from .brokers.memory import MemoryBroker
 from .channels import ChannelRouter
-from .connection import CloseReason, OverflowPolicy, ServerSentEventConnection, event_frame
+from .connection import (
+    CloseReason,
+    OverflowPolicy,
+    ServerSentEventConnection,
+    as_event,
+    event_frame,
+)
 from .cors import CorsPolicy
 from .errors import SSEHandlerError, UnknownConnectionError
 from .event import ServerSentEvent, encode_comment, encode_retry
@@ -272,10 +278,7 @@ class ServerSentEventHandler:
         :class:`~sse_handler.brokers.BrokerUnavailableError` when the broker
         cannot be reached; then nothing was published.
         """
-        if event is None:
-            event = ServerSentEvent(**fields)
-        elif fields:
-            raise TypeError("give an event or its fields as keywords, not both")
+        event = as_event(event, fields)
         self.check_event_size(event.encode())
         return await self.router.broker.publish(channel, event)
 
