@@ -11,8 +11,9 @@ from .connection import CloseReason, OverflowPolicy, ServerSentEventConnection
 from .endpoint import FunctionEndpoint, with_sse
 from .errors import ConnectionClosedError, SSEHandlerError, UnknownConnectionError
 from .event import ServerSentEvent, encode_comment, encode_retry
-from .handler import EventStreamRequestHandler, ServerSentEventHandler
+from .handler import ServerSentEventHandler
 from .parser import EventStreamParser, MessageEvent
+from .routing import EventStreamRoute
 
 __version__ = "0.1.0"
 
@@ -22,7 +23,7 @@ __all__ = [
     "CloseReason",
     "ConnectionClosedError",
     "EventStreamParser",
-    "EventStreamRequestHandler",
+    "EventStreamRoute",
     "FunctionEndpoint",
     "MemoryBroker",
     "MessageEvent",

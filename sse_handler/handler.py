@@ -21,7 +21,6 @@ from collections.abc import Awaitable, Collection, Iterable
 from typing import Any, ClassVar
 
 from tornado.httputil import HTTPServerRequest
-from tornado.web import RequestHandler
 
 from .brokers import Broker, Replay
 from .brokers.memory import MemoryBroker
@@ -36,10 +35,10 @@ from .connection import (
 from .cors import CorsPolicy
 from .errors import SSEHandlerError, UnknownConnectionError
 from .event import ServerSentEvent, encode_comment, encode_retry
-from .response import accept_stream, answer_preflight
+from .routing import EventStreamRoute
 from .stats import EndpointStats, Snapshot
 
-__all__ = ["EventStreamRequestHandler", "ServerSentEventHandler"]
+__all__ = ["ServerSentEventHandler"]
 
 log = logging.getLogger("sse_handler")
 
@@ -155,9 +154,12 @@ class ServerSentEventHandler:
 
     # ----------------------------------------------------------------- mount
 
-    def route(self, pattern: str) -> tuple[str, type[RequestHandler], dict[str, Any]]:
-        """A Tornado route for this endpoint: ``Application([handler.route("/events")])``."""
-        return (pattern, EventStreamRequestHandler, {"sse_handler": self})
+    def route(self, pattern: str) -> tuple[str, EventStreamRoute]:
+        """A Tornado route for this endpoint: ``Application([handler.route("/events")])``.
+
+        Named groups of ``pattern`` reach :meth:`channels_for` as ``path_kwargs``.
+        """
+        return (pattern, EventStreamRoute(self))
 
     # ----------------------------------------------------------------- hooks
 
@@ -487,26 +489,6 @@ class ServerSentEventHandler:
             elif quiet_ticks and conn._quiet >= quiet_ticks:
                 conn._ping(_KEEPALIVE)
         self._ensure_housekeeping()
-
-
-class EventStreamRequestHandler(RequestHandler):
-    """The Tornado side of an endpoint: answers GET with an event stream.
-
-    It only authorizes the request and writes the head; then the stream is
-    detached and the connection object owns the socket. ``OPTIONS`` answers a
-    CORS preflight when ``cors_origins`` is set; other methods get 405.
-    """
-
-    SUPPORTED_METHODS = ("GET", "OPTIONS")
-
-    def initialize(self, sse_handler: ServerSentEventHandler) -> None:
-        self.sse_handler = sse_handler
-
-    async def get(self, *args: str, **kwargs: str) -> None:
-        await accept_stream(self, self.sse_handler)
-
-    def options(self, *args: str, **kwargs: str) -> None:
-        answer_preflight(self, self.sse_handler)
 
 
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

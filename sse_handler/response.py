@@ -22,17 +22,23 @@ import logging
 import os
 import socket
 import time
+from dataclasses import dataclass, field
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 
-from tornado.web import HTTPError, RequestHandler
+from tornado import httputil
+from tornado.http1connection import HTTP1Connection
+from tornado.httputil import HTTPServerRequest
+from tornado.log import access_log
+from tornado.web import HTTPError
 
 from .event import encode_comment, encode_retry
 
 if TYPE_CHECKING:
     from .handler import ServerSentEventHandler
 
-__all__ = ["STREAM_HEADERS", "accept_stream", "answer_preflight", "tune_socket"]
+__all__ = ["STREAM_HEADERS", "Answer", "accept_stream", "answer_preflight", "tune_socket"]
 
 #: The fixed part of every stream's response head (DESIGN: lifecycle).
 STREAM_HEADERS = (
@@ -43,54 +49,106 @@ STREAM_HEADERS = (
 )
 
 _FIRST_COMMENT = encode_comment("ok")
+_KNOWN_STATUSES = frozenset(HTTPStatus)
 
 log = logging.getLogger("sse_handler")
 
 
-async def accept_stream(rh: RequestHandler, handler: ServerSentEventHandler) -> None:
-    """Answer one GET: deny it, shed it, or turn it into a registered connection."""
-    request = rh.request
+async def accept_stream(
+    request: HTTPServerRequest, path_kwargs: dict[str, str], handler: ServerSentEventHandler
+) -> Answer | None:
+    """Take one GET: turn it into a registered connection, or say how to answer it.
+
+    An :class:`Answer` is written once Tornado has read the request's body, so
+    the connection stays open for the client's next request.
+    """
     if handler._loop is None:
         handler._loop = asyncio.get_running_loop()
     if handler.shutting_down or handler.over_limit(request.remote_ip):
-        _shed(rh, handler, 200 if handler.shutting_down else handler.over_limit_status)
-        return
-    channels = handler.channels_for(request, rh.path_kwargs)
+        return _shed(request, handler, 200 if handler.shutting_down else handler.over_limit_status)
     try:
+        channels = handler.channels_for(request, path_kwargs)
         allowed = handler.authorize(request)
         if inspect.isawaitable(allowed):
             allowed = await allowed
+        if allowed is False:
+            raise HTTPError(403)
+        if allowed is not None and allowed is not True:
+            channels = list(allowed)
+        # An empty Last-Event-ID means "no cursor" (a browser omits it then).
+        last_event_id = request.headers.get("Last-Event-ID") or _query_argument(
+            request, "last_event_id"
+        )
+        head = _head(request, handler)
     except HTTPError as exc:
-        if exc.status_code == 204:
-            # "No Content" tells an EventSource to stop reconnecting; it must
-            # carry no body, so Tornado's error page cannot be used.
-            rh.set_status(204)
-            rh.finish()
-            return
-        raise
-    if allowed is False:
-        raise HTTPError(403)
-    if allowed is not None and allowed is not True:
-        channels = list(allowed)
-    # An empty Last-Event-ID means "no cursor" (a browser omits it then).
-    last_event_id = request.headers.get("Last-Event-ID") or rh.get_query_argument(
-        "last_event_id", None
-    )
-    head = _head(rh, handler)
-    sock = _take_socket(rh)
+        return Answer(exc.status_code, reason=exc.reason)
+    except Exception:
+        log.exception("Uncaught exception while accepting %s", request.uri)
+        return Answer(500)
+    sock = _take_socket(request)
     if sock is None:
-        return  # the client left while authorize() ran
+        return None  # the client left while authorize() ran
     tune_socket(sock, handler.dead_peer_timeout)
     try:
         conn = handler.get_connection_impl(request, handler.new_cid(), sock, last_event_id)
     except Exception:
-        # Tornado no longer owns the stream, so its error page is out of reach.
+        # Tornado no longer owns the stream: answer on the socket itself.
         log.exception("Uncaught exception in get_connection_impl")
         _refuse(sock, b"500 Internal Server Error")
-        return
+        return None
     # The head and the first comment leave in one write, so the client sees
     # the stream open at once (and proxies that wait for a body byte too).
     await handler._register(conn, channels, head)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A short, complete answer that is not a stream; Tornado keeps the connection.
+
+    A 204 has no body: to an ``EventSource`` it means "stop reconnecting".
+    """
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    reason: str | None = None
+
+    def write(self, request: HTTPServerRequest) -> None:
+        _write_answer(request, self.status, self.headers, self.reason)
+
+
+def _write_answer(
+    request: HTTPServerRequest, status: int, headers: dict[str, str], reason: str | None
+) -> None:
+    if reason is None:
+        reason = HTTPStatus(status).phrase if status in _KNOWN_STATUSES else "Unknown"
+    body = b"" if status == 204 else f"{status}: {reason}\n".encode()
+    response_headers = httputil.HTTPHeaders(headers)
+    if body:
+        response_headers["Content-Type"] = "text/plain; charset=utf-8"
+        response_headers["Content-Length"] = str(len(body))
+    if request.method == "HEAD":
+        body = b""  # the head says what a GET would get, without it
+    assert request.connection is not None
+    request.connection.write_headers(
+        httputil.ResponseStartLine("HTTP/1.1", status, reason), response_headers, body
+    )
+    request.connection.finish()
+    # The access log line Tornado writes for its own handlers.
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    summary = f"{request.method} {request.uri} ({request.remote_ip})"
+    access_log.log(level, "%d %s %.2fms", status, summary, 1000.0 * request.request_time())
+
+
+def _query_argument(request: HTTPServerRequest, name: str) -> str | None:
+    """The last value of a query argument, decoded like Tornado's handlers do."""
+    values = request.query_arguments.get(name)
+    if not values:
+        return None
+    try:
+        return values[-1].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise HTTPError(400, f"Invalid unicode in {name}") from None
 
 
 def _refuse(sock: socket.socket, status: bytes) -> None:
@@ -102,7 +160,9 @@ def _refuse(sock: socket.socket, status: bytes) -> None:
     sock.close()
 
 
-def _shed(rh: RequestHandler, handler: ServerSentEventHandler, status: int) -> None:
+def _shed(
+    request: HTTPServerRequest, handler: ServerSentEventHandler, status: int
+) -> Answer | None:
     """Turn a client away for now.
 
     200 with a ``retry:`` hint, then the end of the stream, makes a browser
@@ -111,43 +171,40 @@ def _shed(rh: RequestHandler, handler: ServerSentEventHandler, status: int) -> N
     """
     retry = handler.jittered_retry()
     if status != 200:
-        rh.set_status(status)
-        rh.set_header("Retry-After", str(max(1, round(retry / 1000))))
-        return
+        return Answer(status, {"Retry-After": str(max(1, round(retry / 1000)))})
     # Written on the socket itself: the head says the body ends with the
     # connection, and Tornado would keep a keep-alive request's socket open.
-    answer = _head(rh, handler) + encode_retry(retry)
-    sock = _take_socket(rh)
+    answer_bytes = _head(request, handler) + encode_retry(retry)
+    sock = _take_socket(request)
     if sock is not None:
         try:
-            sock.send(answer)
+            sock.send(answer_bytes)
         except OSError:
             pass
         sock.close()
+    return None
 
 
-def _extra_headers(rh: RequestHandler, handler: ServerSentEventHandler) -> dict[str, str]:
-    headers = handler.cors.headers(rh.request.headers.get("Origin"))
-    headers.update(handler.response_headers(rh.request))
+def _extra_headers(request: HTTPServerRequest, handler: ServerSentEventHandler) -> dict[str, str]:
+    headers = handler.cors.headers(request.headers.get("Origin"))
+    headers.update(handler.response_headers(request))
     return headers
 
 
-def answer_preflight(rh: RequestHandler, handler: ServerSentEventHandler) -> None:
+def answer_preflight(request: HTTPServerRequest, handler: ServerSentEventHandler) -> Answer:
     """``OPTIONS``: a CORS preflight, answered from the allow-list."""
     if not handler.cors.enabled:
-        raise HTTPError(405)
-    headers = handler.cors.preflight_headers(rh.request.headers.get("Origin"))
+        return Answer(405, {"Allow": "GET"})
+    headers = handler.cors.preflight_headers(request.headers.get("Origin"))
     if "Access-Control-Allow-Origin" not in headers:
-        raise HTTPError(403)
-    for name, value in headers.items():
-        rh.set_header(name, value)
-    rh.set_status(204)
+        return Answer(403)
+    return Answer(204, headers)
 
 
-def _head(rh: RequestHandler, handler: ServerSentEventHandler) -> bytes:
+def _head(request: HTTPServerRequest, handler: ServerSentEventHandler) -> bytes:
     lines = ["HTTP/1.1 200 OK", f"Date: {_http_date()}"]
     lines += [f"{name}: {value}" for name, value in STREAM_HEADERS]
-    for name, value in _extra_headers(rh, handler).items():
+    for name, value in _extra_headers(request, handler).items():
         if any(c in name + value for c in "\r\n\0"):
             raise ValueError(f"response header {name!r} contains CR, LF or NUL")
         lines.append(f"{name}: {value}")
@@ -170,14 +227,15 @@ def _http_date() -> str:
     return _date_cache[1]
 
 
-def _take_socket(rh: RequestHandler) -> socket.socket | None:
+def _take_socket(request: HTTPServerRequest) -> socket.socket | None:
     """Detach the stream from Tornado and keep a socket of our own.
 
     The fd is duplicated and Tornado's IOStream closed: the IOStream drops its
     buffers and its IOLoop registration, and nothing Tornado does later to it
     (a server closing its remaining connections) can touch our socket.
     """
-    stream = rh.detach()
+    assert isinstance(request.connection, HTTP1Connection)
+    stream = request.connection.detach()
     if stream.closed():
         return None
     sock = socket.socket(fileno=os.dup(stream.socket.fileno()))

@@ -1,0 +1,135 @@
+"""The routing target: what the endpoint answers before any stream opens.
+
+Every request here goes over a real socket, several of them over one
+keep-alive connection, to show that an answer that is not a stream leaves the
+connection usable and every other stream untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from support import serve, wait_until
+from tornado.httputil import HTTPServerRequest
+from tornado.web import HTTPError
+
+from sse_handler import ServerSentEvent, ServerSentEventHandler
+
+
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> tuple[bytes, bytes]:
+    """Send one request; read one complete, Content-Length framed answer."""
+    writer.write(request)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    if request.startswith(b"HEAD "):
+        return head, b""
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    body = await asyncio.wait_for(reader.readexactly(length), 5)
+    return head, body
+
+
+async def test_other_methods_get_405_with_allow_and_the_connection_stays_usable() -> None:
+    handler = ServerSentEventHandler()
+    async with serve([handler.route("/events")], handler) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        for method in (b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS"):
+            body = b"x" if method in (b"POST", b"PUT") else b""
+            head, answer = await _exchange(
+                reader,
+                writer,
+                method
+                + b" /events HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\n\r\n"
+                + body,
+            )
+            assert head.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n"), method
+            # OPTIONS is only allowed when CORS is on; then it answers preflights.
+            allow = b"Allow: GET\r\n" if method == b"OPTIONS" else b"Allow: GET, OPTIONS\r\n"
+            assert allow in head
+            assert answer == (b"" if method == b"HEAD" else b"405: Method Not Allowed\n")
+        # The same connection then opens a stream.
+        writer.write(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        await wait_until(lambda: len(handler) == 1)
+        handler.send_all(ServerSentEvent(data="after"))
+        assert b"data: after\n\n" in await asyncio.wait_for(reader.readuntil(b"after\n\n"), 5)
+        writer.close()
+
+
+async def test_a_hook_that_raises_before_the_stream_answers_500_and_harms_no_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Broken(ServerSentEventHandler):
+        def channels_for(
+            self, request: HTTPServerRequest, path_kwargs: dict[str, str]
+        ) -> list[str]:
+            if "channels" in request.query_arguments:
+                raise RuntimeError("channels_for failed")
+            return super().channels_for(request, path_kwargs)
+
+        async def authorize(self, request: HTTPServerRequest) -> None:
+            if "authorize" in request.query_arguments:
+                raise RuntimeError("authorize failed")
+            if "headers" in request.query_arguments:
+                self.response_headers = lambda request: {"X-Bad": "a\r\nb"}  # type: ignore[method-assign]
+
+    handler = Broken()
+    async with serve([handler.route("/events")], handler) as server:
+        good = await server.stream()
+        await wait_until(lambda: len(handler) == 1)
+        with caplog.at_level(logging.ERROR, logger="sse_handler"):
+            for query in ("channels", "authorize", "headers"):
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                head, body = await _exchange(
+                    reader, writer, f"GET /events?{query}=1 HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                )
+                assert head.startswith(b"HTTP/1.1 500 Internal Server Error\r\n"), query
+                assert body == b"500: Internal Server Error\n"
+                writer.close()
+        assert sum("Uncaught exception while accepting" in r.message for r in caplog.records) == 3
+        assert len(handler) == 1
+        handler.send_all(ServerSentEvent(data="unharmed"))
+        assert (await good.next_event()).data == "unharmed"
+        good.close()
+
+
+async def test_http_errors_carry_their_status_and_reason() -> None:
+    class Guarded(ServerSentEventHandler):
+        def authorize(self, request: HTTPServerRequest) -> None:
+            raise HTTPError(429, reason="Slow Down")
+
+    handler = Guarded()
+    async with serve([handler.route("/events")], handler) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        head, body = await _exchange(reader, writer, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 429 Slow Down\r\n")
+        assert body == b"429: Slow Down\n"
+        writer.close()
+        assert len(handler) == 0
+
+
+async def test_invalid_utf8_in_the_path_or_last_event_id_is_a_400() -> None:
+    handler = ServerSentEventHandler()
+    routes = [handler.route(r"/rooms/(?P<channel>[^/]+)"), handler.route("/events")]
+    async with serve(routes, handler) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        for path in (b"/rooms/%FF%FE", b"/events?last_event_id=%FF"):
+            head, _ = await _exchange(
+                reader, writer, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
+            assert head.startswith(b"HTTP/1.1 400 "), path
+        writer.close()
+        # A valid percent-encoded room name reaches channels_for decoded.
+        client = await server.stream("/rooms/caf%C3%A9")
+        await wait_until(lambda: len(handler) == 1)
+        (conn,) = handler.connections()
+        assert conn.channels == {"café"}
+        client.close()
