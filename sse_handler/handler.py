@@ -394,9 +394,9 @@ class ServerSentEventHandler:
             # subscribing: it only knows the registry, so answer here.
             self._turn_away(conn, head, CloseReason.SHUTDOWN)
             return
-        conn._push(head, bounded=False)
-        if conn.close_reason is not None:
-            return  # the client was gone before the head: never registered
+        # The head waits for what registered() sends at once (see _cork);
+        # a replay follows it on the wire, so the head goes out before that.
+        conn._cork(head)
         self._connections[conn.cid] = conn
         self._per_ip[conn.remote_ip or ""] += 1
         if self.max_connection_age:
@@ -406,6 +406,7 @@ class ServerSentEventHandler:
         self.counters.opened += 1
         self._ensure_housekeeping()
         if conn.last_event_id:
+            conn._uncork()
             self.counters.replays += 1
             if not await self._run_hook(conn, self.replay_events_since, conn, conn.last_event_id):
                 return
@@ -430,6 +431,9 @@ class ServerSentEventHandler:
         try:
             result = hook(*args)
             if inspect.isawaitable(result):
+                # An async hook may wait on anything: the client sees the
+                # stream open now, not when the hook is done.
+                conn._uncork()
                 await result
         except Exception:
             log.exception("Uncaught exception in %s for connection %s", hook.__name__, conn.cid)

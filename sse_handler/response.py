@@ -96,8 +96,8 @@ async def accept_stream(
         log.exception("Uncaught exception in get_connection_impl")
         _refuse(sock, b"500 Internal Server Error")
         return None
-    # The head and the first comment leave in one write, so the client sees
-    # the stream open at once (and proxies that wait for a body byte too).
+    # The head carries the first comment, so a proxy that waits for a body
+    # byte passes the stream on at once; a welcome event joins that write.
     await handler._register(conn, channels, head)
     return None
 

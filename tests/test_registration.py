@@ -1,0 +1,162 @@
+"""Registration: the head and what registered() sends at once leave in one write.
+
+The sockets are real. To see how many ``send`` calls the connection made, the
+accepted socket is re-wrapped in a ``socket.socket`` subclass that records
+each call's bytes and then performs it: the kernel merges back-to-back
+segments on loopback, so the client alone cannot tell one write from two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+from support import serve, wait_until
+from tornado.httputil import HTTPServerRequest
+
+from sse_handler import (
+    CloseReason,
+    ServerSentEvent,
+    ServerSentEventConnection,
+    ServerSentEventHandler,
+)
+
+
+class RecordingSocket(socket.socket):
+    """A real socket that remembers what each ``send`` call was given."""
+
+    def __init__(self, fileno: int) -> None:
+        super().__init__(fileno=fileno)
+        self.sends: list[bytes] = []
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        self.sends.append(bytes(data))
+        return super().send(data, flags)
+
+
+class Recording(ServerSentEventHandler):
+    sockets: list[RecordingSocket]
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.sockets = []
+
+    def get_connection_impl(
+        self, request: HTTPServerRequest, cid: str, sock: Any, last_event_id: str | None
+    ) -> ServerSentEventConnection:
+        recording = RecordingSocket(sock.detach())
+        recording.setblocking(False)
+        self.sockets.append(recording)
+        return super().get_connection_impl(request, cid, recording, last_event_id)
+
+
+class Welcome(ServerSentEventConnection):
+    def registered(self) -> None:
+        self.send(event="welcome", data=self.cid)
+        self.send(event="rules", data="be nice")
+
+
+async def test_head_and_welcome_leave_in_one_send() -> None:
+    handler = Recording(connection_class=Welcome)
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream()
+        welcome, rules = await client.events(2)
+        assert (welcome.event, rules.event) == ("welcome", "rules")
+        (sock,) = handler.sockets
+        assert len(sock.sends) == 1
+        first = sock.sends[0]
+        assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert first.index(b": ok\n") < first.index(b"event: welcome\n")
+        assert first.endswith(b"event: rules\ndata: be nice\n\n")
+        # After registration every send goes straight out again.
+        handler.send_all(ServerSentEvent(data="live"))
+        assert (await client.next_event()).data == "live"
+        assert sock.sends[1] == b"data: live\n\n"
+        client.close()
+
+
+async def test_an_async_hook_does_not_hold_the_head_back() -> None:
+    release = asyncio.Event()
+
+    class Slow(ServerSentEventConnection):
+        async def registered(self) -> None:
+            await release.wait()
+            self.send(event="welcome", data="late")
+
+    handler = ServerSentEventHandler(connection_class=Slow)
+    async with serve([handler.route("/events")], handler) as server:
+        # connect() returns once the head is read: it must not need the hook.
+        client = await server.stream()
+        assert client.status == 200
+        assert not release.is_set()
+        release.set()
+        assert (await client.next_event()).data == "late"
+        client.close()
+
+
+async def test_a_large_snapshot_from_registered_is_not_bound_by_the_queue() -> None:
+    """Frames behind the held head are as good as written: a snapshot larger
+    than the queue bounds reaches the client whole and in order."""
+
+    class Snapshot(ServerSentEventConnection):
+        def registered(self) -> None:
+            for i in range(2000):
+                self.send(id=str(i), data="x" * 100)
+
+    handler = Recording(connection_class=Snapshot, max_queue_messages=10, max_queue_bytes=4096)
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream()
+        events = await client.events(2000, timeout=10)
+        assert [e.id for e in events] == [str(i) for i in range(2000)]
+        await wait_until(lambda: len(handler) == 1)
+        (conn,) = handler.connections()
+        assert conn.dropped == 0 and conn.close_reason is None
+        # The head was held back with the first ~64 KiB, then written; the
+        # rest went straight out.
+        (sock,) = handler.sockets
+        assert sock.sends[0].startswith(b"HTTP/1.1 200 OK\r\n")
+        assert 64 * 1024 <= len(sock.sends[0]) < 65 * 1024
+        assert len(sock.sends) > 1
+        client.close()
+
+
+async def test_flush_and_stop_inside_registered() -> None:
+    flushed = asyncio.Event()
+
+    class Brief(ServerSentEventConnection):
+        async def registered(self) -> None:
+            self.send(event="welcome", data="hi")
+            await self.flush()  # must not wait on the held head forever
+            flushed.set()
+            self.stop(ServerSentEvent(event="bye", data=""))
+
+    closed: list[CloseReason] = []
+
+    class Handler(ServerSentEventHandler):
+        def on_connection_deregistered(self, conn: ServerSentEventConnection) -> None:
+            assert conn.close_reason is not None
+            closed.append(conn.close_reason)
+
+    handler = Handler(connection_class=Brief)
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream()
+        events = await client.wait_closed()
+        assert [e.event for e in events] == ["welcome", "bye"]
+        assert flushed.is_set()
+        await wait_until(lambda: closed == [CloseReason.STOPPED])
+        assert len(handler) == 0
+
+
+async def test_a_hook_that_raises_still_sends_the_head() -> None:
+    class Broken(ServerSentEventConnection):
+        def registered(self) -> None:
+            self.send(event="welcome", data="hi")
+            raise RuntimeError("registered failed")
+
+    handler = ServerSentEventHandler(connection_class=Broken)
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream()
+        assert client.status == 200
+        await client.wait_closed()
+        await wait_until(lambda: len(handler) == 0)
