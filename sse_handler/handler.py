@@ -33,7 +33,7 @@ from .connection import (
     event_frame,
 )
 from .cors import CorsPolicy
-from .errors import SSEHandlerError, UnknownConnectionError
+from .errors import UnknownConnectionError
 from .event import ServerSentEvent, encode_comment, encode_retry
 from .routing import EventStreamRoute
 from .stats import EndpointStats, Snapshot
@@ -385,7 +385,9 @@ class ServerSentEventHandler:
         try:
             for channel in channels:
                 await self.router.subscribe(conn, channel)
-        except SSEHandlerError:
+        except Exception:
+            # BrokerUnavailableError, or a broker's own bug: either way this
+            # connection is turned away, not left holding its socket.
             log.exception("Could not subscribe connection %s", conn.cid)
             self._turn_away(conn, head, CloseReason.BROKER_ERROR)
             return

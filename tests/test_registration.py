@@ -9,14 +9,19 @@ segments on loopback, so the client alone cannot tell one write from two.
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import socket
 from typing import Any
 
+import pytest
 from support import serve, wait_until
 from tornado.httputil import HTTPServerRequest
 
 from sse_handler import (
+    BrokerUnavailableError,
     CloseReason,
+    MemoryBroker,
     ServerSentEvent,
     ServerSentEventConnection,
     ServerSentEventHandler,
@@ -160,3 +165,38 @@ async def test_a_hook_that_raises_still_sends_the_head() -> None:
         assert client.status == 200
         await client.wait_closed()
         await wait_until(lambda: len(handler) == 0)
+
+
+@pytest.mark.parametrize(
+    "error", [BrokerUnavailableError("down"), RuntimeError("a bug in the broker")]
+)
+async def test_a_failing_subscribe_turns_the_client_away_with_a_retry_hint(
+    error: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Failing(MemoryBroker):
+        async def subscribe(self, channel: str) -> None:
+            if channel == "broken":
+                raise error
+            await super().subscribe(channel)
+
+    closed: list[CloseReason] = []
+
+    class Handler(ServerSentEventHandler):
+        def on_connection_deregistered(self, conn: ServerSentEventConnection) -> None:
+            assert conn.close_reason is not None
+            closed.append(conn.close_reason)
+
+    handler = Handler(broker=Failing())
+    async with serve([handler.route("/events")], handler) as server:
+        good = await server.stream("/events?channel=fine")
+        with caplog.at_level(logging.ERROR, logger="sse_handler"):
+            client = await server.stream("/events?channel=broken")
+            assert client.status == 200
+            await client.wait_closed()
+        assert re.search(rb"^retry: \d+\n", bytes(client.raw), re.MULTILINE)
+        assert "Could not subscribe" in caplog.text
+        await wait_until(lambda: closed == [CloseReason.BROKER_ERROR])
+        assert len(handler) == 1
+        await handler.publish("fine", ServerSentEvent(data="still here"))
+        assert (await good.next_event()).data == "still here"
+        good.close()
