@@ -84,7 +84,8 @@ class _Request(HTTPMessageDelegate):
         if method == "OPTIONS":
             self.answer = answer_preflight(self.request, self.handler)
         else:
-            self.answer = Answer(405, {"Allow": "GET, OPTIONS"})
+            allowed = "GET, OPTIONS" if self.handler.cors.enabled else "GET"
+            self.answer = Answer(405, {"Allow": allowed})
         return None
 
     async def _accept(self, path_kwargs: dict[str, str]) -> None:

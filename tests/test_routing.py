@@ -50,9 +50,8 @@ async def test_other_methods_get_405_with_allow_and_the_connection_stays_usable(
                 + body,
             )
             assert head.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n"), method
-            # OPTIONS is only allowed when CORS is on; then it answers preflights.
-            allow = b"Allow: GET\r\n" if method == b"OPTIONS" else b"Allow: GET, OPTIONS\r\n"
-            assert allow in head
+            # OPTIONS is only allowed when CORS is on (see the next test).
+            assert b"Allow: GET\r\n" in head
             assert answer == (b"" if method == b"HEAD" else b"405: Method Not Allowed\n")
         # The same connection then opens a stream.
         writer.write(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -61,6 +60,24 @@ async def test_other_methods_get_405_with_allow_and_the_connection_stays_usable(
         await wait_until(lambda: len(handler) == 1)
         handler.send_all(ServerSentEvent(data="after"))
         assert b"data: after\n\n" in await asyncio.wait_for(reader.readuntil(b"after\n\n"), 5)
+        writer.close()
+
+
+async def test_with_cors_options_is_allowed_too() -> None:
+    handler = ServerSentEventHandler(cors_origins=["https://app.example"])
+    async with serve([handler.route("/events")], handler) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        head, _ = await _exchange(reader, writer, b"DELETE /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 405 ")
+        assert b"Allow: GET, OPTIONS\r\n" in head
+        preflight = (
+            b"OPTIONS /events HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\n"
+            b"Access-Control-Request-Method: GET\r\n\r\n"
+        )
+        head, body = await _exchange(reader, writer, preflight)
+        assert head.startswith(b"HTTP/1.1 204 No Content\r\n")
+        assert b"Access-Control-Allow-Origin: https://app.example\r\n" in head
+        assert body == b""
         writer.close()
 
 
