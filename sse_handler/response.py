@@ -114,30 +114,27 @@ class Answer:
     reason: str | None = None
 
     def write(self, request: HTTPServerRequest) -> None:
-        _write_answer(request, self.status, self.headers, self.reason)
-
-
-def _write_answer(
-    request: HTTPServerRequest, status: int, headers: dict[str, str], reason: str | None
-) -> None:
-    if reason is None:
-        reason = HTTPStatus(status).phrase if status in _KNOWN_STATUSES else "Unknown"
-    body = b"" if status == 204 else f"{status}: {reason}\n".encode()
-    response_headers = httputil.HTTPHeaders(headers)
-    if body:
-        response_headers["Content-Type"] = "text/plain; charset=utf-8"
-        response_headers["Content-Length"] = str(len(body))
-    if request.method == "HEAD":
-        body = b""  # the head says what a GET would get, without it
-    assert request.connection is not None
-    request.connection.write_headers(
-        httputil.ResponseStartLine("HTTP/1.1", status, reason), response_headers, body
-    )
-    request.connection.finish()
-    # The access log line Tornado writes for its own handlers.
-    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-    summary = f"{request.method} {request.uri} ({request.remote_ip})"
-    access_log.log(level, "%d %s %.2fms", status, summary, 1000.0 * request.request_time())
+        status, reason = self.status, self.reason
+        if reason is None:
+            reason = HTTPStatus(status).phrase if status in _KNOWN_STATUSES else "Unknown"
+        body = b"" if status == 204 else f"{status}: {reason}\n".encode()
+        response_headers = httputil.HTTPHeaders(self.headers)
+        if body:
+            response_headers["Content-Type"] = "text/plain; charset=utf-8"
+            response_headers["Content-Length"] = str(len(body))
+        if request.method == "HEAD":
+            body = b""  # the head says what a GET would get, without it
+        assert request.connection is not None
+        request.connection.write_headers(
+            httputil.ResponseStartLine("HTTP/1.1", status, reason), response_headers, body
+        )
+        request.connection.finish()
+        # The access log line Tornado writes for its own handlers.
+        level = (
+            logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+        )
+        summary = f"{request.method} {request.uri} ({request.remote_ip})"
+        access_log.log(level, "%d %s %.2fms", status, summary, 1000.0 * request.request_time())
 
 
 def _query_argument(request: HTTPServerRequest, name: str) -> str | None:
