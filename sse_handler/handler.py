@@ -151,6 +151,8 @@ class ServerSentEventHandler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._housekeeping_timer: asyncio.TimerHandle | None = None
         self._shutting_down = False
+        # Registrations in flight; the loop keeps only weak references to tasks.
+        self._registering: set[asyncio.Task[None]] = set()
 
     # ----------------------------------------------------------------- mount
 
@@ -371,6 +373,24 @@ class ServerSentEventHandler:
         connection, unlike drawing random bytes each time.
         """
         return self._cid_prefix + _base62(next(self._cid_counter))
+
+    def _start_registration(
+        self, conn: ServerSentEventConnection, channels: Iterable[str], head: bytes
+    ) -> None:
+        """Register ``conn`` in a task of its own, apart from Tornado's connection.
+
+        Awaited inside the request instead, a hook that waits (an ``async
+        registered()``) would keep Tornado's connection open, and
+        ``HTTPServer.close_all_connections()`` would wait for it.
+        """
+        task = asyncio.get_running_loop().create_task(self._register(conn, channels, head))
+        self._registering.add(task)
+        task.add_done_callback(self._registration_done)
+
+    def _registration_done(self, task: asyncio.Task[None]) -> None:
+        self._registering.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("Registration failed", exc_info=task.exception())
 
     async def _register(
         self, conn: ServerSentEventConnection, channels: Iterable[str], head: bytes

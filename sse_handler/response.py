@@ -98,7 +98,7 @@ async def accept_stream(
         return None
     # The head carries the first comment, so a proxy that waits for a body
     # byte passes the stream on at once; a welcome event joins that write.
-    await handler._register(conn, channels, head)
+    handler._start_registration(conn, channels, head)
     return None
 
 

@@ -16,7 +16,10 @@ from typing import Any
 
 import pytest
 from support import serve, wait_until
+from tornado.httpserver import HTTPServer
 from tornado.httputil import HTTPServerRequest
+from tornado.testing import bind_unused_port
+from tornado.web import Application
 
 from sse_handler import (
     BrokerUnavailableError,
@@ -26,6 +29,7 @@ from sse_handler import (
     ServerSentEventConnection,
     ServerSentEventHandler,
 )
+from sse_handler.testing import EventStreamClient
 
 
 class RecordingSocket(socket.socket):
@@ -200,3 +204,37 @@ async def test_a_failing_subscribe_turns_the_client_away_with_a_retry_hint(
         await handler.publish("fine", ServerSentEvent(data="still here"))
         assert (await good.next_event()).data == "still here"
         good.close()
+
+
+async def test_a_registered_hook_that_never_returns_does_not_hold_up_the_server() -> None:
+    """Registration runs apart from Tornado's connection: closing the server's
+    connections does not wait for a hook, and the stream works meanwhile."""
+    never = asyncio.Event()
+    entered = asyncio.Event()
+
+    class Waiting(ServerSentEventConnection):
+        async def registered(self) -> None:
+            entered.set()
+            await never.wait()
+
+    handler = ServerSentEventHandler(connection_class=Waiting)
+    sock, port = bind_unused_port()
+    server = HTTPServer(Application([handler.route("/events")]))
+    server.add_sockets([sock])
+    try:
+        client = await EventStreamClient.connect(f"http://127.0.0.1:{port}/events")
+        await asyncio.wait_for(entered.wait(), 5)
+        handler.send_all(ServerSentEvent(data="while registering"))
+        assert (await client.next_event()).data == "while registering"
+    finally:
+        server.stop()
+        await handler.shutdown(grace=0.1)
+        # Not wait_for(): cancelling it on timeout would cancel the hook and
+        # let the close finish, which would hide the hang.
+        closing = asyncio.ensure_future(server.close_all_connections())
+        done, _ = await asyncio.wait({closing}, timeout=5)
+        if not done:
+            closing.cancel()
+        assert closing in done, "close_all_connections() waited for the hook"
+    assert len(handler) == 0
+    await client.wait_closed()
