@@ -13,9 +13,9 @@ import logging
 import pytest
 from support import serve, wait_until
 from tornado.httputil import HTTPServerRequest
-from tornado.web import HTTPError
+from tornado.web import Application, HTTPError, url
 
-from sse_handler import ServerSentEvent, ServerSentEventHandler
+from sse_handler import EventStreamRoute, ServerSentEvent, ServerSentEventHandler
 
 
 async def _exchange(
@@ -149,4 +149,17 @@ async def test_invalid_utf8_in_the_path_or_last_event_id_is_a_400() -> None:
         await wait_until(lambda: len(handler) == 1)
         (conn,) = handler.connections()
         assert conn.channels == {"café"}
+        client.close()
+
+
+async def test_a_named_route_reverses_and_serves() -> None:
+    handler = ServerSentEventHandler()
+    app = Application([url(r"/rooms/(?P<channel>\w+)", EventStreamRoute(handler), name="room")])
+    assert app.reverse_url("room", "lobby") == "/rooms/lobby"
+    async with serve(app, handler) as server:
+        client = await server.stream(app.reverse_url("room", "lobby"))
+        await wait_until(lambda: len(handler) == 1)
+        assert handler.connections()[0].channels == {"lobby"}
+        await handler.publish("lobby", ServerSentEvent(data="hi"))
+        assert (await client.next_event()).data == "hi"
         client.close()
