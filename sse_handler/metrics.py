@@ -70,29 +70,33 @@ class EndpointCollector(Collector):
             family.add_metric(ep, value)
             return family
 
+        def counter_by(
+            name: str, doc: str, label: str, counts: dict[str, int]
+        ) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=[*labels, label])
+            for value, count in sorted(counts.items()):
+                family.add_metric([self.endpoint, value], count)
+            return family
+
         yield gauge("sse_connections_open", "Event-stream connections open now.", snap.open)
         yield counter("sse_connections_opened", "Connections opened.", snap.opened)
-        closed = CounterMetricFamily(
-            "sse_connections_closed", "Connections closed, by reason.", labels=[*labels, "reason"]
+        yield counter_by(
+            "sse_connections_closed", "Connections closed, by reason.", "reason", snap.closed
         )
-        for reason, count in sorted(snap.closed.items()):
-            closed.add_metric([self.endpoint, reason], count)
-        yield closed
         yield counter("sse_events_sent", "Events accepted for sending.", snap.events_sent)
         yield counter("sse_bytes_sent", "Bytes written to the sockets.", snap.bytes_sent)
-        dropped = CounterMetricFamily(
-            "sse_dropped", "Frames dropped by the overflow policy.", labels=[*labels, "policy"]
+        policy = str(self.handler.overflow_policy)
+        yield counter_by(
+            "sse_dropped",
+            "Frames dropped by the overflow policy.",
+            "policy",
+            {policy: snap.dropped},
         )
-        dropped.add_metric([self.endpoint, str(self.handler.overflow_policy)], snap.dropped)
-        yield dropped
         yield _queue_depths(ep, labels, snap.queue_depths)
         yield counter("sse_replay_requests", "Connections that asked for a replay.", snap.replays)
-        resets = CounterMetricFamily(
-            "sse_replay_resets", "Reset events sent, by reason.", labels=[*labels, "reason"]
+        yield counter_by(
+            "sse_replay_resets", "Reset events sent, by reason.", "reason", snap.resets
         )
-        for reason, count in sorted(snap.resets.items()):
-            resets.add_metric([self.endpoint, reason], count)
-        yield resets
 
 
 def _queue_depths(

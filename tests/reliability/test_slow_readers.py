@@ -220,24 +220,14 @@ async def publish(handler: TimedHandler, run: Run) -> None:
         await asyncio.sleep(max(0.0, start + (i + 1) / RATE - loop.time()))
 
 
-def closed_total(registry: CollectorRegistry) -> dict[str, float]:
-    """``sse_connections_closed_total`` by reason, parsed from the exposition text."""
+def counter_by(registry: CollectorRegistry, name: str, label: str) -> dict[str, float]:
+    """A labelled counter's samples, parsed from the exposition text."""
     text = generate_latest(registry).decode()
     return {
-        sample.labels["reason"]: sample.value
+        sample.labels[label]: sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == "sse_connections_closed_total"
-    }
-
-
-def dropped_total(registry: CollectorRegistry) -> dict[str, float]:
-    text = generate_latest(registry).decode()
-    return {
-        sample.labels["policy"]: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "sse_dropped_total"
+        if sample.name == name
     }
 
 
@@ -276,7 +266,7 @@ async def test_frozen_readers_are_evicted_as_slow(fd_limit: int) -> None:
         assert len(handler) == NORMAL
         assert growth <= FROZEN * handler.max_queue_bytes + RSS_MARGIN
         assert handler.stats().closed == {"slow": FROZEN}
-        assert closed_total(registry) == {"slow": FROZEN}
+        assert counter_by(registry, "sse_connections_closed_total", "reason") == {"slow": FROZEN}
 
     await publish_to_frozen_and_normal(handler, check)
 
@@ -312,7 +302,7 @@ async def test_frozen_readers_under_drop_oldest_stay_with_bounded_queues(
         assert_normal_clients_unharmed(handler, run)
         assert growth <= FROZEN * bound + RSS_MARGIN
         assert handler.stats().dropped == sum(dropped)
-        assert dropped_total(registry) == {"drop_oldest": sum(dropped)}
+        assert counter_by(registry, "sse_dropped_total", "policy") == {"drop_oldest": sum(dropped)}
         assert handler.stats().closed == {}
 
     await publish_to_frozen_and_normal(handler, check)
