@@ -7,11 +7,12 @@ I/O task. Events are :class:`ServerSentEvent` objects, encoded once.
 
 from .brokers import Broker, BrokerUnavailableError
 from .brokers.memory import MemoryBroker
-from .connection import CloseReason, OverflowPolicy, ServerSentEventConnection
+from .connection import ConnectionStats, ServerSentEventConnection
 from .endpoint import FunctionEndpoint, with_sse
 from .errors import ConnectionClosedError, SSEHandlerError, UnknownConnectionError
-from .event import ServerSentEvent, encode_comment, encode_retry
-from .handler import ServerSentEventHandler
+from .event import EventFields, ServerSentEvent, encode_comment, encode_retry
+from .handler import HandlerSettings, ServerSentEventHandler
+from .lifecycle import CloseReason, OverflowPolicy, State
 from .parser import EventStreamParser, MessageEvent
 from .routing import EventStreamRoute
 
@@ -22,9 +23,12 @@ __all__ = [
     "BrokerUnavailableError",
     "CloseReason",
     "ConnectionClosedError",
+    "ConnectionStats",
+    "EventFields",
     "EventStreamParser",
     "EventStreamRoute",
     "FunctionEndpoint",
+    "HandlerSettings",
     "MemoryBroker",
     "MessageEvent",
     "OverflowPolicy",
@@ -32,6 +36,7 @@ __all__ = [
     "ServerSentEvent",
     "ServerSentEventConnection",
     "ServerSentEventHandler",
+    "State",
     "UnknownConnectionError",
     "encode_comment",
     "encode_retry",

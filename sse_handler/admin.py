@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from dataclasses import asdict
 from typing import Any
 
 from tornado.web import RequestHandler
@@ -106,7 +107,7 @@ class ConnectionsHandler(_AdminRequestHandler):
     SUPPORTED_METHODS = ("GET",)
 
     def get(self) -> None:
-        self.write_json(200, [conn.stats() for conn in self.sse_handler.connections()])
+        self.write_json(200, [asdict(conn.stats()) for conn in self.sse_handler.connections()])
 
 
 class ConnectionHandler(_AdminRequestHandler):

@@ -4,29 +4,29 @@ A :class:`ChannelRouter` keeps which local connections read which channel,
 subscribes the process to a channel through the broker when its first local
 subscriber arrives (and unsubscribes when the last one leaves), and hands each
 event the broker delivers to the channel's subscribers -- the same bytes to
-all of them.
+all of them (framed once for both HTTP framings).
 
-The replay hand-off: while a connection's head and replay are going out, its
-channel events are held (``conn._held``); then they are released minus those at
-or before the last replayed position. That check stays in force afterwards,
-because a broker's reader may still deliver an event it is catching up on
-after replay has read it from the history.
+The router owns the replay hand-off: while a connection's head and replay are
+going out, its channel events are held here (:meth:`ChannelRouter.hold`);
+then they are released minus those at or before the last replayed position.
+That cursor stays in force afterwards, because a broker's reader may still
+deliver an event it is catching up on after replay has read it from the
+history; it is forgotten with the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import TYPE_CHECKING, Any
 
 from .brokers import Broker, Delivery, Replay
+from .tasks import spawn
+from .writer import framed
 
 if TYPE_CHECKING:
     from .connection import ServerSentEventConnection
 
 __all__ = ["ChannelRouter"]
-
-log = logging.getLogger("sse_handler")
 
 
 class ChannelRouter:
@@ -34,6 +34,9 @@ class ChannelRouter:
         self.broker = broker
         self._subscribers: dict[str, set[ServerSentEventConnection]] = {}
         self._subscribing: dict[str, asyncio.Future[None]] = {}
+        # The replay hand-off: events held per connection, and replay cursors.
+        self._held: dict[ServerSentEventConnection, list[Delivery]] = {}
+        self._cursors: dict[ServerSentEventConnection, Any] = {}
         broker.add_listener(self.deliver)
 
     def subscribers(self, channel: str) -> list[ServerSentEventConnection]:
@@ -49,12 +52,17 @@ class ChannelRouter:
         subscribers = self._subscribers.get(delivery.channel)
         if not subscribers:
             return
-        frame = delivery.frame
+        frames = framed(delivery.frame)
+        held = self._held
+        cursors = self._cursors
+        position = delivery.position
         for conn in tuple(subscribers):
-            if conn._held is not None:
-                conn._held.append(delivery)
-            elif not _already_replayed(conn, delivery):
-                conn._deliver(frame)
+            if held and conn in held:
+                held[conn].append(delivery)
+            elif cursors and _before(cursors.get(conn), position):
+                continue
+            else:
+                conn.writer.deliver(frames)
 
     async def subscribe(self, conn: ServerSentEventConnection, channel: str) -> None:
         # The first local subscriber subscribes the process; the others wait
@@ -70,6 +78,12 @@ class ChannelRouter:
                 del self._subscribing[channel]
         elif pending is not None:
             await asyncio.shield(pending)
+        if conn.close_reason is not None:
+            # The connection closed while the broker subscribed: it must not
+            # stay subscribed, nor keep the process subscribed for nobody.
+            if channel not in self._subscribers:
+                spawn(self._unsubscribe_process(channel), f"unsubscribing {channel!r}")
+            return
         self._subscribers.setdefault(channel, set()).add(conn)
         conn.channels.add(channel)
 
@@ -81,8 +95,14 @@ class ChannelRouter:
         subscribers.discard(conn)
         if not subscribers:
             del self._subscribers[channel]
-            task = asyncio.ensure_future(self._unsubscribe_process(channel))
-            task.add_done_callback(_log_failure)
+            spawn(self._unsubscribe_process(channel), f"unsubscribing {channel!r}")
+
+    def forget(self, conn: ServerSentEventConnection) -> None:
+        """A connection has ended: leave its channels, drop its hand-off state."""
+        for channel in list(conn.channels):
+            self.unsubscribe(conn, channel)
+        self._held.pop(conn, None)
+        self._cursors.pop(conn, None)
 
     async def _unsubscribe_process(self, channel: str) -> None:
         # A client that reconnects at once may have subscribed the channel
@@ -90,29 +110,33 @@ class ChannelRouter:
         if channel not in self._subscribers and channel not in self._subscribing:
             await self.broker.unsubscribe(channel)
 
+    def hold(self, conn: ServerSentEventConnection) -> None:
+        """Hold ``conn``'s channel events until :meth:`release_held`."""
+        self._held[conn] = []
+
     async def replay(self, conn: ServerSentEventConnection, last_event_id: str) -> Replay:
-        """Send ``conn`` what its channels had after ``last_event_id``, or say why not."""
+        """Send ``conn`` what its channels had after ``last_event_id``, or say why not.
+
+        Paced by the reader: a replay larger than the queue bound waits for the
+        socket instead of overflowing.
+        """
         replay = await self.broker.replay(sorted(conn.channels), last_event_id)
         for delivery in replay.deliveries:
-            conn.send_encoded(delivery.frame)
-            conn._replayed_upto = delivery.position
+            await conn.writer.send_paced(delivery.frame)
+            self._cursors[conn] = delivery.position
         return replay
 
     def release_held(self, conn: ServerSentEventConnection) -> None:
         """Send the events held during head and replay, minus what replay sent."""
-        held, conn._held = conn._held or [], None
+        held = self._held.pop(conn, None) or []
+        upto = self._cursors.get(conn)
         for delivery in held:
             if not conn.is_active:
                 return
-            if not _already_replayed(conn, delivery):
-                conn.send_encoded(delivery.frame)
+            if not _before(upto, delivery.position):
+                conn.writer.send(delivery.frame)
 
 
-def _already_replayed(conn: ServerSentEventConnection, delivery: Delivery) -> bool:
-    upto = conn._replayed_upto
-    return upto is not None and delivery.position is not None and delivery.position <= upto
-
-
-def _log_failure(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("Broker operation failed", exc_info=task.exception())
+def _before(upto: Any, position: Any) -> bool:
+    """Was the event at ``position`` already sent by the replay (up to ``upto``)?"""
+    return upto is not None and position is not None and position <= upto

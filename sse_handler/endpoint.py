@@ -19,73 +19,61 @@ and ``sse.is_active`` are all there.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, overload
+from typing import Any, Unpack, overload
 
 from tornado.httputil import HTTPServerRequest
 
-from .connection import CloseReason, ServerSentEventConnection
-from .errors import ConnectionClosedError
-from .handler import ServerSentEventHandler
+from .connection import Sendable, ServerSentEventConnection
+from .handler import HandlerSettings, ServerSentEventHandler
+from .writer import Transport
 
 __all__ = ["FunctionEndpoint", "StreamFunction", "with_sse"]
-
-log = logging.getLogger("sse_handler")
 
 StreamFunction = Callable[[HTTPServerRequest, ServerSentEventConnection], Awaitable[None]]
 
 
 class _FunctionConnection(ServerSentEventConnection):
-    """Runs the endpoint's function as this connection's source."""
+    """Runs the endpoint's function as this connection's source: the function
+    sends with ``send()``; when it returns, the source is done."""
 
     def __init__(self, *args: Any, request: HTTPServerRequest, fn: StreamFunction) -> None:
         super().__init__(*args)
         self._request = request
         self._fn = fn
 
-    def registered(self) -> None:
-        # Kept in the slot the connection cancels on close.
-        self._source_task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        try:
-            await self._fn(self._request, self)
-        except asyncio.CancelledError:
-            raise
-        except ConnectionClosedError:
-            return
-        except Exception:
-            log.exception("Uncaught exception in the stream function of %s", self.cid)
-            self._close(CloseReason.HOOK_ERROR)
-            return
-        self._stop(CloseReason.SOURCE_DONE, None, None)
+    async def poll_data(self) -> Sendable | None:
+        await self._fn(self._request, self)
+        return None  # the stream ends once what the function sent is written
 
 
 class FunctionEndpoint(ServerSentEventHandler):
     """A handler whose every connection runs one async function ``(request, sse)``."""
 
-    def __init__(self, fn: StreamFunction, **settings: Any) -> None:
+    def __init__(self, fn: StreamFunction, **settings: Unpack[HandlerSettings]) -> None:
         super().__init__(**settings)
         self.fn = fn
 
     def get_connection_impl(
-        self, request: HTTPServerRequest, cid: str, sock: Any, last_event_id: str | None
+        self,
+        request: HTTPServerRequest,
+        cid: str,
+        transport: Transport,
+        last_event_id: str | None,
     ) -> ServerSentEventConnection:
         return _FunctionConnection(
-            self, cid, sock, request, last_event_id, request=request, fn=self.fn
+            self, cid, transport, request, last_event_id, request=request, fn=self.fn
         )
 
 
 @overload
-def with_sse(fn: StreamFunction, /, **settings: Any) -> FunctionEndpoint: ...
+def with_sse(fn: StreamFunction, /, **settings: Unpack[HandlerSettings]) -> FunctionEndpoint: ...
 @overload
 def with_sse(
-    fn: None = None, /, **settings: Any
+    fn: None = None, /, **settings: Unpack[HandlerSettings]
 ) -> Callable[[StreamFunction], FunctionEndpoint]: ...
 def with_sse(
-    fn: StreamFunction | None = None, /, **settings: Any
+    fn: StreamFunction | None = None, /, **settings: Unpack[HandlerSettings]
 ) -> FunctionEndpoint | Callable[[StreamFunction], FunctionEndpoint]:
     """Turn ``async def fn(request, sse)`` into an endpoint; settings as keywords.
 

@@ -23,9 +23,17 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
-__all__ = ["ServerSentEvent", "encode_comment", "encode_retry"]
+__all__ = [
+    "EventFields",
+    "ServerSentEvent",
+    "as_event",
+    "comment_line",
+    "encode_comment",
+    "encode_retry",
+    "event_frame",
+]
 
 # WHATWG 9.2.6: a line ends with CRLF, a lone LF or a lone CR, and with nothing else, so
 # U+2028, U+2029, VT, FF and U+0085 must stay inside a line (str.splitlines would break on
@@ -70,6 +78,42 @@ class ServerSentEvent:
     def encode(self) -> bytes:
         """The wire frame: UTF-8, LF line endings, ending with a blank line."""
         return self._frame
+
+
+class EventFields(TypedDict, total=False):
+    """The fields of a :class:`ServerSentEvent` given as keywords:
+    ``send(data=..., event=..., id=..., retry=..., comment=...)``."""
+
+    data: str | bytes | dict[str, Any] | list[Any] | None
+    event: str | None
+    id: str | None
+    retry: int | None
+    comment: str | None
+
+
+def as_event(event: ServerSentEvent | None, fields: EventFields) -> ServerSentEvent:
+    """An event given as an object or as keyword fields (not both)."""
+    if event is None:
+        return ServerSentEvent(**fields)
+    if fields:
+        raise TypeError("give an event or its fields as keywords, not both")
+    if not isinstance(event, ServerSentEvent):
+        raise TypeError(f"event must be a ServerSentEvent, not {type(event).__name__}")
+    return event
+
+
+def event_frame(event: ServerSentEvent | None, fields: EventFields) -> bytes:
+    """The frame of an event given as an object or as keyword fields."""
+    return as_event(event, fields).encode()
+
+
+def comment_line(text: str = "") -> bytes:
+    """One comment line with no blank line after it (``b":\\n"`` for no text).
+
+    What the stream sends first and as keep-alives: a blank line would end an
+    (empty) event, which some clients surface as an empty ``message``.
+    """
+    return ServerSentEvent(comment=text).encode()[:-1]
 
 
 def encode_comment(text: str = "") -> bytes:

@@ -12,37 +12,60 @@ import asyncio
 import collections
 import inspect
 import itertools
-import logging
 import math
 import random
 import secrets
 import time
 from collections.abc import Awaitable, Collection, Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict, Unpack
 
-from tornado.httputil import HTTPServerRequest
+from tornado.httputil import HTTPHeaders, HTTPServerRequest
 
 from .brokers import Broker, Replay
 from .brokers.memory import MemoryBroker
 from .channels import ChannelRouter
-from .connection import (
-    CloseReason,
-    OverflowPolicy,
-    ServerSentEventConnection,
-    as_event,
-    event_frame,
-)
+from .connection import ServerSentEventConnection
 from .cors import CorsPolicy
-from .errors import UnknownConnectionError
-from .event import ServerSentEvent, encode_comment, encode_retry
+from .errors import ConnectionClosedError, UnknownConnectionError
+from .event import EventFields, ServerSentEvent, as_event, comment_line, encode_retry, event_frame
+from .lifecycle import CloseReason, OverflowPolicy
 from .routing import EventStreamRoute
 from .stats import EndpointStats, Snapshot
+from .tasks import log, spawn
+from .transport import ClosedTransport, SocketTransport
+from .writer import Transport, WriteLimits, framed
 
-__all__ = ["ServerSentEventHandler"]
+__all__ = ["HandlerSettings", "ServerSentEventHandler"]
 
-log = logging.getLogger("sse_handler")
+_KEEPALIVE = framed(comment_line())
 
-_KEEPALIVE = encode_comment()
+
+class HandlerSettings(TypedDict, total=False):
+    """The keyword arguments of :class:`ServerSentEventHandler` (its settings),
+    so that a checker refuses ``keepalive="5"`` or a misspelt name."""
+
+    connection_class: type[ServerSentEventConnection]
+    keepalive: float
+    write_timeout: float
+    max_queue_messages: int
+    max_queue_bytes: int
+    overflow_policy: OverflowPolicy | str
+    dead_peer_timeout: float
+    kernel_buffer: int
+    retry: int | None
+    shutdown_farewell: ServerSentEvent | None
+    reconnect_retry: tuple[int, int]
+    broker: Broker | None
+    default_channel: str
+    max_connections: int
+    max_connections_per_ip: int
+    over_limit_status: int
+    max_connection_age: float
+    max_event_size: int
+    max_last_event_id: int
+    cors_origins: Collection[str]
+    cors_credentials: bool
+    kept_headers: Collection[str]
 
 
 class ServerSentEventHandler:
@@ -71,6 +94,10 @@ class ServerSentEventHandler:
     #: Seconds after which a peer that vanished without FIN is dropped, through
     #: TCP keepalive and TCP_USER_TIMEOUT (0 = the kernel's defaults).
     dead_peer_timeout: float = 60.0
+    #: Bytes the kernel may hold unsent for one stream (TCP_NOTSENT_LOWAT; 0 =
+    #: the kernel's autotuned buffer, megabytes). A frozen reader then holds at
+    #: most ``max_queue_bytes`` plus this before the write deadline acts.
+    kernel_buffer: int = 128 * 1024
     #: A ``retry:`` hint (ms) sent with the first comment of every stream.
     retry: int | None = None
     #: Sent by :meth:`shutdown` before closing, with a jittered retry hint.
@@ -102,42 +129,41 @@ class ServerSentEventHandler:
     broker: Broker | None = None
     #: The channel of a request that names none (see :meth:`channels_for`).
     default_channel: str = "default"
+    #: Request headers a connection keeps once registered (all of them are
+    #: there for ``authorize``, ``get_connection_impl`` and the registration
+    #: hooks): a stream lives for hours, its request head need not.
+    kept_headers: Collection[str] = ("User-Agent", "Origin", "Referer")
 
-    _settings: ClassVar[tuple[str, ...]] = (
-        "connection_class",
-        "keepalive",
-        "write_timeout",
-        "max_queue_messages",
-        "max_queue_bytes",
-        "overflow_policy",
-        "dead_peer_timeout",
-        "retry",
-        "shutdown_farewell",
-        "reconnect_retry",
-        "broker",
-        "default_channel",
-        "max_connections",
-        "max_connections_per_ip",
-        "over_limit_status",
-        "max_connection_age",
-        "max_event_size",
-        "max_last_event_id",
-        "cors_origins",
-        "cors_credentials",
-    )
+    _settings: ClassVar[frozenset[str]] = frozenset(HandlerSettings.__annotations__)
 
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, **settings: Unpack[HandlerSettings]) -> None:
         for name, value in settings.items():
             if name not in self._settings:
-                raise TypeError(f"unknown setting {name!r}; known: {', '.join(self._settings)}")
+                known = ", ".join(sorted(self._settings))
+                raise TypeError(f"unknown setting {name!r}; known: {known}")
             setattr(self, name, value)
         self.overflow_policy = OverflowPolicy(self.overflow_policy)
         if self.retry is not None:
             encode_retry(self.retry)  # refuse a bad hint now, not at the first client
         if self.over_limit_status not in (200, 429, 503):
             raise ValueError("over_limit_status must be 200, 429 or 503")
+        for name in ("cors_origins", "kept_headers"):
+            if isinstance(getattr(self, name), str | bytes):
+                raise TypeError(f"{name} must be a collection of strings, not a single string")
         self.cors = CorsPolicy(self.cors_origins, self.cors_credentials)
+        #: The bounds every connection's write path gets (frozen at construction).
+        self.write_limits = WriteLimits(
+            max_queue_messages=self.max_queue_messages,
+            max_queue_bytes=self.max_queue_bytes,
+            overflow_policy=self.overflow_policy,
+            write_timeout=self.write_timeout,
+            max_event_size=self.max_event_size,
+        )
+        self._kept = frozenset(name.lower() for name in self.kept_headers)
+        # Streams admitted (reserved at accept, before authorize()) per address
+        # and in all; a slot is released exactly once (see release()).
         self._per_ip: collections.Counter[str] = collections.Counter()
+        self._admitted = 0
         self._connections: dict[str, ServerSentEventConnection] = {}
         #: Lifetime counters (see :meth:`stats`).
         self.counters = EndpointStats()
@@ -147,12 +173,8 @@ class ServerSentEventHandler:
         self.router = ChannelRouter(self.broker)
         self._cid_prefix = secrets.token_urlsafe(6)
         self._cid_counter = itertools.count()
-        # The loop the handler serves on, set when the first request arrives.
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._housekeeping_timer: asyncio.TimerHandle | None = None
         self._shutting_down = False
-        # Registrations in flight; the loop keeps only weak references to tasks.
-        self._registering: set[asyncio.Task[None]] = set()
 
     # ----------------------------------------------------------------- mount
 
@@ -195,10 +217,14 @@ class ServerSentEventHandler:
         return {}
 
     def get_connection_impl(
-        self, request: HTTPServerRequest, cid: str, sock: Any, last_event_id: str | None
+        self,
+        request: HTTPServerRequest,
+        cid: str,
+        transport: Transport,
+        last_event_id: str | None,
     ) -> ServerSentEventConnection:
         """Create the connection object for an accepted request (Qore's getConnectionImpl)."""
-        return self.connection_class(self, cid, sock, request, last_event_id)
+        return self.connection_class(self, cid, transport, request, last_event_id)
 
     def on_connection_registered(self, conn: ServerSentEventConnection) -> Awaitable[None] | None:
         """Called after the connection's own ``registered()`` (may be ``async``)."""
@@ -237,6 +263,14 @@ class ServerSentEventHandler:
             self.counters.resets[replay.reset] += 1
             conn.send(event="reset", data={"reason": replay.reset})
 
+    async def subscribe(self, conn: ServerSentEventConnection, channel: str) -> None:
+        """Subscribe ``conn`` to ``channel`` (what ``conn.subscribe`` does)."""
+        await self.router.subscribe(conn, channel)
+
+    def unsubscribe(self, conn: ServerSentEventConnection, channel: str) -> None:
+        """Unsubscribe ``conn`` from ``channel``."""
+        self.router.unsubscribe(conn, channel)
+
     # --------------------------------------------------------------- registry
 
     def connection_ids(self) -> list[str]:
@@ -264,7 +298,9 @@ class ServerSentEventHandler:
 
     # ------------------------------------------------------------------ admin
 
-    def send_all(self, event: ServerSentEvent | None = None, /, **fields: Any) -> int:
+    def send_all(
+        self, event: ServerSentEvent | None = None, /, **fields: Unpack[EventFields]
+    ) -> int:
         """Send one event to every connection; returns how many accepted it.
 
         The event is encoded once and the same bytes go to every connection.
@@ -272,7 +308,7 @@ class ServerSentEventHandler:
         return self.send_encoded_all(event_frame(event, fields))
 
     async def publish(
-        self, channel: str, event: ServerSentEvent | None = None, /, **fields: Any
+        self, channel: str, event: ServerSentEvent | None = None, /, **fields: Unpack[EventFields]
     ) -> str:
         """Publish to a channel through the broker; returns the event's id.
 
@@ -283,7 +319,7 @@ class ServerSentEventHandler:
         cannot be reached; then nothing was published.
         """
         event = as_event(event, fields)
-        self.check_event_size(event.encode())
+        self.write_limits.check_event_size(event.encode())
         return await self.router.broker.publish(channel, event)
 
     def subscribers(self, channel: str) -> list[ServerSentEventConnection]:
@@ -293,16 +329,19 @@ class ServerSentEventHandler:
     def send_encoded_all(
         self, frame: bytes, connections: Iterable[ServerSentEventConnection] | None = None
     ) -> int:
-        """Send a pre-encoded frame to every (or the given) connection."""
-        self.check_event_size(frame)
+        """Send a pre-encoded frame to every (or the given) connection; returns
+        how many accepted it (not those that have ended or dropped it)."""
+        self.write_limits.check_event_size(frame)
+        frames = framed(frame)
         delivered = 0
         for conn in list(self._connections.values()) if connections is None else connections:
-            if conn.is_active:
-                conn._deliver(frame)
+            if conn.writer.deliver(frames):
                 delivered += 1
         return delivered
 
-    def send_one(self, cid: str, event: ServerSentEvent | None = None, /, **fields: Any) -> None:
+    def send_one(
+        self, cid: str, event: ServerSentEvent | None = None, /, **fields: Unpack[EventFields]
+    ) -> None:
         """Send one event to the connection ``cid``."""
         self.get_connection(cid).send_encoded(event_frame(event, fields))
 
@@ -332,12 +371,12 @@ class ServerSentEventHandler:
             self._housekeeping_timer = None
         conns = list(self._connections.values())
         for conn in conns:
-            conn._stop(CloseReason.SHUTDOWN, self.shutdown_farewell, self.jittered_retry())
+            conn.stop(self.shutdown_farewell, self.jittered_retry(), reason=CloseReason.SHUTDOWN)
         waiting = [c.wait_closed() for c in conns if c.close_reason is None]
         if waiting:
             await asyncio.wait([asyncio.ensure_future(w) for w in waiting], timeout=grace)
         for conn in list(self._connections.values()):
-            conn._close(CloseReason.SHUTDOWN)
+            conn.close(CloseReason.SHUTDOWN)
 
     @property
     def shutting_down(self) -> bool:
@@ -349,19 +388,36 @@ class ServerSentEventHandler:
         return random.randint(*self.reconnect_retry)
 
     def over_limit(self, remote_ip: str | None) -> bool:
-        """Would one more connection from ``remote_ip`` exceed a cap?"""
-        if self.max_connections and len(self._connections) >= self.max_connections:
+        """Would one more stream from ``remote_ip`` exceed a cap?"""
+        if self.max_connections and self._admitted >= self.max_connections:
             return True
         return bool(
             self.max_connections_per_ip
             and self._per_ip[remote_ip or ""] >= self.max_connections_per_ip
         )
 
+    def reserve(self, remote_ip: str | None) -> bool:
+        """Take a slot under the caps for a request about to be authorized;
+        False when a cap is reached. Every slot taken is given back once by
+        :meth:`release`: by the accept path when it answers without a stream,
+        else when the stream's connection ends."""
+        if self.over_limit(remote_ip):
+            return False
+        self._admitted += 1
+        self._per_ip[remote_ip or ""] += 1
+        return True
+
+    def release(self, remote_ip: str | None) -> None:
+        """Give back a slot taken by :meth:`reserve`."""
+        ip = remote_ip or ""
+        self._admitted -= 1
+        self._per_ip[ip] -= 1
+        if self._per_ip[ip] <= 0:
+            del self._per_ip[ip]
+
     def check_event_size(self, frame: bytes) -> None:
         """Refuse (``ValueError``) a frame over :attr:`max_event_size`."""
-        limit = self.max_event_size
-        if limit and len(frame) > limit:
-            raise ValueError(f"event is {len(frame)} bytes encoded; max_event_size is {limit}")
+        self.write_limits.check_event_size(frame)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -374,34 +430,43 @@ class ServerSentEventHandler:
         """
         return self._cid_prefix + _base62(next(self._cid_counter))
 
-    def _start_registration(
-        self, conn: ServerSentEventConnection, channels: Iterable[str], head: bytes
+    def open_stream(
+        self,
+        request: HTTPServerRequest,
+        transport: SocketTransport | ClosedTransport,
+        channels: Iterable[str],
+        head: bytes,
+        last_event_id: str | None,
     ) -> None:
-        """Register ``conn`` in a task of its own, apart from Tornado's connection.
+        """Turn an authorized request into a connection (the accept path's one
+        entry point). Its slot (:meth:`reserve`) now belongs to the connection.
 
-        Awaited inside the request instead, a hook that waits (an ``async
-        registered()``) would keep Tornado's connection open, and
-        ``HTTPServer.close_all_connections()`` would wait for it.
+        Registration runs in a task of its own, apart from Tornado's
+        connection: awaited inside the request, a hook that waits (an async
+        ``registered()``) would keep ``HTTPServer.close_all_connections()`` waiting.
         """
-        task = asyncio.get_running_loop().create_task(self._register(conn, channels, head))
-        self._registering.add(task)
-        task.add_done_callback(self._registration_done)
-
-    def _registration_done(self, task: asyncio.Task[None]) -> None:
-        self._registering.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("Registration failed", exc_info=task.exception())
+        try:
+            conn = self.get_connection_impl(request, self.new_cid(), transport, last_event_id)
+        except Exception:
+            log.exception("Uncaught exception in get_connection_impl")
+            _refuse(transport, b"500 Internal Server Error")
+            self.release(request.remote_ip)
+            return
+        if isinstance(transport, ClosedTransport):
+            conn.close(CloseReason.CLIENT_CLOSED)  # left during authorize()
+            return
+        spawn(self._register(conn, list(channels), head), f"registration of {conn.cid}")
 
     async def _register(
-        self, conn: ServerSentEventConnection, channels: Iterable[str], head: bytes
+        self, conn: ServerSentEventConnection, channels: list[str], head: bytes
     ) -> None:
-        """Channels, head, registry, replay, hooks, then the I/O task (DESIGN: lifecycle).
+        """Channels, head, registry, replay, hooks, then live (DESIGN: lifecycle).
 
         The channels are subscribed before the head is written, so a client that
         sees its stream open is already receiving its channels; their events
-        are held until the head (and the replay, if any) has gone out.
+        are held by the router until the head (and the replay, if any) has gone out.
         """
-        conn._held = []
+        self.router.hold(conn)
         try:
             for channel in channels:
                 await self.router.subscribe(conn, channel)
@@ -411,24 +476,23 @@ class ServerSentEventHandler:
             log.exception("Could not subscribe connection %s", conn.cid)
             self._turn_away(conn, head, CloseReason.BROKER_ERROR)
             return
+        if conn.close_reason is not None:
+            return  # the client left while the channels were subscribed
         if self._shutting_down:
             # shutdown() began while this request was in authorize() or
             # subscribing: it only knows the registry, so answer here.
             self._turn_away(conn, head, CloseReason.SHUTDOWN)
             return
-        # The head waits for what registered() sends at once (see _cork);
+        # The head waits for what registered() sends at once (see FrameWriter.hold);
         # a replay follows it on the wire, so the head goes out before that.
-        conn._cork(head)
+        conn.writer.hold(head)
         self._connections[conn.cid] = conn
-        self._per_ip[conn.remote_ip or ""] += 1
         if self.max_connection_age:
-            conn._expires_at = time.monotonic() + self.max_connection_age * random.uniform(
-                0.9, 1.1
-            )
+            conn.expires_at = time.monotonic() + self.max_connection_age * random.uniform(0.9, 1.1)
         self.counters.opened += 1
         self._ensure_housekeeping()
         if conn.last_event_id:
-            conn._uncork()
+            conn.writer.release()
             self.counters.replays += 1
             if not await self._run_hook(conn, self.replay_events_since, conn, conn.last_event_id):
                 return
@@ -436,15 +500,16 @@ class ServerSentEventHandler:
         for hook, args in ((conn.registered, ()), (self.on_connection_registered, (conn,))):
             if not await self._run_hook(conn, hook, *args):
                 return
-        if conn.close_reason is None:
-            conn._start()
+        conn.writer.release()
+        conn.headers = _kept_headers(conn.headers, self._kept)
+        conn.start_source()
 
     def _turn_away(
         self, conn: ServerSentEventConnection, head: bytes, reason: CloseReason
     ) -> None:
         """Head, a "come back later" hint, close: a browser retries after the hint."""
-        conn._push(head + encode_retry(self.jittered_retry()), bounded=False)
-        conn._close(reason)
+        conn.writer.hold(head)
+        conn.writer.stop(reason, encode_retry(self.jittered_retry()))
 
     async def _run_hook(self, conn: ServerSentEventConnection, hook: Any, *args: Any) -> bool:
         """Run one hook; one that raises closes only this connection."""
@@ -455,24 +520,24 @@ class ServerSentEventHandler:
             if inspect.isawaitable(result):
                 # An async hook may wait on anything: the client sees the
                 # stream open now, not when the hook is done.
-                conn._uncork()
+                conn.writer.release()
                 await result
+        except ConnectionClosedError:
+            return False  # the connection ended under the hook: not the hook's fault
         except Exception:
             log.exception("Uncaught exception in %s for connection %s", hook.__name__, conn.cid)
-            conn._close(CloseReason.HOOK_ERROR)
+            conn.close(CloseReason.HOOK_ERROR)
             return False
         return conn.close_reason is None
 
-    def _deregister(self, conn: ServerSentEventConnection) -> None:
+    def connection_ended(self, conn: ServerSentEventConnection) -> None:
+        """Called by a connection once it has closed: it leaves the registry,
+        its channels and its slot, then :meth:`on_connection_deregistered` runs."""
         if self._connections.get(conn.cid) is conn:
             del self._connections[conn.cid]
-            ip = conn.remote_ip or ""
-            self._per_ip[ip] -= 1
-            if not self._per_ip[ip]:
-                del self._per_ip[ip]
+        self.release(conn.remote_ip)
         self.counters.connection_closed(conn, conn.close_reason or "unknown")
-        for channel in list(conn.channels):
-            self.router.unsubscribe(conn, channel)
+        self.router.forget(conn)
         try:
             self.on_connection_deregistered(conn)
         except Exception:
@@ -509,11 +574,10 @@ class ServerSentEventHandler:
         for conn in list(self._connections.values()):
             if not conn.is_active:
                 continue
-            conn._quiet += 1
-            if conn._expires_at is not None and conn._expires_at <= now:
-                conn._stop(CloseReason.MAX_AGE, None, self.jittered_retry())
-            elif quiet_ticks and conn._quiet >= quiet_ticks:
-                conn._ping(_KEEPALIVE)
+            if conn.expires_at is not None and conn.expires_at <= now:
+                conn.stop(None, self.jittered_retry(), reason=CloseReason.MAX_AGE)
+            elif quiet_ticks:
+                conn.writer.keepalive(_KEEPALIVE, quiet_ticks)
         self._ensure_housekeeping()
 
 
@@ -527,3 +591,23 @@ def _base62(n: int) -> str:
         out = _BASE62[n % 62] + out
         n //= 62
     return out
+
+
+def _kept_headers(headers: HTTPHeaders, kept: frozenset[str]) -> HTTPHeaders:
+    """A copy of the headers named in ``kept`` (lower-case names)."""
+    copy = HTTPHeaders()
+    for name, value in headers.get_all():
+        if name.lower() in kept:
+            copy.add(name, value)
+    return copy
+
+
+def _refuse(transport: SocketTransport | ClosedTransport, status: bytes) -> None:
+    """An error answer after Tornado has let go of the stream."""
+    try:
+        transport.send(
+            b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+    except OSError:
+        pass
+    transport.close()

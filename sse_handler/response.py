@@ -1,26 +1,27 @@
-"""Accepting a request: authorization, the response head, taking the socket.
+"""Accepting a request: limits, authorization, the response head, the hand-off.
 
-Why the socket is taken over: Tornado's per-request objects (RequestHandler,
-HTTP1Connection, IOStream with its buffers and a Future per write) cost memory
-and CPU on every write of a stream that lives for hours. Like
-``tornado.websocket`` after the upgrade, the stream is detached once the request
-is accepted; the connection writes to the socket itself.
+Why the body is chunked: clients built on urllib3 (requests, sseclient-py,
+requests-sse) read a close-delimited body in 512-byte blocks, so a short event
+would wait in their buffer; with chunked transfer coding (RFC 9112 section 7.1)
+they hand over each chunk as it arrives. Each frame is one chunk, its framing
+computed once with the frame (encode-once holds for a fan-out). HTTP/1.0 has
+no chunks: its body is close-delimited. Either way the head says
+``Connection: close``: a stream only ever ends by a close.
 
-Why the body is close-delimited: HTTP/1.1 allows a response with neither
-Content-Length nor chunked framing, ended by closing the connection (RFC 9112
-section 6.3, rule 8). An event stream only ever ends by a close, so chunk
-framing would add bytes and work to every write and buy nothing; the head says
-``Connection: close`` accordingly. Browsers' EventSource, curl and proxies
-(nginx with ``proxy_buffering off``) read such a body as it arrives.
+The stream's first bytes are a comment line (``: ok``) with no blank line
+after it: a blank line would dispatch an empty event in several clients.
+
+The request gets one of two endings: a stream handed to
+:meth:`ServerSentEventHandler.open_stream` (the handler's one entry point for
+this module), or an :class:`Answer`. Its slot under the connection caps is
+taken before ``authorize()`` runs and given back on every path that ends
+without a stream.
 """
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
-import os
-import socket
 import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -28,17 +29,19 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from tornado import httputil
-from tornado.http1connection import HTTP1Connection
 from tornado.httputil import HTTPServerRequest
 from tornado.log import access_log
 from tornado.web import HTTPError
 
-from .event import encode_comment, encode_retry
+from .event import comment_line, encode_retry
+from .tasks import log
+from .transport import take_transport
+from .writer import LAST_CHUNK, chunk, chunked_for
 
 if TYPE_CHECKING:
     from .handler import ServerSentEventHandler
 
-__all__ = ["STREAM_HEADERS", "Answer", "accept_stream", "answer_preflight", "tune_socket"]
+__all__ = ["STREAM_HEADERS", "Answer", "accept_stream", "answer_preflight"]
 
 #: The fixed part of every stream's response head (DESIGN: lifecycle).
 STREAM_HEADERS = (
@@ -48,24 +51,23 @@ STREAM_HEADERS = (
     ("Connection", "close"),
 )
 
-_FIRST_COMMENT = encode_comment("ok")
+_FIRST_COMMENT = comment_line("ok")
 _KNOWN_STATUSES = frozenset(HTTPStatus)
-
-log = logging.getLogger("sse_handler")
 
 
 async def accept_stream(
     request: HTTPServerRequest, path_kwargs: dict[str, str], handler: ServerSentEventHandler
 ) -> Answer | None:
-    """Take one GET: turn it into a registered connection, or say how to answer it.
+    """Take one GET: hand it to the handler as a stream, or say how to answer it.
 
     An :class:`Answer` is written once Tornado has read the request's body, so
     the connection stays open for the client's next request.
     """
-    if handler._loop is None:
-        handler._loop = asyncio.get_running_loop()
-    if handler.shutting_down or handler.over_limit(request.remote_ip):
-        return _shed(request, handler, 200 if handler.shutting_down else handler.over_limit_status)
+    if handler.shutting_down:
+        return _shed(request, handler, 200)
+    if not handler.reserve(request.remote_ip):
+        return _shed(request, handler, handler.over_limit_status)
+    handed_over = False
     try:
         channels = handler.channels_for(request, path_kwargs)
         allowed = handler.authorize(request)
@@ -74,31 +76,30 @@ async def accept_stream(
         if allowed is False:
             raise HTTPError(403)
         if allowed is not None and allowed is not True:
+            if isinstance(allowed, str | bytes):
+                raise TypeError(
+                    "authorize() returned a string; return a collection of channel "
+                    "names (e.g. a list), True/None, or False"
+                )
             channels = list(allowed)
         # An empty Last-Event-ID means "no cursor" (a browser omits it then).
         last_event_id = request.headers.get("Last-Event-ID") or _query_argument(
             request, "last_event_id"
         )
         head = _head(request, handler)
+        transport = take_transport(request, handler.dead_peer_timeout, handler.kernel_buffer)
+        handed_over = True
+        handler.open_stream(request, transport, channels, head, last_event_id)
     except HTTPError as exc:
         return Answer(exc.status_code, reason=exc.reason)
     except Exception:
+        if handed_over:
+            raise
         log.exception("Uncaught exception while accepting %s", request.uri)
         return Answer(500)
-    sock = _take_socket(request)
-    if sock is None:
-        return None  # the client left while authorize() ran
-    tune_socket(sock, handler.dead_peer_timeout)
-    try:
-        conn = handler.get_connection_impl(request, handler.new_cid(), sock, last_event_id)
-    except Exception:
-        # Tornado no longer owns the stream: answer on the socket itself.
-        log.exception("Uncaught exception in get_connection_impl")
-        _refuse(sock, b"500 Internal Server Error")
-        return None
-    # The head carries the first comment, so a proxy that waits for a body
-    # byte passes the stream on at once; a welcome event joins that write.
-    handler._start_registration(conn, channels, head)
+    finally:
+        if not handed_over:
+            handler.release(request.remote_ip)
     return None
 
 
@@ -148,15 +149,6 @@ def _query_argument(request: HTTPServerRequest, name: str) -> str | None:
         raise HTTPError(400, f"Invalid unicode in {name}") from None
 
 
-def _refuse(sock: socket.socket, status: bytes) -> None:
-    """An error answer after Tornado has let go of the stream."""
-    try:
-        sock.send(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-    except OSError:
-        pass
-    sock.close()
-
-
 def _shed(
     request: HTTPServerRequest, handler: ServerSentEventHandler, status: int
 ) -> Answer | None:
@@ -171,14 +163,15 @@ def _shed(
         return Answer(status, {"Retry-After": str(max(1, round(retry / 1000)))})
     # Written on the socket itself: the head says the body ends with the
     # connection, and Tornado would keep a keep-alive request's socket open.
-    answer_bytes = _head(request, handler) + encode_retry(retry)
-    sock = _take_socket(request)
-    if sock is not None:
-        try:
-            sock.send(answer_bytes)
-        except OSError:
-            pass
-        sock.close()
+    hint = encode_retry(retry)
+    if chunked_for(request.version):
+        hint = chunk(hint) + LAST_CHUNK
+    transport = take_transport(request)
+    try:
+        transport.send(_head(request, handler) + hint)
+    except OSError:
+        pass
+    transport.close()
     return None
 
 
@@ -199,8 +192,12 @@ def answer_preflight(request: HTTPServerRequest, handler: ServerSentEventHandler
 
 
 def _head(request: HTTPServerRequest, handler: ServerSentEventHandler) -> bytes:
+    """The response head and the first comment (in the body's framing)."""
     lines = ["HTTP/1.1 200 OK", f"Date: {_http_date()}"]
     lines += [f"{name}: {value}" for name, value in STREAM_HEADERS]
+    chunked = chunked_for(request.version)
+    if chunked:
+        lines.append("Transfer-Encoding: chunked")
     for name, value in _extra_headers(request, handler).items():
         if any(c in name + value for c in "\r\n\0"):
             raise ValueError(f"response header {name!r} contains CR, LF or NUL")
@@ -209,7 +206,7 @@ def _head(request: HTTPServerRequest, handler: ServerSentEventHandler) -> bytes:
     first = _FIRST_COMMENT
     if handler.retry is not None:
         first += encode_retry(handler.retry)
-    return head + first
+    return head + (chunk(first) if chunked else first)
 
 
 _date_cache: tuple[int, str] = (0, "")
@@ -222,47 +219,3 @@ def _http_date() -> str:
     if _date_cache[0] != now:
         _date_cache = (now, formatdate(now, usegmt=True))
     return _date_cache[1]
-
-
-def _take_socket(request: HTTPServerRequest) -> socket.socket | None:
-    """Detach the stream from Tornado and keep a socket of our own.
-
-    The fd is duplicated and Tornado's IOStream closed: the IOStream drops its
-    buffers and its IOLoop registration, and nothing Tornado does later to it
-    (a server closing its remaining connections) can touch our socket.
-    """
-    assert isinstance(request.connection, HTTP1Connection)
-    stream = request.connection.detach()
-    if stream.closed():
-        return None
-    sock = socket.socket(fileno=os.dup(stream.socket.fileno()))
-    stream.close()
-    sock.setblocking(False)
-    return sock
-
-
-def tune_socket(sock: socket.socket, dead_peer_timeout: float) -> None:
-    """TCP_NODELAY, and drop peers that vanished without FIN (no RST, no reply).
-
-    TCP keepalive probes catch a dead peer on an idle stream; TCP_USER_TIMEOUT
-    catches it while unacknowledged data is outstanding. Both are set from one
-    timeout; the probes start at a third of it so the peer is gone well within.
-    """
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        return  # not TCP (a Unix socket): nothing to tune
-    if not dead_peer_timeout:
-        return
-    idle = max(1, int(dead_peer_timeout / 3))
-    interval = max(1, int(dead_peer_timeout / 9))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (
-        ("TCP_KEEPIDLE", idle),
-        ("TCP_KEEPINTVL", interval),
-        ("TCP_KEEPCNT", 3),
-        ("TCP_USER_TIMEOUT", int(dead_peer_timeout * 1000)),
-    ):
-        option = getattr(socket, name, None)
-        if option is not None:  # Linux has all four; other systems some
-            sock.setsockopt(socket.IPPROTO_TCP, option, value)

@@ -18,9 +18,14 @@ __all__ = ["ConnectionCounts", "EndpointStats", "Snapshot"]
 
 
 class ConnectionCounts(Protocol):
-    events_sent: int
-    bytes_sent: int
-    dropped: int
+    @property
+    def events_sent(self) -> int: ...
+
+    @property
+    def bytes_sent(self) -> int: ...
+
+    @property
+    def dropped(self) -> int: ...
 
     @property
     def queue_depth(self) -> int: ...

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl as ssl_module
 import struct
 from collections import deque
 from types import TracebackType
@@ -26,7 +27,7 @@ from tornado.httputil import HTTPHeaders
 
 from .parser import EventStreamParser, MessageEvent
 
-__all__ = ["EventStreamClient", "StreamEnded"]
+__all__ = ["Dechunker", "EventStreamClient", "StreamEnded"]
 
 
 class StreamEnded(Exception):
@@ -45,8 +46,10 @@ class EventStreamClient:
         self.status = 0
         self.reason = ""
         self.headers = HTTPHeaders()
-        #: Every body byte received so far, exactly as sent.
+        #: Every body byte received so far, exactly as sent (chunk framing removed).
         self.raw = bytearray()
+        #: Set when the body is chunked (HTTP/1.1); the last chunk ends the stream.
+        self._chunks: Dechunker | None = None
         self._events: deque[MessageEvent] = deque()
         self.ended = False
 
@@ -59,20 +62,25 @@ class EventStreamClient:
         timeout: float = 5.0,
         keep_comments: bool = True,
         local_addr: tuple[str, int] | None = None,
+        ssl: ssl_module.SSLContext | None = None,
     ) -> EventStreamClient:
         """Send ``GET url`` and read the response head (not the body).
 
         ``local_addr`` binds the client's end (e.g. ``("127.0.0.2", 0)`` to
-        look like another client address on loopback).
+        look like another client address on loopback). An ``https://`` URL
+        uses TLS, with ``ssl`` as the client's context (default: the system's
+        trust store).
         """
         parts = urlsplit(url)
         host = parts.hostname or "127.0.0.1"
-        port = parts.port or 80
+        tls = parts.scheme == "https"
+        port = parts.port or (443 if tls else 80)
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
+        context = (ssl or ssl_module.create_default_context()) if tls else None
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, local_addr=local_addr), timeout
+            asyncio.open_connection(host, port, local_addr=local_addr, ssl=context), timeout
         )
         lines = [f"GET {target} HTTP/1.1", f"Host: {host}:{port}", "Accept: text/event-stream"]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
@@ -87,6 +95,8 @@ class EventStreamClient:
         _, status, self.reason = [*status_line.split(" ", 2), ""][:3]
         self.status = int(status)
         self.headers = HTTPHeaders.parse(rest)
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self._chunks = Dechunker()
 
     async def next_event(self, timeout: float = 5.0) -> MessageEvent:
         """The next dispatched event; ``StreamEnded`` if the stream ends first."""
@@ -135,6 +145,9 @@ class EventStreamClient:
             return b""
         if length is not None:
             body = await asyncio.wait_for(self._reader.readexactly(int(length)), timeout)
+        elif self._chunks is not None:
+            await self.wait_closed(timeout)
+            return bytes(self.raw)
         else:
             body = await asyncio.wait_for(self._reader.read(), timeout)
         self.raw += body
@@ -147,13 +160,23 @@ class EventStreamClient:
             chunk = await self._reader.read(65536)
         except ConnectionError:
             chunk = b""
+        if self._chunks is not None and chunk:
+            chunk = self._chunks.feed(chunk)
+            if self._chunks.done:
+                self._take(chunk)
+                chunk = b""
+            elif not chunk:
+                return True  # only framing arrived
         if not chunk:
             self.ended = True
             self._writer.close()  # the server is done; release our end too
             return False
-        self.raw += chunk
-        self._events.extend(self.parser.feed(chunk))
+        self._take(chunk)
         return True
+
+    def _take(self, body: bytes) -> None:
+        self.raw += body
+        self._events.extend(self.parser.feed(body))
 
     @property
     def comments(self) -> list[str]:
@@ -190,3 +213,45 @@ class EventStreamClient:
             await self._writer.wait_closed()
         except (ConnectionError, OSError):
             pass
+
+
+class Dechunker:
+    """Removes HTTP/1.1 chunk framing (RFC 9112 section 7.1) as bytes arrive:
+    ``feed(received)`` returns the body bytes in it; ``done`` once the last
+    chunk came. For tests that read a stream from a raw socket."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._left = 0  # bytes of the current chunk's data still to come
+        self.done = False  # the last chunk (size 0) has arrived
+
+    def feed(self, data: bytes) -> bytes:
+        self._buffer += data
+        out = bytearray()
+        while self._buffer and not self.done:
+            if self._left > 0:
+                piece = self._buffer[: self._left]
+                out += piece
+                del self._buffer[: len(piece)]
+                self._left -= len(piece)
+                if self._left == 0:
+                    self._left = -2  # the CRLF after the data
+                continue
+            if self._left < 0:
+                if len(self._buffer) < 2:
+                    break
+                if self._buffer[:2] != b"\r\n":
+                    raise ValueError("malformed chunk: no CRLF after the data")
+                del self._buffer[:2]
+                self._left = 0
+                continue
+            end = self._buffer.find(b"\r\n")
+            if end < 0:
+                break
+            size = int(bytes(self._buffer[:end]).split(b";")[0], 16)
+            del self._buffer[: end + 2]
+            if size == 0:
+                self.done = True
+            else:
+                self._left = size
+        return bytes(out)

@@ -19,6 +19,8 @@ from sse_handler import (
 )
 from sse_handler.connection import Sendable
 from sse_handler.parser import EventStreamParser
+from sse_handler.testing import Dechunker
+from sse_handler.writer import chunk
 
 BIG = "x" * 65536
 
@@ -36,12 +38,10 @@ def _reset() -> None:
 
 
 async def stalled(server: Server, handler: ServerSentEventHandler) -> tuple[socket.socket, Any]:
-    """A client that never reads, and its connection with a tiny send buffer."""
+    """A client that never reads (its handler bounds the kernel's share: kernel_buffer)."""
     sock = server.raw_socket()
     await wait_until(lambda: len(handler) == 1)
-    conn = handler.connections()[0]
-    conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    return sock, conn
+    return sock, handler.connections()[0]
 
 
 def fill_kernel_buffers(conn: ServerSentEventConnection) -> int:
@@ -54,13 +54,18 @@ def fill_kernel_buffers(conn: ServerSentEventConnection) -> int:
 
 
 def read_all(sock: socket.socket, parser: EventStreamParser, timeout: float = 5.0) -> list[Any]:
+    """Read a raw stream to its end: the events of its (chunked) body."""
     sock.settimeout(timeout)
-    events = []
+    received = bytearray()
     while True:
         chunk = sock.recv(1 << 20)
         if not chunk:
-            return events
-        events.extend(parser.feed(chunk))
+            break
+        received += chunk
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        body = Dechunker().feed(body)
+    return parser.feed(body)
 
 
 async def read_all_async(sock: socket.socket) -> list[Any]:
@@ -70,12 +75,13 @@ async def read_all_async(sock: socket.socket) -> list[Any]:
 
 
 async def test_order_is_kept_across_fast_and_slow_paths() -> None:
-    handler = ServerSentEventHandler(max_queue_messages=100_000, max_queue_bytes=1 << 30)
+    handler = ServerSentEventHandler(
+        kernel_buffer=4096, max_queue_messages=100_000, max_queue_bytes=1 << 30
+    )
     async with serve([handler.route("/events")], handler) as server:
         client = await server.stream()
         await wait_until(lambda: len(handler) == 1)
         conn = handler.connections()[0]
-        conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         # A burst far bigger than the socket buffers: most of it takes the
         # queue, and the I/O task batches it out as the client reads.
         for i in range(2000):
@@ -91,7 +97,7 @@ async def test_order_is_kept_across_fast_and_slow_paths() -> None:
 
 
 async def test_flush_waits_until_the_socket_took_everything() -> None:
-    handler = ServerSentEventHandler()
+    handler = ServerSentEventHandler(kernel_buffer=4096)
     async with serve([handler.route("/events")], handler) as server:
         sock, conn = await stalled(server, handler)
         fill_kernel_buffers(conn)
@@ -110,7 +116,9 @@ async def test_flush_waits_until_the_socket_took_everything() -> None:
 
 
 async def test_overflow_disconnect_closes_with_reason_overflow() -> None:
-    handler = ServerSentEventHandler(connection_class=Closing, max_queue_messages=5)
+    handler = ServerSentEventHandler(
+        kernel_buffer=4096, connection_class=Closing, max_queue_messages=5
+    )
     async with serve([handler.route("/events")], handler) as server:
         sock, conn = await stalled(server, handler)
         sent = fill_kernel_buffers(conn)
@@ -131,13 +139,13 @@ async def test_overflow_disconnect_closes_with_reason_overflow() -> None:
 
 async def test_overflow_drop_oldest_keeps_the_newest() -> None:
     handler = ServerSentEventHandler(
-        max_queue_messages=3, overflow_policy=OverflowPolicy.DROP_OLDEST
+        kernel_buffer=4096, max_queue_messages=3, overflow_policy=OverflowPolicy.DROP_OLDEST
     )
     async with serve([handler.route("/events")], handler) as server:
         sock, conn = await stalled(server, handler)
         fill_kernel_buffers(conn)
         # A frame the socket took part of must still go out whole.
-        protected = 1 if conn._head_partial else 0
+        protected = 1 if conn.writer.pinned else 0
         for i in range(10):
             conn.send(data=f"q{i}", id=f"q{i}")
         assert conn.is_active
@@ -156,7 +164,7 @@ async def test_overflow_drop_oldest_keeps_the_newest() -> None:
 
 async def test_overflow_drop_newest_keeps_the_oldest() -> None:
     handler = ServerSentEventHandler(
-        max_queue_messages=3, overflow_policy=OverflowPolicy.DROP_NEWEST
+        kernel_buffer=4096, max_queue_messages=3, overflow_policy=OverflowPolicy.DROP_NEWEST
     )
     async with serve([handler.route("/events")], handler) as server:
         sock, conn = await stalled(server, handler)
@@ -179,7 +187,9 @@ async def test_overflow_drop_newest_keeps_the_oldest() -> None:
 
 
 async def test_queue_byte_bound() -> None:
-    handler = ServerSentEventHandler(connection_class=Closing, max_queue_bytes=200_000)
+    handler = ServerSentEventHandler(
+        kernel_buffer=4096, connection_class=Closing, max_queue_bytes=200_000
+    )
     async with serve([handler.route("/events")], handler) as server:
         sock, conn = await stalled(server, handler)
         fill_kernel_buffers(conn)
@@ -193,7 +203,9 @@ async def test_queue_byte_bound() -> None:
 
 
 async def test_write_deadline_evicts_a_frozen_reader() -> None:
-    handler = ServerSentEventHandler(connection_class=Closing, write_timeout=0.2)
+    handler = ServerSentEventHandler(
+        kernel_buffer=4096, connection_class=Closing, write_timeout=0.2
+    )
     async with serve([handler.route("/events")], handler) as server:
         sock, conn = await stalled(server, handler)
         fill_kernel_buffers(conn)
@@ -212,17 +224,18 @@ async def test_a_reader_that_keeps_up_is_not_evicted() -> None:
         client = await server.stream()
         await wait_until(lambda: len(handler) == 1)
         conn = handler.connections()[0]
+        reading = asyncio.ensure_future(client.events(20))
         for i in range(20):
             conn.send(data=BIG, id=str(i))
             await asyncio.sleep(0.02)
-        events = await client.events(20)
+        events = await reading
         assert [e.id for e in events] == [str(i) for i in range(20)]
         assert conn.is_active
         client.close()
 
 
 async def test_write_error_closes_once() -> None:
-    handler = ServerSentEventHandler(connection_class=Closing)
+    handler = ServerSentEventHandler(kernel_buffer=4096, connection_class=Closing)
     async with serve([handler.route("/events")], handler) as server:
         sock, conn = await stalled(server, handler)
         # The kernel keeps the read side open until we read; shut the
@@ -235,7 +248,7 @@ async def test_write_error_closes_once() -> None:
 
 
 async def test_stop_while_queue_is_full_delivers_queue_then_farewell() -> None:
-    handler = ServerSentEventHandler(connection_class=Closing)
+    handler = ServerSentEventHandler(kernel_buffer=4096, connection_class=Closing)
     async with serve([handler.route("/events")], handler) as server:
         sock, conn = await stalled(server, handler)
         sent = fill_kernel_buffers(conn)
@@ -279,7 +292,7 @@ class Ticker(ServerSentEventConnection):
 
 
 async def test_poll_data_override_feeds_the_stream() -> None:
-    handler = ServerSentEventHandler(connection_class=Ticker)
+    handler = ServerSentEventHandler(kernel_buffer=4096, connection_class=Ticker)
     async with serve([handler.route("/events")], handler) as server:
         client = await server.stream()
         welcome = await client.next_event()
@@ -300,7 +313,7 @@ async def test_poll_data_override_still_takes_send() -> None:
         async def poll_data(self) -> Sendable | None:
             return ServerSentEvent(data=await gate.get(), event="source")
 
-    handler = ServerSentEventHandler(connection_class=Gated)
+    handler = ServerSentEventHandler(kernel_buffer=4096, connection_class=Gated)
     async with serve([handler.route("/events")], handler) as server:
         client = await server.stream()
         await wait_until(lambda: len(handler) == 1)
@@ -317,7 +330,7 @@ async def test_poll_data_that_raises_closes_with_hook_error() -> None:
         async def poll_data(self) -> Sendable | None:
             raise RuntimeError("source broke")
 
-    handler = ServerSentEventHandler(connection_class=Broken)
+    handler = ServerSentEventHandler(kernel_buffer=4096, connection_class=Broken)
     async with serve([handler.route("/events")], handler) as server:
         client = await server.stream()
         await client.wait_closed()
@@ -325,7 +338,7 @@ async def test_poll_data_that_raises_closes_with_hook_error() -> None:
 
 
 async def test_send_encoded_goes_out_verbatim() -> None:
-    handler = ServerSentEventHandler()
+    handler = ServerSentEventHandler(kernel_buffer=4096)
     async with serve([handler.route("/events")], handler) as server:
         client = await server.stream()
         await wait_until(lambda: len(handler) == 1)
@@ -337,7 +350,7 @@ async def test_send_encoded_goes_out_verbatim() -> None:
 
 
 async def test_stats_count_events_and_bytes() -> None:
-    handler = ServerSentEventHandler()
+    handler = ServerSentEventHandler(kernel_buffer=4096)
     async with serve([handler.route("/events")], handler) as server:
         client = await server.stream()
         await wait_until(lambda: len(handler) == 1)
@@ -348,9 +361,11 @@ async def test_stats_count_events_and_bytes() -> None:
             conn.send_encoded(frame)
         await conn.flush()
         stats = conn.stats()
-        assert stats["events_sent"] == 3
-        assert stats["bytes_sent"] == head_bytes + 3 * len(frame)
-        assert stats["queue_depth"] == 0
-        assert stats["dropped"] == 0
+        assert stats.events_sent == 3
+        # Each frame went out as one HTTP/1.1 chunk.
+        assert stats.bytes_sent == head_bytes + 3 * len(chunk(frame))
+        assert stats.queue_depth == 0
+        assert stats.dropped == 0
+        assert stats.state == "live"
         await client.events(3)
         client.close()

@@ -21,6 +21,8 @@ from sse_handler import (
     UnknownConnectionError,
 )
 from sse_handler.testing import EventStreamClient
+from sse_handler.transport import SocketTransport
+from sse_handler.writer import Transport
 
 
 class Recorder(ServerSentEventConnection):
@@ -64,10 +66,13 @@ async def test_response_head_and_first_comment() -> None:
         assert client.headers["Cache-Control"] == "no-cache"
         assert client.headers["X-Accel-Buffering"] == "no"
         assert "Content-Length" not in client.headers
-        assert "Transfer-Encoding" not in client.headers
+        # HTTP/1.1: each frame is a chunk, so urllib3-based clients see it at once.
+        assert client.headers["Transfer-Encoding"] == "chunked"
         assert client.headers.get("Connection") != "keep-alive"
-        # The first comment arrives before any event is sent.
-        await client.wait_for_bytes(b": ok\n\nretry: 2500\n\n", timeout=2)
+        # The first comment arrives before any event is sent, as a line of its
+        # own: no blank line, which some clients would dispatch as an event.
+        await client.wait_for_bytes(b": ok\nretry: 2500\n\n", timeout=2)
+        assert client.raw.startswith(b": ok\nretry: 2500\n\n")
         assert client.parser.retry == 2500
         client.close()
 
@@ -84,7 +89,9 @@ async def test_welcome_on_registration_and_hooks_order() -> None:
         conn = handler.get_connection(cid)
         assert conn.path == "/events"
         assert conn.remote_ip == "127.0.0.1"
-        assert conn.headers["Accept"] == "text/event-stream"
+        # Once registered, a connection keeps only the kept_headers.
+        assert "Accept" not in conn.headers
+        assert "User-Agent" not in conn.headers
         assert cid.isascii() and len(cid) <= 16
         client.close()
         await wait_until(lambda: not handler.connection_ids())
@@ -254,7 +261,7 @@ async def test_keepalive_only_to_idle_connections() -> None:
         while loop.time() - start < 0.6:
             busy_conn.send(data="tick")
             await asyncio.sleep(0.05)
-        await idle.wait_for_bytes(b":\n\n", timeout=1)
+        await idle.wait_for_bytes(b"\n:\n", timeout=1)
         assert idle.comments.count("") >= 1
         await busy.events(5)
         assert "" not in busy.comments  # only "ok", the first comment
@@ -267,9 +274,9 @@ async def test_keepalive_interval_timing() -> None:
     async with serve([handler.route("/events")], handler) as server:
         client = await server.stream()
         loop = asyncio.get_running_loop()
-        await client.wait_for_bytes(b": ok\n\n")
+        await client.wait_for_bytes(b": ok\n")
         start = loop.time()
-        await client.wait_for_bytes(b":\n\n", timeout=1)
+        await client.wait_for_bytes(b"\n:\n", timeout=1)
         first = loop.time() - start
         # Idle for the interval at least, and at most 1.5 intervals plus slack.
         assert 0.09 <= first <= 0.5
@@ -280,9 +287,9 @@ async def test_keepalive_zero_is_off() -> None:
     handler = ServerSentEventHandler(keepalive=0)
     async with serve([handler.route("/events")], handler) as server:
         client = await server.stream()
-        await client.wait_for_bytes(b": ok\n\n")
+        await client.wait_for_bytes(b": ok\n")
         with pytest.raises(TimeoutError):
-            await client.wait_for_bytes(b":\n\n", timeout=0.3)
+            await client.wait_for_bytes(b"\n:\n", timeout=0.3)
         client.close()
 
 
@@ -315,12 +322,11 @@ async def test_shutdown_sends_farewell_with_jittered_retry_and_closes() -> None:
 
 
 async def test_shutdown_grace_bounds_a_client_that_never_reads() -> None:
-    handler = RecordingHandler(write_timeout=0)
+    handler = RecordingHandler(write_timeout=0, kernel_buffer=4096)
     async with serve([handler.route("/events")], handler) as server:
         sock = server.raw_socket()
         await wait_until(lambda: len(handler) == 1)
         conn = handler.connections()[0]
-        conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         while conn.queue_depth == 0:
             conn.send(data="x" * 65536)
         loop = asyncio.get_running_loop()
@@ -343,7 +349,10 @@ async def test_dead_peer_socket_options() -> None:
     async with serve([handler.route("/events")], handler) as server:
         client = await server.stream()
         await wait_until(lambda: len(handler) == 1)
-        sock = handler.connections()[0]._sock
+        transport = handler.connections()[0].writer.transport
+        assert isinstance(transport, SocketTransport)
+        sock = transport.sock
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == 128 * 1024
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 3
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 9000
@@ -375,11 +384,15 @@ async def test_event_client_helper_sees_non_stream_404() -> None:
 async def test_failing_connection_factory_answers_500_and_keeps_others() -> None:
     class Picky(ServerSentEventHandler):
         def get_connection_impl(
-            self, request: HTTPServerRequest, cid: str, sock: Any, last_event_id: str | None
+            self,
+            request: HTTPServerRequest,
+            cid: str,
+            transport: Transport,
+            last_event_id: str | None,
         ) -> ServerSentEventConnection:
             if request.query_arguments.get("fail"):
                 raise RuntimeError("factory failed")
-            return super().get_connection_impl(request, cid, sock, last_event_id)
+            return super().get_connection_impl(request, cid, transport, last_event_id)
 
     handler = Picky()
     async with serve([handler.route("/events")], handler) as server:

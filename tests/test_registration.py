@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import socket
 from typing import Any
 
 import pytest
@@ -30,18 +29,21 @@ from sse_handler import (
     ServerSentEventHandler,
 )
 from sse_handler.testing import EventStreamClient
+from sse_handler.transport import SocketTransport
+from sse_handler.writer import Transport, chunk
 
 
-class RecordingSocket(socket.socket):
-    """A real socket that remembers what each ``send`` call was given."""
+class RecordingSocket:
+    """Remembers what each ``send`` call on a real transport was given."""
 
-    def __init__(self, fileno: int) -> None:
-        super().__init__(fileno=fileno)
+    def __init__(self, transport: SocketTransport) -> None:
         self.sends: list[bytes] = []
+        self._send = transport.send
+        transport.send = self.send
 
-    def send(self, data: Any, flags: int = 0) -> int:
+    def send(self, data: bytes | memoryview) -> int:
         self.sends.append(bytes(data))
-        return super().send(data, flags)
+        return self._send(data)
 
 
 class Recording(ServerSentEventHandler):
@@ -52,12 +54,15 @@ class Recording(ServerSentEventHandler):
         self.sockets = []
 
     def get_connection_impl(
-        self, request: HTTPServerRequest, cid: str, sock: Any, last_event_id: str | None
+        self,
+        request: HTTPServerRequest,
+        cid: str,
+        transport: Transport,
+        last_event_id: str | None,
     ) -> ServerSentEventConnection:
-        recording = RecordingSocket(sock.detach())
-        recording.setblocking(False)
-        self.sockets.append(recording)
-        return super().get_connection_impl(request, cid, recording, last_event_id)
+        assert isinstance(transport, SocketTransport)
+        self.sockets.append(RecordingSocket(transport))
+        return super().get_connection_impl(request, cid, transport, last_event_id)
 
 
 class Welcome(ServerSentEventConnection):
@@ -77,11 +82,11 @@ async def test_head_and_welcome_leave_in_one_send() -> None:
         first = sock.sends[0]
         assert first.startswith(b"HTTP/1.1 200 OK\r\n")
         assert first.index(b": ok\n") < first.index(b"event: welcome\n")
-        assert first.endswith(b"event: rules\ndata: be nice\n\n")
+        assert first.endswith(chunk(b"event: rules\ndata: be nice\n\n"))
         # After registration every send goes straight out again.
         handler.send_all(ServerSentEvent(data="live"))
         assert (await client.next_event()).data == "live"
-        assert sock.sends[1] == b"data: live\n\n"
+        assert sock.sends[1] == chunk(b"data: live\n\n")
         client.close()
 
 

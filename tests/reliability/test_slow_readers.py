@@ -47,9 +47,12 @@ EVENTS = 150  # 3 s at RATE
 PAYLOAD = "x" * 1000  # a frame of ~1 KiB
 #: Clients opened at once: under the listen backlog of serve() (128).
 BATCH = 100
-#: Kernel buffers of a frozen connection, both ends: small, so that it is the
-#: queue and the deadline that hold the backlog, not the kernel.
+#: The frozen clients' receive buffer: small, so that it is the server's
+#: queue and the deadline that hold the backlog.
 SOCKET_BUFFER = 4096
+#: The handler's bound on unsent bytes in the kernel per stream (its
+#: kernel_buffer setting; the server's sockets are never touched by the test).
+KERNEL_BUFFER = 16 * 1024
 #: Evicted within write_timeout of getting stuck, plus this much: the loop
 #: also serves 1,100 connections and the publisher, and the deadline timer
 #: fires on its next turn. Measured: 0.501-0.521 s for a 0.5 s deadline
@@ -177,8 +180,6 @@ async def publish_to_frozen_and_normal(
             await wait_until(lambda: len(handler) == NORMAL + FROZEN, timeout=30)
             normal_cids = {c.cid for c in normal}
             frozen = [c for c in handler.connections() if c.cid not in normal_cids]
-            for conn in frozen:
-                conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             run = Run(normal, frozen)
             gc.collect()
             run.rss_before = run.rss_peak = rss()
@@ -239,7 +240,9 @@ def assert_normal_clients_unharmed(handler: TimedHandler, run: Run) -> None:
 
 @pytest.mark.timeout(90)
 async def test_frozen_readers_are_evicted_as_slow(fd_limit: int) -> None:
-    handler = TimedHandler(write_timeout=0.5, max_queue_bytes=256 * 1024)
+    handler = TimedHandler(
+        write_timeout=0.5, max_queue_bytes=256 * 1024, kernel_buffer=KERNEL_BUFFER
+    )
     registry = CollectorRegistry()
     register_metrics(handler, "events", registry)
     assert EVENTS * len(PAYLOAD) < handler.max_queue_bytes  # the deadline ends them
@@ -278,7 +281,10 @@ async def test_frozen_readers_under_drop_oldest_stay_with_bounded_queues(
     # A bound well under what is published (150 KiB), so the oldest frames go.
     bound = 32 * 1024
     handler = TimedHandler(
-        write_timeout=0, max_queue_bytes=bound, overflow_policy=OverflowPolicy.DROP_OLDEST
+        write_timeout=0,
+        max_queue_bytes=bound,
+        overflow_policy=OverflowPolicy.DROP_OLDEST,
+        kernel_buffer=KERNEL_BUFFER,
     )
     registry = CollectorRegistry()
     register_metrics(handler, "events", registry)

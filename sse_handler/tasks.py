@@ -1,0 +1,36 @@
+"""The one way this package starts a background task.
+
+The event loop keeps only weak references to tasks, so a task nobody holds
+may be collected mid-flight; and a task whose exception nobody reads fails
+silently. :func:`spawn` keeps a strong reference until the task is done and
+logs its failure once, on the package's logger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+__all__ = ["log", "spawn"]
+
+#: The package's one logger.
+log = logging.getLogger("sse_handler")
+
+_T = TypeVar("_T")
+_running: set[asyncio.Future[Any]] = set()
+
+
+def spawn(awaitable: Awaitable[_T], what: str) -> asyncio.Future[_T]:
+    """Run ``awaitable`` in the background; a failure is logged as ``what``."""
+    task = asyncio.ensure_future(awaitable)
+    _running.add(task)
+    task.add_done_callback(lambda done: _finished(done, what))
+    return task
+
+
+def _finished(task: asyncio.Future[Any], what: str) -> None:
+    _running.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("Uncaught exception in %s", what, exc_info=task.exception())

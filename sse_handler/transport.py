@@ -1,0 +1,243 @@
+"""The socket of a detached stream, registered with Tornado's IOLoop.
+
+Once a request is accepted the stream leaves Tornado (as ``tornado.websocket``
+does after the upgrade: Tornado's per-request objects cost memory and CPU on
+every write of a stream that lives for hours) and its socket is wrapped in a
+:class:`SocketTransport` -- plain TCP or a Unix socket -- or a
+:class:`TLSTransport` -- the ``ssl.SSLSocket`` of an ``SSLIOStream``, whose
+TLS session goes on where Tornado's handshake left it.
+
+On plain sockets ``send`` *is* ``socket.send`` (one C-level call per frame);
+over TLS it turns ``SSLWantWriteError`` / ``SSLWantReadError`` into "took
+nothing", as ``SSLIOStream.write_to_fd`` does. Readiness goes through
+``IOLoop.add_handler`` / ``update_handler``; :meth:`SocketTransport.close`
+removes the handler before it closes the socket and turns every later call
+into a no-op, so nothing touches a file descriptor number after it is closed
+(the kernel may already have given it to another socket).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import ssl
+from collections.abc import Callable
+
+from tornado.http1connection import HTTP1Connection
+from tornado.httputil import HTTPServerRequest
+from tornado.ioloop import IOLoop
+
+from .lifecycle import CloseReason
+
+__all__ = [
+    "ClosedTransport",
+    "SocketTransport",
+    "TLSTransport",
+    "take_transport",
+    "tune_socket",
+]
+
+_READ = IOLoop.READ
+_WRITE = IOLoop.WRITE
+# Linux's value where the socket module lacks the name (Python < 3.12 on some builds).
+_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+
+
+class SocketTransport:
+    """A plain TCP or Unix socket of one stream (see the module docstring)."""
+
+    __slots__ = ("_io_loop", "_on_gone", "_on_writable", "_registered", "closed", "send", "sock")
+
+    sticky_writes = False
+
+    def __init__(self, sock: socket.socket, io_loop: IOLoop | None = None) -> None:
+        self.sock = sock
+        self.send: Callable[[bytes | memoryview], int] = sock.send
+        self.closed = False
+        self._io_loop = io_loop or IOLoop.current()
+        self._registered = False
+        self._on_gone: Callable[[CloseReason], None] | None = None
+        self._on_writable: Callable[[], None] | None = None
+
+    def watch(self, on_gone: Callable[[CloseReason], None]) -> None:
+        """Watch for the client going away (readable means EOF or RST)."""
+        if self.closed:
+            return
+        self._on_gone = on_gone
+        self._io_loop.add_handler(self.sock.fileno(), self._handle_events, _READ)
+        self._registered = True
+
+    def want_writable(self, callback: Callable[[], None] | None) -> None:
+        if self.closed or not self._registered:
+            return
+        if (callback is None) == (self._on_writable is None):
+            self._on_writable = callback
+            return
+        self._on_writable = callback
+        events = _READ | _WRITE if callback is not None else _READ
+        self._io_loop.update_handler(self.sock.fileno(), events)
+
+    def _handle_events(self, fd: int, events: int) -> None:
+        if events & _WRITE and self._on_writable is not None:
+            self._on_writable()
+        if events & _READ and not self.closed:
+            self._on_readable()
+
+    def _on_readable(self) -> None:
+        # A client sends nothing after its request; bytes that do arrive (a
+        # pipelined request) are read and discarded.
+        try:
+            chunk = self.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._gone(self.gone_reason(exc, CloseReason.CLIENT_CLOSED))
+            return
+        if not chunk:
+            self._gone(CloseReason.CLIENT_CLOSED)
+
+    def _gone(self, reason: CloseReason) -> None:
+        if self._on_gone is not None:
+            self._on_gone(reason)
+
+    def gone_reason(self, exc: OSError, otherwise: CloseReason) -> CloseReason:
+        """ETIMEDOUT on a socket is the kernel giving up on a silent peer."""
+        return CloseReason.DEAD_PEER if exc.errno == errno.ETIMEDOUT else otherwise
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._registered:
+            self._registered = False
+            self._io_loop.remove_handler(self.sock.fileno())
+        self._on_gone = self._on_writable = None
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class TLSTransport(SocketTransport):
+    """The ``ssl.SSLSocket`` of a stream served over TLS."""
+
+    __slots__ = ()
+
+    # OpenSSL must be called again with the same bytes after WANT_WRITE.
+    sticky_writes = True
+
+    def __init__(self, sock: ssl.SSLSocket, io_loop: IOLoop | None = None) -> None:
+        super().__init__(sock, io_loop)
+        self.send = self._send_tls
+
+    def _send_tls(self, data: bytes | memoryview) -> int:
+        try:
+            return self.sock.send(data)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return 0
+
+    def _on_readable(self) -> None:
+        try:
+            chunk = self.sock.recv(4096)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return  # a partial record, or TLS's own traffic: no data yet
+        except OSError as exc:
+            self._gone(self.gone_reason(exc, CloseReason.CLIENT_CLOSED))
+            return
+        if not chunk:
+            self._gone(CloseReason.CLIENT_CLOSED)
+
+    def gone_reason(self, exc: OSError, otherwise: CloseReason) -> CloseReason:
+        if isinstance(exc, ssl.SSLZeroReturnError | ssl.SSLEOFError):
+            return CloseReason.CLIENT_CLOSED  # close_notify, or EOF without it
+        if isinstance(exc, ssl.SSLError):
+            return CloseReason.TLS_ERROR
+        return super().gone_reason(exc, otherwise)
+
+
+class ClosedTransport:
+    """The transport of a client that left before its stream was taken over:
+    its connection is created and closed at once, so that every request that
+    passed ``authorize()`` gets exactly one ``connection_closed`` and one
+    ``on_connection_deregistered``."""
+
+    __slots__ = ()
+
+    sticky_writes = False
+    closed = True
+
+    def send(self, data: bytes | memoryview) -> int:
+        raise BrokenPipeError(errno.EPIPE, "the client left before the stream began")
+
+    def watch(self, on_gone: Callable[[CloseReason], None]) -> None:
+        pass
+
+    def want_writable(self, callback: Callable[[], None] | None) -> None:
+        pass
+
+    def gone_reason(self, exc: OSError, otherwise: CloseReason) -> CloseReason:
+        return CloseReason.CLIENT_CLOSED
+
+    def close(self) -> None:
+        pass
+
+
+def take_transport(
+    request: HTTPServerRequest, dead_peer_timeout: float = 0.0, kernel_buffer: int = 0
+) -> SocketTransport | ClosedTransport:
+    """Detach the stream from Tornado and wrap its socket.
+
+    The socket object itself is taken (not a duplicate of its fd): a TLS
+    session cannot be duplicated, and the plain case saves the ``dup`` and the
+    ``getsockopt`` calls of a new socket object. Tornado's ``IOStream`` is
+    unregistered from the IOLoop and dropped; after ``detach()`` its server
+    connection has forgotten it, so nothing Tornado does later (closing its
+    remaining connections) reaches this socket.
+    """
+    assert isinstance(request.connection, HTTP1Connection)
+    stream = request.connection.detach()
+    if stream.closed():
+        return ClosedTransport()
+    sock = stream.socket
+    stream.io_loop.remove_handler(sock.fileno())
+    tune_socket(sock, dead_peer_timeout, kernel_buffer)
+    if isinstance(sock, ssl.SSLSocket):
+        return TLSTransport(sock, stream.io_loop)
+    return SocketTransport(sock, stream.io_loop)
+
+
+def tune_socket(sock: socket.socket, dead_peer_timeout: float, kernel_buffer: int = 0) -> None:
+    """TCP_NODELAY, a bound on unsent bytes in the kernel, and dead-peer detection.
+
+    ``kernel_buffer`` sets TCP_NOTSENT_LOWAT: the kernel then takes no more
+    from a stream whose reader has that much unsent, so a frozen reader holds
+    at most the queue bound plus this in the server, and meets the write
+    deadline instead of filling a multi-megabyte autotuned buffer.
+
+    TCP keepalive probes catch a dead peer on an idle stream; TCP_USER_TIMEOUT
+    catches it while unacknowledged data is outstanding. Both are set from one
+    timeout; the probes start at a third of it so the peer is gone well within.
+    """
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        return  # not TCP (a Unix socket): nothing to tune
+    if kernel_buffer:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, kernel_buffer)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, kernel_buffer)
+    if not dead_peer_timeout:
+        return
+    idle = max(1, int(dead_peer_timeout / 3))
+    interval = max(1, int(dead_peer_timeout / 9))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", idle),
+        ("TCP_KEEPINTVL", interval),
+        ("TCP_KEEPCNT", 3),
+        ("TCP_USER_TIMEOUT", int(dead_peer_timeout * 1000)),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:  # Linux has all four; other systems some
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)

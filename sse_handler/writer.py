@@ -1,0 +1,617 @@
+"""One stream's write path: state, bounded queue, overflow, batching, flush.
+
+No Tornado and no handler here: a :class:`FrameWriter` talks to its socket
+through a :class:`Transport` (``sse_handler.transport`` has the real ones; the
+unit tests script a fake) and is told its bounds by a frozen
+:class:`WriteLimits`. That keeps every branch of the write path testable byte
+by byte without a network.
+
+Fast path and slow path -- one mechanism, two speeds:
+
+* A frame handed to :meth:`FrameWriter.deliver` / :meth:`FrameWriter.send`
+  while the queue is empty and no batch is in flight goes straight to the
+  socket with one non-blocking ``send``: no task switch, no future. That is the
+  common case for a reader that keeps up.
+* Otherwise (the kernel took only part, or a batch is already waiting) the frame
+  is appended to the bounded queue. The I/O task, started the first time a
+  frame has to wait and kept from then on, takes everything queued as one
+  batch (one ``send``) and waits for writability under the write deadline.
+  Order is always preserved.
+
+What a refused write leaves: the rest of a partly written frame heads the
+queue *pinned*: it must go out whole, so ``drop_oldest`` never drops it. Over
+TLS a write the socket refused (``SSLWantWriteError``) is pinned too, because
+OpenSSL must be called again with the same bytes first.
+
+The state (:class:`~sse_handler.lifecycle.State`) changes only in
+:meth:`FrameWriter._enter`, against the table in ``lifecycle``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from .errors import ConnectionClosedError
+from .lifecycle import TRANSITIONS, CloseReason, OverflowPolicy, State
+from .tasks import log, spawn
+
+__all__ = [
+    "FrameWriter",
+    "Framed",
+    "Transport",
+    "WriteLimits",
+    "chunk",
+    "chunked_for",
+    "framed",
+]
+
+# What registration holds behind the head at most before writing it anyway: a
+# registered() hook that sends a large snapshot must not wait on the hold.
+HOLD_LIMIT = 64 * 1024
+
+#: The end of a chunked body (RFC 9112 section 7.1): sent when a stream ends cleanly.
+LAST_CHUNK = b"0\r\n\r\n"
+
+#: A frame in both framings: close-delimited (HTTP/1.0) and chunked (HTTP/1.1).
+Framed = tuple[bytes, bytes]
+
+_OPENING, _HELD, _LIVE, _DRAINING, _CLOSED = State
+
+
+def chunked_for(http_version: str) -> bool:
+    """Chunked transfer coding for HTTP/1.1 and later; HTTP/1.0 has none, so its
+    body is close-delimited. Chunks matter to clients built on urllib3, which
+    read a close-delimited body in 512-byte blocks: an event would wait there
+    until 512 more bytes arrive."""
+    return http_version != "HTTP/1.0"
+
+
+def chunk(frame: bytes) -> bytes:
+    """``frame`` as one HTTP/1.1 chunk (RFC 9112 section 7.1)."""
+    return b"%x\r\n%b\r\n" % (len(frame), frame)
+
+
+def framed(frame: bytes) -> Framed:
+    """Both framings of ``frame``, computed once for a fan-out to many streams."""
+    return (frame, chunk(frame))
+
+
+class Transport(Protocol):
+    """The socket of one stream, as the write path needs it."""
+
+    def send(self, data: bytes | memoryview, /) -> int:
+        """Write what the socket takes now; return the count (0: it takes
+        nothing now). May raise ``BlockingIOError`` (same as 0) or ``OSError``
+        (the peer is gone)."""
+
+    #: True when a refused write must be retried with the same bytes first (TLS).
+    @property
+    def sticky_writes(self) -> bool: ...
+
+    def watch(self, on_gone: Callable[[CloseReason], None]) -> None:
+        """Call ``on_gone(reason)`` when the peer closes or resets."""
+
+    def want_writable(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` once the socket takes more; ``None`` stops that.
+
+        A no-op once the transport is closed.
+        """
+
+    def gone_reason(self, exc: OSError, otherwise: CloseReason) -> CloseReason:
+        """The close reason for an error the socket raised."""
+
+    def close(self) -> None:
+        """Close the socket (idempotent); nothing touches its fd afterwards."""
+
+
+@dataclass(frozen=True, slots=True)
+class WriteLimits:
+    """The bounds of one stream's write path (the handler's settings)."""
+
+    max_queue_messages: int = 1000
+    max_queue_bytes: int = 1 << 20
+    overflow_policy: OverflowPolicy = OverflowPolicy.DISCONNECT
+    #: Seconds one batch may wait for the reader (0 = forever).
+    write_timeout: float = 30.0
+    #: Largest encoded event accepted (0 = any).
+    max_event_size: int = 0
+
+    def check_event_size(self, frame: bytes) -> None:
+        """Refuse (``ValueError``) a frame over :attr:`max_event_size`."""
+        limit = self.max_event_size
+        if limit and len(frame) > limit:
+            raise ValueError(f"event is {len(frame)} bytes encoded; max_event_size is {limit}")
+
+
+class _Closed(Exception):
+    """Internal: the stream closed under the I/O task."""
+
+
+class FrameWriter:
+    """The write path of one stream (see the module docstring)."""
+
+    __slots__ = (
+        "_chunked",
+        "_closed_waiter",
+        "_dropped_bytes",
+        "_extra",
+        "_flush_waiters",
+        "_inflight",
+        "_io_task",
+        "_limits",
+        "_name",
+        "_on_closed",
+        "_pinned",
+        "_queue",
+        "_queued_bytes",
+        "_reason",
+        "_send",
+        "_state",
+        "_transport",
+        "_wakeup",
+        "_writable",
+        "bytes_sent",
+        "dropped",
+        "events_sent",
+        "quiet",
+    )
+
+    def __init__(
+        self,
+        transport: Transport,
+        limits: WriteLimits,
+        *,
+        chunked: bool,
+        name: str,
+        on_closed: Callable[[CloseReason], None],
+    ) -> None:
+        self._transport = transport
+        self._send = transport.send
+        self._limits = limits
+        self._chunked = 1 if chunked else 0
+        self._name = name
+        self._on_closed = on_closed
+        self._state = _OPENING
+        # The reason a DRAINING stream will close with; then the close reason.
+        self._reason: CloseReason | None = None
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._queued_bytes = 0
+        self._pinned = False
+        # Bytes of the batch the I/O task is writing (0: none in flight).
+        self._inflight = 0
+        # Bytes drop_oldest discarded after they were accepted (flush counts them settled).
+        self._dropped_bytes = 0
+        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._wakeup: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[bool] | None = None
+        self._io_task: asyncio.Future[None] | None = None
+        self._closed_waiter: asyncio.Future[None] | None = None
+        # More frames for each batch (an overridden poll_data_immediate()).
+        self._extra: Callable[[], list[bytes]] | None = None
+        #: Events accepted and not dropped: written, or waiting in the queue.
+        self.events_sent = 0
+        #: Bytes the socket took.
+        self.bytes_sent = 0
+        #: Frames discarded by the overflow policy.
+        self.dropped = 0
+        #: Keep-alive ticks since the last write (a counter is cheaper than a clock).
+        self.quiet = 0
+        transport.watch(self._gone)
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def close_reason(self) -> CloseReason | None:
+        """Why the stream ended; ``None`` until it is CLOSED."""
+        return self._reason if self._state is _CLOSED else None
+
+    @property
+    def ending_reason(self) -> CloseReason | None:
+        """The reason of a DRAINING or CLOSED stream."""
+        return self._reason
+
+    @property
+    def chunked(self) -> bool:
+        return bool(self._chunked)
+
+    def _enter(self, state: State) -> None:
+        """The one place the state changes; any change the table lacks is a bug."""
+        if state not in TRANSITIONS[self._state]:
+            raise RuntimeError(f"stream {self._name}: {self._state.name} -> {state.name}")
+        self._state = state
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
+    @property
+    def pinned(self) -> bool:
+        """True while the queue's first frame is the rest of a partly written
+        (or, over TLS, a refused) write: it goes out whole, never dropped."""
+        return self._pinned
+
+    @property
+    def transport(self) -> Transport:
+        return self._transport
+
+    @property
+    def pending(self) -> bool:
+        """True while anything sent is not yet on the socket."""
+        return bool(self._queue or self._inflight)
+
+    def set_extra(self, extra: Callable[[], list[bytes]] | None) -> None:
+        """Frames to add to every batch (what an overridden poll_data_immediate gives)."""
+        self._extra = extra
+
+    # ---------------------------------------------------------------- sends
+
+    def frame(self, frame: bytes) -> bytes:
+        """``frame`` in this stream's framing."""
+        return chunk(frame) if self._chunked else frame
+
+    def send(self, frame: bytes) -> bool:
+        """One encoded event from the application: size-checked, framed, counted.
+
+        Raises :class:`ConnectionClosedError` once the stream is draining or closed.
+        """
+        if self._state >= _DRAINING:
+            raise ConnectionClosedError(self._name, self._reason)
+        self._limits.check_event_size(frame)
+        if self._push(chunk(frame) if self._chunked else frame):
+            self.events_sent += 1
+            return True
+        return False
+
+    def deliver(self, frames: Framed) -> bool:
+        """One event of a fan-out (size checked once for all): False if this
+        stream has ended or dropped it, never an error."""
+        if self._state < _DRAINING and self._push(frames[self._chunked]):
+            self.events_sent += 1
+            return True
+        return False
+
+    def keepalive(self, frames: Framed, quiet_ticks: int) -> None:
+        """One tick of the keep-alive timer: a comment after ``quiet_ticks`` quiet ones."""
+        self.quiet += 1
+        if self.quiet >= quiet_ticks and self._state is _LIVE and not self.pending:
+            self._push(frames[self._chunked])
+
+    async def send_paced(self, frame: bytes) -> None:
+        """``send``, but first wait for the reader while the queue is past half
+        its bounds: a replay larger than the queue goes out at the reader's pace
+        (a reader too slow for it meets the write deadline, ``slow``)."""
+        limits = self._limits
+        while self._state < _DRAINING and (
+            self._queued_bytes * 2 > limits.max_queue_bytes
+            or len(self._queue) * 2 > limits.max_queue_messages
+        ):
+            await self.flush()
+        self.send(frame)
+
+    def _push(self, frame: bytes, bounded: bool = True) -> bool:
+        """Write now if nothing waits, else queue; False if the frame was dropped."""
+        queue = self._queue
+        if not queue and not self._inflight and self._state > _HELD:
+            # Fast path: nothing is waiting, so nothing can be overtaken.
+            return self._write_now(frame)
+        if self._state <= _HELD:
+            # Registration: outside the bounds (the application's synchronous
+            # hooks decide how much), held back up to HOLD_LIMIT bytes.
+            queue.append(frame)
+            self._queued_bytes += len(frame)
+            if self._queued_bytes >= HOLD_LIMIT and self._state is _HELD and not self._inflight:
+                self._write_queue()
+            return True
+        if bounded and not self._fits(len(frame)):
+            return False
+        queue.append(frame)
+        self._queued_bytes += len(frame)
+        self._wake()
+        return True
+
+    def _write_now(self, frame: bytes) -> bool:
+        """One non-blocking ``send``; what the kernel does not take heads the
+        queue for the I/O task. False if the socket failed (now closed)."""
+        try:
+            sent = self._send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.close(self._transport.gone_reason(exc, CloseReason.WRITE_ERROR))
+            return False
+        self.bytes_sent += sent
+        self.quiet = 0
+        if sent != len(frame):
+            self._pinned = bool(sent) or self._transport.sticky_writes
+            self._queue.appendleft(frame[sent:] if sent else frame)
+            self._queued_bytes += len(frame) - sent
+            self._wake()
+        return True
+
+    def _write_queue(self) -> None:
+        """Everything queued in one ``send`` (a held head and what follows it)."""
+        held = b"".join(self._queue)
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._write_now(held)
+
+    def _fits(self, size: int) -> bool:
+        """Apply the queue bounds and the overflow policy to one more frame."""
+        limits = self._limits
+        max_messages = limits.max_queue_messages
+        max_bytes = limits.max_queue_bytes
+        queue = self._queue
+        if len(queue) < max_messages and self._queued_bytes + size <= max_bytes:
+            return True
+        policy = limits.overflow_policy
+        if policy is OverflowPolicy.DROP_NEWEST:
+            self.dropped += 1
+            return False
+        if policy is OverflowPolicy.DROP_OLDEST:
+            keep = 1 if self._pinned else 0
+            while len(queue) > keep and (
+                len(queue) >= max_messages or self._queued_bytes + size > max_bytes
+            ):
+                oldest = queue[keep]
+                del queue[keep]
+                self._queued_bytes -= len(oldest)
+                self._dropped_bytes += len(oldest)
+                self.dropped += 1
+                self.events_sent -= 1
+            if self._flush_waiters:
+                self._resolve_flush_waiters()
+            if len(queue) < max_messages and self._queued_bytes + size <= max_bytes:
+                return True
+            self.dropped += 1
+            return False
+        self.dropped += 1 + len(queue)
+        self.events_sent -= len(queue)
+        self.close(CloseReason.OVERFLOW)
+        return False
+
+    # ------------------------------------------------------------- head, hold
+
+    def hold(self, head: bytes) -> None:
+        """Queue the response head first and hold it (and what follows) back
+        until :meth:`release`, or until HOLD_LIMIT bytes are held: head and
+        welcome event leave in one ``send``. Until :meth:`release` frames are
+        outside the queue bounds (a snapshot sent from ``registered()``
+        arrives whole), written as the socket takes them past the limit."""
+        self._enter(_HELD)
+        self._queue.appendleft(head)
+        self._queued_bytes += len(head)
+
+    def release(self) -> None:
+        """Write what is held, in one call; what the kernel does not take heads
+        the queue like any partly written frame. A no-op once LIVE."""
+        if self._state > _HELD:
+            return
+        self._enter(_LIVE)
+        if self._queue and not self._inflight:
+            self._write_queue()
+
+    # ----------------------------------------------------------------- flush
+
+    async def flush(self) -> None:
+        """Wait until everything sent so far has been handed to the socket.
+
+        Raises :class:`ConnectionClosedError` if the stream closes first.
+        """
+        if self._state is _HELD:
+            self.release()
+        if self._state is _CLOSED:
+            raise ConnectionClosedError(self._name, self._reason)
+        if not self.pending:
+            return
+        # Settled = written or dropped; wait until what is pending now is.
+        target = self.bytes_sent + self._dropped_bytes + self._queued_bytes + self._inflight
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append((target, fut))
+        await fut
+
+    def _resolve_flush_waiters(self, exc: BaseException | None = None) -> None:
+        settled = self.bytes_sent + self._dropped_bytes
+        keep = []
+        for target, fut in self._flush_waiters:
+            if fut.done():
+                continue
+            if exc is not None:
+                fut.set_exception(exc)
+            elif target <= settled:
+                fut.set_result(None)
+            else:
+                keep.append((target, fut))
+        self._flush_waiters = keep
+
+    # ---------------------------------------------------------------- I/O task
+
+    def _wake(self) -> None:
+        if self._state is _OPENING:
+            return  # nothing may leave before the head
+        if self._io_task is None:
+            self._io_task = spawn(self._run(), f"the I/O task of stream {self._name}")
+            return
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    async def next_frame(self) -> bytes:
+        """Wait for and take the first queued frame."""
+        while not self._queue:
+            self._wakeup = asyncio.get_running_loop().create_future()
+            await self._wakeup
+        frame = self._queue.popleft()
+        self._queued_bytes -= len(frame)
+        self._pinned = False
+        return frame
+
+    def ready_frames(self) -> list[bytes]:
+        """Take every queued frame, without waiting."""
+        if not self._queue:
+            return []
+        frames = list(self._queue)
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._pinned = False
+        return frames
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                frames = [await self.next_frame(), *self.ready_frames()]
+                if self._extra is not None:
+                    extra = self._extra()
+                    self.events_sent += len(extra)
+                    frames += [self.frame(f) for f in extra]
+                await self._write(frames[0] if len(frames) == 1 else b"".join(frames))
+                if self._state is _DRAINING and not self._queue:
+                    self._finish()
+                    return
+        except _Closed:
+            return
+        except Exception:
+            log.exception("Uncaught exception in the I/O task of stream %s", self._name)
+            self.close(CloseReason.HOOK_ERROR)
+
+    async def _write(self, data: bytes) -> None:
+        """Write one batch, waiting for writability under the write deadline."""
+        view = memoryview(data)
+        deadline: float | None = None
+        self._inflight = len(view)
+        try:
+            while view:
+                try:
+                    sent = self._send(view)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    self.close(self._transport.gone_reason(exc, CloseReason.WRITE_ERROR))
+                    raise _Closed from None
+                if sent:
+                    self.bytes_sent += sent
+                    self.quiet = 0
+                    view = view[sent:]
+                    self._inflight = len(view)
+                if view:
+                    if deadline is None and self._limits.write_timeout:
+                        # One deadline for the whole batch: a reader that
+                        # trickles a byte at a time is as stuck as a frozen one.
+                        loop = asyncio.get_running_loop()
+                        deadline = loop.time() + self._limits.write_timeout
+                    await self._wait_writable(deadline)
+        finally:
+            self._inflight = 0
+        if self._flush_waiters:
+            self._resolve_flush_waiters()
+
+    async def _wait_writable(self, deadline: float | None) -> None:
+        """Wait until the socket takes more; past ``deadline`` the reader is too slow."""
+        loop = asyncio.get_running_loop()
+        fut = self._writable = loop.create_future()
+        self._transport.want_writable(self._on_writable)
+        timer = None if deadline is None else loop.call_at(deadline, self._on_deadline)
+        try:
+            writable = await fut
+        finally:
+            self._writable = None
+            self._transport.want_writable(None)
+            if timer is not None:
+                timer.cancel()
+        if not writable:
+            self.close(self._reason or CloseReason.SLOW)
+            raise _Closed
+
+    def _on_writable(self) -> None:
+        fut = self._writable
+        if fut is not None and not fut.done():
+            fut.set_result(True)
+
+    def _on_deadline(self) -> None:
+        fut = self._writable
+        if fut is not None and not fut.done():
+            fut.set_result(False)
+
+    # ----------------------------------------------------------------- ending
+
+    def stop(self, reason: CloseReason, last: bytes = b"") -> None:
+        """Refuse further sends, write what is queued and ``last`` (framed here;
+        outside the bounds: it is the last frame), then close with ``reason``.
+
+        A held head is written first. A no-op once draining or closed.
+        """
+        if self._state >= _DRAINING:
+            return
+        self.release()
+        if self._state is _CLOSED:
+            return  # writing the head found the client gone
+        self._reason = reason
+        self._enter(_DRAINING)
+        if last:
+            self._push(self.frame(last), bounded=False)
+        if self._state is _DRAINING and not self.pending:
+            self._finish()
+
+    def _finish(self) -> None:
+        """A clean end: the last chunk (if the kernel takes it now), then close."""
+        if self._chunked:
+            try:
+                self._send(LAST_CHUNK)
+            except OSError:
+                pass
+        assert self._reason is not None
+        self.close(self._reason)
+
+    def _gone(self, reason: CloseReason) -> None:
+        # A draining stream keeps its own reason: the client merely left first.
+        self.close(self._reason if self._state is _DRAINING and self._reason else reason)
+
+    def close(self, reason: CloseReason) -> None:
+        """End the stream now, dropping what is queued; runs its effects once.
+
+        A held head is written first, so the client sees a response.
+        """
+        if self._state is _CLOSED:
+            return
+        if self._state is _HELD:
+            self.release()
+            if self._state is _CLOSED:
+                return  # writing it found the client gone: closed for that reason
+        self._reason = reason
+        self._enter(_CLOSED)
+        self._transport.close()
+        task = self._io_task
+        if task is not None and not task.done():
+            try:
+                current = asyncio.current_task()
+            except RuntimeError:
+                current = None
+            if task is not current:
+                task.cancel()
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._pinned = False
+        self._resolve_flush_waiters(ConnectionClosedError(self._name, reason))
+        if self._closed_waiter is not None and not self._closed_waiter.done():
+            self._closed_waiter.set_result(None)
+        self._on_closed(reason)
+
+    async def wait_closed(self) -> CloseReason:
+        """Wait until the stream is CLOSED; returns the close reason."""
+        if self._state is not _CLOSED:
+            if self._closed_waiter is None:
+                self._closed_waiter = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._closed_waiter)
+        assert self._reason is not None
+        return self._reason
