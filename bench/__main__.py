@@ -7,8 +7,13 @@ From the repository root::
     python -m bench --scenarios frozen   # one scenario; the doc keeps the others' latest results
     python -m bench --render       # the doc again, from the latest raw results of each scenario
     python -m bench --render bench/.build/results-STAMP.json ...   # ... or from these
+    python -m bench --baseline main~3   # also sse_handler as of main~3, side by side
 
 The servers run on core 0 and the Go load generator on core 1 (``taskset``).
+``--baseline REF`` adds sse_handler as it was at git ref REF (``git archive``
+into ``bench/.build/baseline``) as one more server, interleaved with the others.
+The TLS scenarios (``tls1000x50``; ``tls200x50`` in ``--quick``) serve HTTPS
+with a self-signed certificate made by ``openssl`` at bench time.
 The peers install into ``bench/.venv-peers`` (never dependencies of the library);
 the load generator is built with ``go build`` into ``bench/.build``, where the
 raw results of every invocation are kept as JSON. docs/benchmarks.md shows, for
@@ -22,6 +27,7 @@ import dataclasses
 import json
 import resource
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -29,7 +35,16 @@ from pathlib import Path
 from typing import Any
 
 from .hotspots import hot_spots, render
-from .report import Source, medians, metrics, render_doc, row_label, summary_table
+from .report import (
+    Source,
+    baseline_table,
+    medians,
+    metrics,
+    render_doc,
+    row_label,
+    summary_table,
+    tls_table,
+)
 from .run import PROFILE_ACCEPT_SECONDS, PROFILE_RATE, BenchError, Scenario, run_once
 from .servers import (
     BENCH,
@@ -37,15 +52,20 @@ from .servers import (
     FROZEN_SERVER,
     REPO,
     SERVERS,
+    Cert,
     Server,
     build_loadgen,
     ensure_peers,
     machine_info,
+    make_cert,
+    snapshot_baseline,
     snapshot_library,
 )
 
 FULL = (
     Scenario("1000x50", conns=1000, rate=50, duration=10),
+    # Over HTTPS, next to its plain twin: TLS's cost per delivery (TLS servers only).
+    Scenario("tls1000x50", conns=1000, rate=50, duration=10, tls=True),
     Scenario("5000x20", conns=5000, rate=20, duration=10),
     Scenario("idle9000", conns=9000, rate=0, duration=0),
     # Issue 6: 100 frozen readers next to 1,000 clients (sse_handler only).
@@ -53,6 +73,7 @@ FULL = (
 )
 QUICK = (
     Scenario("200x50", conns=200, rate=50, duration=5),
+    Scenario("tls200x50", conns=200, rate=50, duration=5, tls=True),
     Scenario("idle1000", conns=1000, rate=0, duration=0),
     Scenario("frozen200", conns=200, rate=50, duration=5, size=1024, frozen=20),
 )
@@ -61,7 +82,8 @@ DOC = REPO / "docs" / "benchmarks.md"
 
 METHOD = """\
 - Each server runs alone, pinned to core 0 (`taskset -c 0`); the load generator
-  (`bench/loadgen`, Go, one epoll loop for all the streams) is pinned to core 1.
+  (`bench/loadgen`, Go, one epoll loop for all the streams; over TLS a goroutine
+  per stream) is pinned to core 1.
   A fresh server process per run; runs are interleaved (run 1 of every server,
   then run 2, ...) so that noise from this shared machine spreads over all servers.
 - The machine is shared with other work (test suites, browsers). Before each run
@@ -112,6 +134,46 @@ METHOD_FROZEN = """\
 """
 
 
+METHOD_TLS = """\
+- TLS scenarios (`tls1000x50`; in `--quick` `tls200x50`): their plain twin
+  over HTTPS (HTTP/1.1), with the servers that serve TLS here: sse_handler
+  (`bench/apps/sse_handler_tls_app.py`: the demo, its `HTTPServer` given
+  `ssl_options=<ssl.SSLContext>`), the hand-written Tornado handler
+  (`ssl_options` too) and nginx+nchan (`listen ... ssl`, one worker, TLS 1.2
+  and 1.3 with its own order of cipher suites preferred, which makes it
+  negotiate what Python's default server context does). The certificate is
+  self-signed, ECDSA P-256 for 127.0.0.1, made by `openssl req` at the start of
+  each invocation into `bench/.build/tls`. The table shows the protocol and
+  cipher suite that each server's first stream got from Go's client.
+- The load generator's TLS mode (`-tls`) reads each stream in a goroutine of
+  its own through Go's `crypto/tls` (the certificate is not verified), with the
+  same parser and latency accounting as the epoll loop (close-delimited and
+  chunked bodies); at most 100 streams are being opened at once, dial to
+  response head including the handshake. Publishing goes over TLS too: the
+  same POSTs from 4 keep-alive HTTPS connections (one handshake each). The
+  warm-up and `/metrics` go over HTTPS as well.
+- *What TLS costs* = a server's CPU per delivery over TLS ÷ its CPU per
+  delivery in the plain scenario of the same shape, both from the same
+  invocation (every round runs the plain one, then the TLS one); paired runs
+  divide run *i* by run *i*. Latency over TLS also includes the load
+  generator's decryption and goroutine switches, which its epoll loop does not
+  pay in the plain scenario.
+- A server that cannot serve the stream over TLS (a failed handshake, bytes
+  that are not TLS records, an answer that is not `200 text/event-stream`, no
+  stream opened or nothing delivered) fails that run: it is listed under *Runs
+  that failed*, and the bench goes on.
+"""
+
+METHOD_BASELINE = """\
+- `--baseline REF`: sse_handler as it was at git ref REF (`git archive REF
+  sse_handler`, unpacked into `bench/.build/baseline`) is one more server,
+  `sse_handler@<short commit>`, in every scenario but the frozen-readers one.
+  It is served exactly as the work tree's copy is (the same Python, Tornado and
+  bench apps; its own `sse_handler/` first on `sys.path`), and runs right after
+  sse_handler in every round.
+"""
+
+
 def _log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -131,6 +193,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help=f"profile sse_handler with py-spy in one extra {PROFILED} run and one extra "
         "idle run (default: on for the full run)",
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also measure sse_handler as it was at git ref REF (a commit, a branch, "
+        "main~3, ...), as one more server in every scenario but the frozen-readers one",
     )
     p.add_argument("--doc", type=Path, help="write the Markdown report here")
     p.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
@@ -253,6 +321,40 @@ def _error_scenario(error: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
+def _error_row(error: str) -> str:
+    """The row (server or variant) of a failed run's message."""
+    parts = error.split(", ", 2)
+    return parts[2].split(": ", 1)[0] if len(parts) > 2 else ""
+
+
+def _failed(errors: Sequence[str]) -> dict[str, list[str]]:
+    """Scenario -> the rows with a failed run."""
+    out: dict[str, list[str]] = {}
+    for e in errors:
+        rows = out.setdefault(_error_scenario(e), [])
+        if _error_row(e) not in rows:
+            rows.append(_error_row(e))
+    return out
+
+
+def _negotiated(
+    scenarios: Sequence[Scenario], raw: Sequence[dict[str, Any]]
+) -> dict[str, dict[str, str]]:
+    """TLS scenario -> server -> the protocol and cipher suite its first stream got."""
+    by_name = {sc.name: sc for sc in scenarios if sc.tls}
+    out: dict[str, dict[str, str]] = {}
+    for r in raw:
+        sc = by_name.get(r["scenario"])
+        if sc is not None and r["connected"].get("tls"):
+            out.setdefault(sc.name, {}).setdefault(row_label(r, sc), r["connected"]["tls"])
+    return out
+
+
+def _plain_twin(sc: Scenario, measured: Sequence[Scenario]) -> Scenario | None:
+    """The plain scenario of a TLS scenario's shape among ``measured``."""
+    return next((p for p in measured if not p.tls and not p.idle and p.same_shape(sc)), None)
+
+
 def _write_doc(picks: Sequence[tuple[dict[str, Any], Sequence[str]]], doc: Path) -> None:
     """docs/benchmarks.md from raw results: each scenario from the results given
     with it (see :func:`_pick`), and bench/notes.md."""
@@ -264,9 +366,16 @@ def _write_doc(picks: Sequence[tuple[dict[str, Any], Sequence[str]]], doc: Path)
     servers: dict[str, str] = {}
     profiles: list[str] = []
     frozen_server: str | None = None
+    baseline_of: dict[str, str] = {}
+    tls_plain: dict[str, Scenario | None] = {}
     for results, names in picks:
         these = [Scenario(**sc) for sc in results["scenarios"] if sc["name"] in names]
         scenarios += these
+        baseline = results.get("baseline")
+        if baseline:
+            baseline_of.update({sc.name: baseline["server"] for sc in these if not sc.frozen})
+        # TLS's cost needs the plain twin measured by the same invocation, and shown.
+        tls_plain.update({sc.name: _plain_twin(sc, these) for sc in these if sc.tls})
         raw += [r for r in results["runs"] if r["scenario"] in names]
         errors += [e for e in results.get("errors", []) if _error_scenario(e) in names]
         sources.append(
@@ -286,6 +395,8 @@ def _write_doc(picks: Sequence[tuple[dict[str, Any], Sequence[str]]], doc: Path)
     scenarios.sort(key=lambda sc: order.index(sc.name) if sc.name in order else len(order))
     per_run, med = _summarise(scenarios, raw)
     method = METHOD + (METHOD_FROZEN if any(sc.frozen for sc in scenarios) else "")
+    method += METHOD_TLS if any(sc.tls for sc in scenarios) else ""
+    method += METHOD_BASELINE if baseline_of else ""
     notes = BENCH / "notes.md"
     doc.write_text(
         render_doc(
@@ -300,6 +411,10 @@ def _write_doc(picks: Sequence[tuple[dict[str, Any], Sequence[str]]], doc: Path)
             method_md=method,
             notes_md=notes.read_text() if notes.exists() else None,
             frozen_server=frozen_server,
+            baseline_of=baseline_of,
+            tls_plain=tls_plain,
+            negotiated=_negotiated(scenarios, raw),
+            failed=_failed(errors),
         )
     )
     _log(f"wrote {doc}: " + "; ".join(f"{', '.join(n)} from {s.command}" for s, n in zip(
@@ -327,6 +442,8 @@ def _jobs(
     sc: Scenario, servers: Sequence[Server], frozen_server: Server | None, run: int
 ) -> list[tuple[Server, int]]:
     """The measurements of one run of a scenario: (server, frozen readers)."""
+    if sc.tls:
+        return [(server, 0) for server in servers if server.tls]
     if not sc.frozen:
         return [(server, 0) for server in servers]
     if frozen_server is None:
@@ -363,6 +480,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             _log(f"skipping {server.name}: {why}")
         else:
             servers.append(server)
+    baseline: Server | None = None
+    baseline_info: dict[str, str] | None = None
+    if args.baseline:
+        baseline, full = snapshot_baseline(args.baseline, BUILD / "baseline")
+        baseline_info = {"ref": args.baseline, "commit": full, "server": baseline.name}
+        _log(f"baseline: {baseline.name} ({args.baseline}) in {baseline.cwd}")
+        # Right after the work tree's copy in every round: the closest pairing.
+        at = next((i + 1 for i, s in enumerate(servers) if s.name == "sse_handler"), 0)
+        servers.insert(at, baseline)
+    cert: Cert | None = None
+    cert_error = ""
+    if any(sc.tls for sc in scenarios):
+        try:
+            cert = make_cert(BUILD / "tls")
+            _log(f"TLS: {cert.description} in {cert.cert.parent.relative_to(REPO)}")
+        except (OSError, subprocess.CalledProcessError) as exc:
+            cert_error = f"no certificate for the TLS scenarios: {exc}"
+            _log(cert_error)
     library = next(s for s in wanted if s.name == "sse_handler")
     # The frozen-readers scenarios: sse_handler only, on the demo with a short
     # write deadline (served from the same copy of the library).
@@ -378,8 +513,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for server, frozen in _jobs(sc, servers, frozen_server, i):
                 label = row_label({"server": server.name, "frozen": frozen}, sc)
                 _log(f"run {i + 1}/{runs}: {label}, {sc.title}")
+                if sc.tls and cert is None:
+                    errors.append(f"run {i + 1}, {sc.name}, {label}: {cert_error}")
+                    continue
                 try:
-                    result = run_once(server, sc, loadgen, frozen=frozen)
+                    result = run_once(server, sc, loadgen, frozen=frozen, cert=cert)
                 except BenchError as exc:
                     errors.append(f"run {i + 1}, {sc.name}, {label}: {exc}")
                     _log(f"  failed: {exc}")
@@ -387,17 +525,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raw.append({"run": i + 1, **result})
                 m = metrics(raw[-1], sc)
                 _log("  " + ", ".join(f"{k}={v:.4g}" for k, v in m.items()))
-    _, med = _summarise(scenarios, raw)
+    per_run, med = _summarise(scenarios, raw)
     for sc in scenarios:
         if sc.name in med:
             print(f"\n## {sc.title} (median of {runs})\n\n{summary_table(sc, med[sc.name])}")
+    if baseline is not None:
+        of = {sc.name: baseline.name for sc in scenarios if not sc.frozen}
+        table = baseline_table(scenarios, med, per_run, of)
+        if table is not None:
+            print(f"\n## Before and after: sse_handler ÷ {baseline.name}\n\n{table}")
+    negotiated, failed = _negotiated(scenarios, raw), _failed(errors)
+    for sc in scenarios:
+        if sc.tls:
+            plain = _plain_twin(sc, scenarios)
+            table = tls_table(
+                sc, plain, med, per_run, negotiated.get(sc.name, {}), failed.get(sc.name, [])
+            )
+            against = f"÷ {plain.title}" if plain else "(no plain run of its shape)"
+            print(f"\n## What TLS costs: {sc.title} {against}\n\n{table}")
     profiles: list[str] = []
     want_profile = args.profile_only or (
         args.profile if args.profile is not None else not args.quick
     )
     if want_profile:
         busy = next((s for s in scenarios if s.name == PROFILED), None)
-        busy = busy or next((s for s in scenarios if not s.idle and not s.frozen), None)
+        busy = busy or next(
+            (s for s in scenarios if not s.idle and not s.frozen and not s.tls), None
+        )
         idle = next((s for s in scenarios if s.idle), None)
         for target in (busy, idle):
             md = None if target is None else _profile(loadgen, library, target, stamp)
@@ -411,6 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run_count": runs,
         "servers": {s.name: s.description for s in servers},
         "frozen_server": None if frozen_server is None else frozen_server.description,
+        "baseline": baseline_info,
+        "tls": None if cert is None else cert.description,
         "runs": raw,
         "errors": errors,
         "profiles": profiles,

@@ -13,6 +13,7 @@ from .run import Scenario
 __all__ = [
     "ISSUE6_P99_RATIO",
     "Source",
+    "baseline_table",
     "frozen_target",
     "medians",
     "metrics",
@@ -20,6 +21,7 @@ __all__ = [
     "row_label",
     "summary_table",
     "targets",
+    "tls_table",
 ]
 
 BASE, REFERENCE = "sse_handler", "nchan"
@@ -45,6 +47,7 @@ def metrics(run: dict[str, Any], sc: Scenario) -> dict[str, float]:
     connected, done = run["connected"], run["done"]
     n = connected["connected"]
     m: dict[str, float] = {
+        "run": run.get("run", NAN),
         "connected": n,
         "failed": connected["failed"],
         "accept_s": connected["accept_seconds"],
@@ -55,6 +58,8 @@ def metrics(run: dict[str, Any], sc: Scenario) -> dict[str, float]:
         m["rss_per_conn_kib"] = (run["rss_after"] - run["rss_before"]) / max(n, 1) / 1024
         m["rss_mib"] = run["rss_after"] / 2**20
         return m
+    # Connected and not yet sent anything (the warm-up's and each client's welcome aside).
+    m["rss_per_conn_kib"] = (run["rss_after"] - run["rss_before"]) / max(n, 1) / 1024
     received, offered = done.get("received", 0), done.get("offered", 0)
     latency = done.get("latency_ms", {})
     m.update(
@@ -202,6 +207,114 @@ def _paired(runs: dict[str, list[dict[str, float]]], key: str) -> list[float]:
     ]
 
 
+def _paired_by_run(
+    runs: dict[str, list[dict[str, float]]], a: str, b: str, key: str
+) -> list[float]:
+    """Run by run, ``a``'s figure ÷ ``b``'s (the rows of one scenario, or of two
+    scenarios of one invocation: run numbers pair them)."""
+    mine = {r["run"]: r[key] for r in runs.get(a, [])}
+    theirs = {r["run"]: r[key] for r in runs.get(b, [])}
+    return [
+        mine[i] / theirs[i]
+        for i in sorted(mine.keys() & theirs.keys())
+        if theirs[i] and not math.isnan(mine[i]) and not math.isnan(theirs[i])
+    ]
+
+
+def _runs_cell(ratios: Sequence[float]) -> str:
+    return ", ".join(f"{r:.2f}{TIMES}" for r in ratios) if len(ratios) > 1 else ""
+
+
+def _fig(v: float, key: str) -> str:
+    if math.isnan(v):
+        return "failed"
+    return (
+        _ms(v)
+        if key == "p99"
+        else f"{v:.2f}"
+        if key in ("cpu_us_per_delivery", "accept_s")
+        else f"{v:.1f}"
+    )
+
+
+#: The figures compared with a baseline: (key, label), for busy and idle scenarios.
+BASELINE_FIGURES = {
+    False: (("cpu_us_per_delivery", "CPU µs / delivery"), ("p99", "p99 ms")),
+    True: (("rss_per_conn_kib", "RSS / idle conn (KiB)"), ("accept_s", "accept time (s)")),
+}
+
+
+def baseline_table(
+    scenarios: Sequence[Scenario],
+    med: dict[str, dict[str, dict[str, float]]],
+    per_run: dict[str, dict[str, list[dict[str, float]]]],
+    baseline_of: dict[str, str],
+) -> str | None:
+    """sse_handler ÷ its baseline (``--baseline``), figure by figure, for each scenario
+    measured with one (``baseline_of``: scenario name -> the baseline's row); None if
+    none was."""
+    names = {baseline_of[sc.name] for sc in scenarios if sc.name in baseline_of}
+    one = next(iter(names)) if len(names) == 1 else None
+    head = ["scenario", "figure", BASE, one or "baseline", "÷ baseline", "paired runs"]
+    lines = [_row(head), _row(["---", "---", "---:", "---:", "---:", "---"])]
+    for sc in scenarios:
+        baseline = baseline_of.get(sc.name)
+        if baseline is None or sc.frozen:
+            continue
+        rows = med.get(sc.name, {})
+        mine, theirs = rows.get(BASE, {}), rows.get(baseline, {})
+        for key, label in BASELINE_FIGURES[sc.idle]:
+            a, b = mine.get(key, NAN), theirs.get(key, NAN)
+            paired = _paired_by_run(per_run.get(sc.name, {}), BASE, baseline, key)
+            lines.append(_row([
+                sc.title, label, _fig(a, key),
+                _fig(b, key) if one else f"{_fig(b, key)} ({baseline})", _ratio(a, b),
+                _runs_cell(paired),
+            ]))  # fmt: skip
+    return "\n".join(lines) + "\n" if len(lines) > 2 else None
+
+
+def tls_table(
+    sc: Scenario,
+    plain: Scenario | None,
+    med: dict[str, dict[str, dict[str, float]]],
+    per_run: dict[str, dict[str, list[dict[str, float]]]],
+    negotiated: dict[str, str],
+    failed: Sequence[str] = (),
+) -> str:
+    """What TLS costs each server: its figures over TLS ÷ the same figures in the plain
+    scenario of the same shape, measured in the same invocation (``plain``; None: not
+    measured with it). ``negotiated``: server -> TLS version and cipher suite;
+    ``failed``: the servers with a failed run of ``sc``."""
+    tls_rows = med.get(sc.name, {})
+    plain_rows = med.get(plain.name, {}) if plain is not None else {}
+    head = ["server", "TLS", "CPU µs / delivery, plain", "over TLS", "TLS ÷ plain",
+            "paired runs", "p99 ms, plain", "over TLS", "accept time (s), plain",
+            "over TLS", "RSS / conn (KiB), plain", "over TLS"]  # fmt: skip
+    lines = [_row(head), _row(["---", "---"] + ["---:"] * 3 + ["---"] + ["---:"] * 6)]
+    for name in dict.fromkeys([*tls_rows, *failed]):
+        t, p = tls_rows.get(name, {}), plain_rows.get(name, {})
+        cpu_t, cpu_p = t.get("cpu_us_per_delivery", NAN), p.get("cpu_us_per_delivery", NAN)
+        paired: list[float] = []
+        if plain is not None:
+            runs = {
+                "tls": per_run.get(sc.name, {}).get(name, []),
+                "plain": per_run.get(plain.name, {}).get(name, []),
+            }
+            paired = _paired_by_run(runs, "tls", "plain", "cpu_us_per_delivery")
+        lines.append(_row([
+            name, negotiated.get(name) or NONE,
+            _fig(cpu_p, "cpu_us_per_delivery") if p else NONE, _fig(cpu_t, "cpu_us_per_delivery"),
+            _ratio(cpu_t, cpu_p), _runs_cell(paired),
+            _ms(p.get("p99", NAN)), _fig(t.get("p99", NAN), "p99"),
+            _fig(p.get("accept_s", NAN), "accept_s") if p else NONE,
+            _fig(t.get("accept_s", NAN), "accept_s"),
+            _fig(p.get("rss_per_conn_kib", NAN), "rss") if p else NONE,
+            _fig(t.get("rss_per_conn_kib", NAN), "rss"),
+        ]))  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def frozen_target(
     sc: Scenario,
     med: dict[str, dict[str, float]],
@@ -237,7 +350,8 @@ def targets(
 ) -> list[tuple[str, str, bool | None]]:
     """Issue 3's targets against the medians: (target, measured, holds; None = not measured)."""
     out: list[tuple[str, str, bool | None]] = []
-    scenarios = [s for s in scenarios if not s.frozen]  # issue 6's: frozen_target()
+    # Issue 6's: frozen_target(); over TLS: tls_table().
+    scenarios = [s for s in scenarios if not s.frozen and not s.tls]
     by_shape = {(s.conns, s.rate): s.name for s in scenarios}
 
     def figure(scenario: str | None, server: str, key: str) -> float:
@@ -370,6 +484,52 @@ def _frozen_section(
     return out
 
 
+BASELINE_INTRO = (
+    f"{BASE} (the work tree's copy) ÷ {BASE} at the baseline commit, measured in the same "
+    "invocation: in each round the baseline runs right after it, each on a fresh server. "
+    "Medians, then run by run. Every figure here is better lower: below 1"
+    f"{TIMES} the work tree does better. The baseline's rows in the scenarios' tables "
+    f"below also have their ratio to nginx+nchan."
+)
+
+
+def _tls_section(
+    sc: Scenario,
+    plain: Scenario | None,
+    med: dict[str, dict[str, dict[str, float]]],
+    per_run: dict[str, dict[str, list[dict[str, float]]]],
+    negotiated: dict[str, str],
+    failed: Sequence[str],
+) -> list[str]:
+    out = [
+        "Over HTTPS (HTTP/1.1) with the bench's self-signed certificate, for the servers "
+        "that serve TLS here; the load generator reads the streams through Go's "
+        "crypto/tls, a goroutine per stream, and publishes over HTTPS too (see Method).",
+        "",
+    ]
+    if sc.name in med:
+        out.append(summary_table(sc, med[sc.name]))
+    else:
+        out.append("No run completed.\n")
+    if plain is None:
+        why = (
+            f"No plain run of this shape in the same invocation, so no ratio: run both "
+            f"together (e.g. `python -m bench --scenarios 1000x50,{sc.name}`)."
+        )
+    else:
+        why = (
+            f"Each server over TLS ÷ itself in *{plain.title}*, measured in the same "
+            "invocation (paired runs: run *i* over TLS ÷ run *i* plain). *RSS / conn*: "
+            "RSS once every client is connected, less RSS after the warm-up, per client."
+        )
+    out += [
+        f"**What TLS costs.** {why}",
+        "",
+        tls_table(sc, plain, med, per_run, negotiated, failed),
+    ]
+    return out
+
+
 def render_doc(
     *,
     sources: Sequence[Source],
@@ -383,7 +543,16 @@ def render_doc(
     method_md: str,
     notes_md: str | None,
     frozen_server: str | None = None,
+    baseline_of: dict[str, str] | None = None,
+    tls_plain: dict[str, Scenario | None] | None = None,
+    negotiated: dict[str, dict[str, str]] | None = None,
+    failed: dict[str, list[str]] | None = None,
 ) -> str:
+    """The Markdown of docs/benchmarks.md. ``baseline_of``: scenario -> the row of
+    sse_handler's ``--baseline`` in it; ``tls_plain``: TLS scenario -> the plain
+    scenario of its shape measured in the same invocation (or None);
+    ``negotiated``: scenario -> server -> TLS version and cipher suite;
+    ``failed``: scenario -> the rows with a failed run."""
     peers = machine.get("peers", {})
     commits = {s.commit for s in sources}
     commit = machine.get("commit", "?") if len(commits) <= 1 else "see above"
@@ -399,10 +568,22 @@ def render_doc(
         out += [f"| {t} | {m} | {_holds(h)} |" for t, m, h in targets(scenarios, med, per_run)]
         out += ["", "## Servers", ""]
         out += [f"- **{name}**: {desc}" for name, desc in servers.items()]
+    before_after = baseline_table(scenarios, med, per_run, baseline_of or {})
+    if before_after is not None:
+        out += ["", "## Before and after (`--baseline`)", "", BASELINE_INTRO, "", before_after]
     for sc in scenarios:
         out += ["", f"## {sc.title}", ""]
         if sc.frozen:
             out += _frozen_section(sc, med.get(sc.name), per_run.get(sc.name, {}), frozen_server)
+        elif sc.tls:
+            out += _tls_section(
+                sc,
+                (tls_plain or {}).get(sc.name),
+                med,
+                per_run,
+                (negotiated or {}).get(sc.name, {}),
+                (failed or {}).get(sc.name, []),
+            )
         elif sc.name in med:
             out.append(summary_table(sc, med[sc.name]))
         else:

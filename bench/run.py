@@ -10,6 +10,10 @@ The load generator talks to us over its stdin/stdout (see bench/loadgen):
    if it has them, and say close;
 5. with frozen connections, it reads them out and prints ``frozen`` (how many
    the server had closed), then closes everything.
+
+In a TLS scenario everything of this goes over HTTPS with the bench's
+certificate: the warm-up, the streams and the publishing (``loadgen -tls``),
+and ``/metrics``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import selectors
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -30,7 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .proc import cpu_seconds, machine_busy_seconds, rss_bytes, tree_pids
-from .servers import BUILD, PEERS_VENV, Server
+from .servers import BUILD, PEERS_VENV, Cert, Server
 
 __all__ = ["PROFILE_ACCEPT_SECONDS", "PROFILE_RATE", "Scenario", "run_once"]
 
@@ -56,6 +61,8 @@ class Scenario:
     #: > 0: sse_handler only, each run twice: without frozen readers, and with
     #: this many next to the clients (bench/loadgen -frozen).
     frozen: int = 0
+    #: Over TLS (HTTPS), with the servers that can serve it (``Server.tls``).
+    tls: bool = False
 
     @property
     def idle(self) -> bool:
@@ -71,7 +78,15 @@ class Scenario:
                 f"{self.conns:,} clients {times} {self.rate:g} events/s, "
                 f"with and without {self.frozen:,} frozen readers"
             )
-        return f"{self.conns:,} clients {times} {self.rate:g} events/s ({self.duration:g} s)"
+        tls = " over TLS" if self.tls else ""
+        return f"{self.conns:,} clients {times} {self.rate:g} events/s{tls} ({self.duration:g} s)"
+
+    def same_shape(self, other: Scenario) -> bool:
+        """Same clients, rate, duration and event size (e.g. a TLS scenario and its
+        plain counterpart)."""
+        return (self.conns, self.rate, self.duration, self.size, self.frozen) == (
+            other.conns, other.rate, other.duration, other.size, other.frozen
+        )  # fmt: skip
 
 
 class BenchError(Exception):
@@ -98,9 +113,37 @@ def _wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float = 30.0)
     raise BenchError(f"the server did not listen on port {port} within {timeout:g} s")
 
 
-def _warm_up(port: int) -> None:
-    """One stream and one publish, so lazy imports and first-request costs are paid."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as stream:
+def _client_ssl() -> ssl.SSLContext:
+    """TLS for the bench's own requests: the certificate is self-signed, not checked."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _connect(port: int, tls: bool) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if not tls:
+        return sock
+    try:
+        return _client_ssl().wrap_socket(sock, server_hostname="127.0.0.1")
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _warm_up(port: int, tls: bool = False) -> None:
+    """One stream and one publish, so lazy imports and first-request costs are paid.
+    Raises :class:`BenchError` (or OSError) if the server does not serve a stream."""
+    try:
+        _warm_up_once(port, tls)
+    except OSError as exc:  # ssl.SSLError among them: a broken TLS stream
+        what = "warm-up over TLS" if tls else "warm-up"
+        raise BenchError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+def _warm_up_once(port: int, tls: bool) -> None:
+    with _connect(port, tls) as stream:
         stream.sendall(
             b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
         )
@@ -112,7 +155,7 @@ def _warm_up(port: int) -> None:
             head += chunk
         if not head.startswith(b"HTTP/1.1 200"):
             raise BenchError(f"GET /events answered {head.splitlines()[0]!r}")
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as pub:
+        with _connect(port, tls) as pub:
             pub.sendall(
                 b"POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 6\r\n"
                 b"Content-Type: text/plain\r\nConnection: close\r\n\r\nwarmup"
@@ -197,10 +240,12 @@ def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
         pass
 
 
-def _start_server(server: Server, port: int, workdir: Path) -> subprocess.Popen[bytes]:
+def _start_server(
+    server: Server, port: int, workdir: Path, cert: Cert | None
+) -> subprocess.Popen[bytes]:
     with open(workdir / "server.log", "wb") as log:
         return subprocess.Popen(
-            ["taskset", "-c", SERVER_CORE, *server.argv(port, workdir)],
+            ["taskset", "-c", SERVER_CORE, *server.argv(port, workdir, cert)],
             cwd=server.cwd,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -218,6 +263,8 @@ def _start_loadgen(
         "-rate", f"{sc.rate:g}", "-duration", f"{sc.duration:g}s",
         "-size", str(sc.size), "-frozen", str(frozen),
     ]  # fmt: skip
+    if sc.tls:
+        argv.append("-tls")
     with open(workdir / "loadgen.log", "wb") as log:
         return subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
@@ -245,10 +292,14 @@ _CLOSED = re.compile(r"^sse_connections_closed_total\{([^}]*)\}\s+(\S+)", re.MUL
 _REASON = re.compile(r'reason="([^"]*)"')
 
 
-def closed_by_reason(port: int) -> dict[str, int] | None:
+def closed_by_reason(port: int, tls: bool = False) -> dict[str, int] | None:
     """``sse_connections_closed_total`` of the server's ``/metrics``, by reason
     (None: no metrics, e.g. prometheus-client is not installed)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn = (
+        http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=_client_ssl())
+        if tls
+        else http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    )
     try:
         conn.request("GET", "/metrics")
         response = conn.getresponse()
@@ -268,20 +319,30 @@ def closed_by_reason(port: int) -> dict[str, int] | None:
 
 
 def run_once(
-    server: Server, sc: Scenario, loadgen: Path, profile: Path | None = None, frozen: int = 0
+    server: Server,
+    sc: Scenario,
+    loadgen: Path,
+    profile: Path | None = None,
+    frozen: int = 0,
+    cert: Cert | None = None,
 ) -> dict[str, Any]:
     """Measure ``server`` under ``sc`` once, with ``frozen`` frozen readers next to
-    the clients; raises :class:`BenchError` if it cannot."""
+    the clients (a TLS scenario: over HTTPS with ``cert``); raises
+    :class:`BenchError` if it cannot, or if no stream opened or nothing was
+    delivered (e.g. a server whose streams are not valid TLS)."""
+    if sc.tls and cert is None:
+        raise BenchError("a TLS scenario needs a certificate")
+    cert = cert if sc.tls else None
     quiet = wait_quiet()
     (BUILD / "runs").mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"{server.name}-{sc.name}-", dir=BUILD / "runs"))
     port = free_port()
-    srv = _start_server(server, port, workdir)
+    srv = _start_server(server, port, workdir, cert)
     gen: subprocess.Popen[bytes] | None = None
     spy: subprocess.Popen[bytes] | None = None
     try:
         _wait_ready(srv, port)
-        _warm_up(port)
+        _warm_up(port, sc.tls)
         time.sleep(0.5)
         rss_before = rss_bytes(tree_pids(srv.pid))
         pids = tree_pids(srv.pid)
@@ -294,6 +355,8 @@ def run_once(
         start = _Snapshot(pids, gen.pid)
         connected = lines.next(timeout=180)
         accepted = _Snapshot(pids, gen.pid)
+        if connected["connected"] == 0:
+            raise BenchError(f"no stream opened: {connected.get('first_error') or '?'}")
         time.sleep(SETTLE_SECONDS)
         pids = tree_pids(srv.pid)
         rss_after = rss_bytes(pids)
@@ -301,13 +364,17 @@ def run_once(
             spy = _py_spy(srv.pid, sc.duration, profile)
         if spy is not None and sc.idle:
             spy.wait(timeout=PROFILE_ACCEPT_SECONDS + 60)  # the clients stay until it is done
-        closed_before = closed_by_reason(port) if server.metrics else None
+        closed_before = closed_by_reason(port, sc.tls) if server.metrics else None
         go = _Snapshot(pids, gen.pid)
         _say(gen, "go")
         done = lines.next(timeout=3 * sc.duration + 60)
         end = _Snapshot(tree_pids(srv.pid), gen.pid)
         rss_end = rss_bytes(tree_pids(srv.pid))
-        closed = closed_by_reason(port) if server.metrics else None
+        if done.get("published", 0) > 0 and done.get("received", 0) == 0:
+            why = done.get("first_disconnect_error") or "no stream ended"
+            ended = done.get("disconnected", 0)
+            raise BenchError(f"nothing delivered ({ended} streams ended: {why})")
+        closed = closed_by_reason(port, sc.tls) if server.metrics else None
         if closed is not None and closed_before is not None:
             # The warm-up stream's close is not part of the run.
             closed = {k: v - closed_before.get(k, 0) for k, v in closed.items()}

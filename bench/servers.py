@@ -1,18 +1,22 @@
 """The servers under test, the peers' virtualenv, and the load generator's build.
 
 Every server serves ``GET /events`` (the broadcast stream) and ``POST /publish``
-(body = event data, sent to every client) on 127.0.0.1. Each is started as its
-own process tree; :mod:`bench.run` pins it to one core.
+(body = event data, sent to every client) on 127.0.0.1, over plain HTTP or, for
+the TLS scenarios and the servers that take part in them, over HTTPS with the
+bench's self-signed certificate (:func:`make_cert`). Each is started as its own
+process tree; :mod:`bench.run` pins it to one core.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,10 +27,13 @@ __all__ = [
     "FROZEN_SERVER",
     "REPO",
     "SERVERS",
+    "Cert",
     "Server",
     "build_loadgen",
     "ensure_peers",
     "machine_info",
+    "make_cert",
+    "snapshot_baseline",
     "snapshot_library",
 ]
 
@@ -41,20 +48,41 @@ NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
 
 
 @dataclass(frozen=True)
+class Cert:
+    """The TLS certificate (PEM) and its private key, for the TLS scenarios."""
+
+    cert: Path
+    key: Path
+    description: str
+
+
+@dataclass(frozen=True)
 class Server:
-    """How to start one server: ``argv(port, workdir)`` run in ``cwd``, and why it cannot
-    run here."""
+    """How to start one server: ``argv(port, workdir, cert)`` run in ``cwd`` (``cert``:
+    serve HTTPS with it, else plain HTTP), and why it cannot run here."""
 
     name: str
     description: str
-    argv: Callable[[int, Path], list[str]]
+    argv: Callable[[int, Path, Cert | None], list[str]]
     missing: Callable[[], str | None]
     cwd: Path = REPO
     #: Serves Prometheus metrics at ``/metrics`` (read after each run).
     metrics: bool = False
+    #: Takes part in the TLS scenarios (its argv serves HTTPS given a certificate).
+    tls: bool = False
 
 
-def _sse_handler(port: int, workdir: Path) -> list[str]:
+def _tls_args(cert: Cert | None) -> list[str]:
+    return [] if cert is None else ["--certfile", str(cert.cert), "--keyfile", str(cert.key)]
+
+
+def _sse_handler(port: int, workdir: Path, cert: Cert | None) -> list[str]:
+    if cert is not None:
+        # The demo, with ssl_options given to its HTTPServer.
+        return [
+            sys.executable, str(APPS / "sse_handler_tls_app.py"),
+            "--host", "127.0.0.1", "--port", str(port), *_tls_args(cert),
+        ]  # fmt: skip
     return [
         sys.executable,
         "-m",
@@ -67,7 +95,7 @@ def _sse_handler(port: int, workdir: Path) -> list[str]:
     ]
 
 
-def _sse_handler_frozen(port: int, workdir: Path) -> list[str]:
+def _sse_handler_frozen(port: int, workdir: Path, cert: Cert | None) -> list[str]:
     return [
         sys.executable,
         str(APPS / "sse_handler_frozen_app.py"),
@@ -78,11 +106,11 @@ def _sse_handler_frozen(port: int, workdir: Path) -> list[str]:
     ]
 
 
-def _tornado(port: int, workdir: Path) -> list[str]:
-    return [sys.executable, str(APPS / "tornado_app.py"), "--port", str(port)]
+def _tornado(port: int, workdir: Path, cert: Cert | None) -> list[str]:
+    return [sys.executable, str(APPS / "tornado_app.py"), "--port", str(port), *_tls_args(cert)]
 
 
-def _starlette(port: int, workdir: Path) -> list[str]:
+def _starlette(port: int, workdir: Path, cert: Cert | None) -> list[str]:
     return [
         str(PEERS_PYTHON), "-m", "uvicorn", "--app-dir", str(APPS), "starlette_app:app",
         "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop", "--http", "httptools",
@@ -90,13 +118,28 @@ def _starlette(port: int, workdir: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def _aiohttp(port: int, workdir: Path) -> list[str]:
+def _aiohttp(port: int, workdir: Path, cert: Cert | None) -> list[str]:
     return [str(PEERS_PYTHON), str(APPS / "aiohttp_app.py"), "--port", str(port)]
 
 
-def nginx_conf(port: int, workdir: Path) -> str:
-    """One worker, one channel: nchan's eventsource subscriber and its publisher."""
+def nginx_conf(port: int, workdir: Path, cert: Cert | None = None) -> str:
+    """One worker, one channel: nchan's eventsource subscriber and its publisher.
+
+    With ``cert``: over TLS (HTTP/1.1). nginx 1.22 leaves TLS 1.3 out of its
+    default protocols and takes the client's order of cipher suites; with TLS 1.3
+    allowed and its own order preferred it negotiates what Python's default
+    server context does with the load generator (TLS 1.3, TLS_AES_256_GCM_SHA384).
+    """
     user = "user root;\n" if os.geteuid() == 0 else ""
+    listen = f"listen 127.0.0.1:{port};"
+    if cert is not None:
+        listen = (
+            f"listen 127.0.0.1:{port} ssl;\n"
+            f"        ssl_certificate {cert.cert};\n"
+            f"        ssl_certificate_key {cert.key};\n"
+            "        ssl_protocols TLSv1.2 TLSv1.3;\n"
+            "        ssl_prefer_server_ciphers on;"
+        )
     temp = "\n".join(
         f"    {kind}_temp_path {workdir / kind};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -114,7 +157,7 @@ http {{
     access_log off;
 {temp}
     server {{
-        listen 127.0.0.1:{port};
+        {listen}
         location = /events {{
             nchan_subscriber eventsource;
             nchan_channel_id bench;
@@ -130,9 +173,9 @@ http {{
 """
 
 
-def _nchan(port: int, workdir: Path) -> list[str]:
+def _nchan(port: int, workdir: Path, cert: Cert | None) -> list[str]:
     conf = workdir / "nginx.conf"
-    conf.write_text(nginx_conf(port, workdir))
+    conf.write_text(nginx_conf(port, workdir, cert))
     return ["nginx", "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")]
 
 
@@ -151,13 +194,19 @@ def _missing_nchan() -> str | None:
 SERVERS = (
     Server(
         "sse_handler",
-        "sse_handler's demo (`python -m sse_handler demo`)",
+        "sse_handler's demo (`python -m sse_handler demo`; over TLS "
+        "`bench/apps/sse_handler_tls_app.py`, the demo with `ssl_options` for its HTTPServer)",
         _sse_handler,
         lambda: None,
         metrics=True,
+        tls=True,
     ),
     Server(
-        "tornado", "hand-written Tornado RequestHandler, write + flush", _tornado, lambda: None
+        "tornado",
+        "hand-written Tornado RequestHandler, write + flush",
+        _tornado,
+        lambda: None,
+        tls=True,
     ),
     Server(
         "sse-starlette",
@@ -166,7 +215,7 @@ SERVERS = (
         _missing_peers,
     ),
     Server("aiohttp-sse", "aiohttp-sse on aiohttp", _aiohttp, _missing_peers),
-    Server("nchan", "nginx + nchan (1 worker)", _nchan, _missing_nchan),
+    Server("nchan", "nginx + nchan (1 worker)", _nchan, _missing_nchan, tls=True),
 )
 
 
@@ -198,6 +247,72 @@ def snapshot_library(servers: list[Server], dest: Path) -> tuple[list[Server], s
         REPO / "sse_handler", dest / "sse_handler", ignore=shutil.ignore_patterns("__pycache__")
     )
     return [replace(s, cwd=dest) if s.name == "sse_handler" else s for s in servers], commit
+
+
+def snapshot_baseline(ref: str, dest: Path) -> tuple[Server, str]:
+    """sse_handler as it was at git ``ref``, as one more server: ``sse_handler@<short>``.
+
+    ``git archive <ref> sse_handler`` unpacked into ``dest``, and served from
+    there as :func:`snapshot_library` serves the work tree's copy (same Python,
+    same Tornado, same bench apps). Returns the server and the full commit;
+    raises SystemExit if ``ref`` is not a commit with ``sse_handler/`` in it.
+    """
+    git = ["git", "-C", str(REPO)]
+    found = subprocess.run(
+        [*git, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
+    if found.returncode != 0:
+        raise SystemExit(f"--baseline {ref}: not a commit of {REPO}")
+    commit = found.stdout.strip()
+    short = subprocess.run(
+        [*git, "rev-parse", "--short", commit], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    archive = subprocess.run(
+        [*git, "archive", "--format=tar", commit, "sse_handler"], capture_output=True
+    )
+    if archive.returncode != 0:
+        why = archive.stderr.decode(errors="replace").strip()
+        raise SystemExit(f"--baseline {ref}: git archive failed: {why}")
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    if not (dest / "sse_handler" / "demo" / "app.py").exists():
+        raise SystemExit(f"--baseline {ref}: {short} has no sse_handler/demo/app.py")
+    library = next(s for s in SERVERS if s.name == "sse_handler")
+    server = replace(
+        library,
+        name=f"sse_handler@{short}",
+        description=f"sse_handler at commit {short} (`--baseline {ref}`), served like "
+        "sse_handler from `git archive` of its `sse_handler/`",
+        cwd=dest,
+    )
+    return server, commit
+
+
+def make_cert(dest: Path) -> Cert:
+    """A self-signed certificate for 127.0.0.1, made now with the ``openssl`` CLI.
+
+    ECDSA P-256, the key unencrypted; raises OSError or CalledProcessError when
+    ``openssl`` is missing or fails.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    cert, key = dest / "cert.pem", dest / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec",
+            "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", str(key), "-out", str(cert), "-days", "7",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        capture_output=True,
+        check=True,
+    )  # fmt: skip
+    version = _first_line(["openssl", "version"])
+    return Cert(cert, key, f"self-signed ECDSA P-256 for 127.0.0.1, made by {version}")
 
 
 def ensure_peers(log: Callable[[str], None]) -> None:

@@ -4,8 +4,9 @@
 // time, checks that each answers 200 with a text/event-stream head, and parses
 // the events that arrive (close-delimited or chunked bodies), all in one epoll
 // loop (stream.go). Then it publishes -rate events per second for -duration
-// over HTTP (POST /publish, body = event data). The data of every published
-// event is
+// over HTTP (POST /publish, body = event data). With -tls everything goes over
+// TLS instead (HTTPS, certificate not verified): the streams, one goroutine
+// each (tls.go), and the publishing. The data of every published event is
 //
 //	<unix-nanos> <seq> <padding to -size bytes>
 //
@@ -37,6 +38,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"crypto/tls"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -68,6 +70,7 @@ type config struct {
 	frozenMSS   int
 	probeIdle   time.Duration
 	probeLimit  time.Duration
+	tls         bool
 }
 
 func parseFlags() config {
@@ -89,6 +92,7 @@ func parseFlags() config {
 	flag.IntVar(&c.frozenMSS, "frozen-mss", 1460, "TCP_MAXSEG of a frozen connection, as on Ethernet (0: loopback's, ~64 KiB)")
 	flag.DurationVar(&c.probeIdle, "probe-idle", 500*time.Millisecond, "reading out a frozen connection: silence that means it is still open")
 	flag.DurationVar(&c.probeLimit, "probe-limit", 10*time.Second, "reading out the frozen connections: at most this long")
+	flag.BoolVar(&c.tls, "tls", false, "streams and publishing over TLS (HTTPS), without verifying the server's certificate")
 	flag.Parse()
 	return c
 }
@@ -101,6 +105,9 @@ func main() {
 	if cfg.frozen < 0 {
 		fail("-frozen must not be negative")
 	}
+	if cfg.tls && cfg.frozen > 0 {
+		fail("-frozen is not supported with -tls")
+	}
 	scheduled := 0
 	if cfg.rate > 0 {
 		scheduled = int(math.Round(cfg.rate * cfg.duration.Seconds()))
@@ -112,8 +119,12 @@ func main() {
 	connected := make(chan float64, 1)
 	stopped := make(chan struct{})
 	go func() {
-		runtime.LockOSThread()
-		r.run(connected)
+		if cfg.tls {
+			r.runTLS(connected)
+		} else {
+			runtime.LockOSThread()
+			r.run(connected)
+		}
 		close(stopped)
 	}()
 	acceptSeconds := <-connected
@@ -129,6 +140,7 @@ func main() {
 		"frozen":         cfg.frozen,
 		"frozen_opened":  r.frozenOpened,
 		"frozen_failed":  r.frozenFailed,
+		"tls":            r.tlsState, // "" without -tls, or if no stream opened
 	})
 	stdin := bufio.NewReader(os.Stdin)
 	if cfg.wait {
@@ -179,8 +191,13 @@ func publish(cfg config, scheduled int) publishStats {
 		MaxConnsPerHost:     cfg.publishers,
 		DisableCompression:  true,
 	}
-	client := &http.Client{Transport: transport, Timeout: 30 * time.Second}
 	url := "http://" + cfg.addr + cfg.publishPath
+	if cfg.tls {
+		// HTTP/1.1 (no ForceAttemptHTTP2), as the streams.
+		transport.TLSClientConfig = &tls.Config{InsecureSkipVerify: true}
+		url = "https://" + cfg.addr + cfg.publishPath
+	}
+	client := &http.Client{Transport: transport, Timeout: 30 * time.Second}
 	pad := bytes.Repeat([]byte("x"), cfg.size)
 	interval := time.Duration(float64(time.Second) / cfg.rate)
 	start := time.Now()

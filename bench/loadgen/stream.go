@@ -7,10 +7,12 @@ package main
 // reported again if data is left) plus the parse. A goroutine per connection
 // with bufio costs several times that in scheduling and extra reads, and at
 // 100,000 deliveries per second the load generator must stay well below its
-// core.
+// core. TLS cannot be read from raw descriptors: with -tls the streams run
+// as goroutines instead (tls.go), through the same parser, a tally each.
 
 import (
 	"bytes"
+	"crypto/tls"
 	"fmt"
 	"net"
 	"strconv"
@@ -52,16 +54,37 @@ type stream struct {
 	seen []uint64 // bitmap of seqs received
 }
 
-type receiver struct {
-	cfg       config
-	sa        syscall.SockaddrInet4
-	host      string
+// tally counts the deliveries of a set of streams: all of them in the epoll
+// loop, one stream per tally in TLS mode. Only one goroutine writes a tally
+// until the receiver has stopped.
+type tally struct {
 	scheduled int
-	epfd      int
-	streams   []*stream
-	byFd      map[int]*stream
-	buf       []byte
-	now       int64 // unix nanos of the current read
+	now       int64         // unix nanos of the current read
+	latencies []uint32      // microseconds
+	unique    int64         // deliveries counted (each seq once per stream)
+	dups      int64         // seqs received again on the same stream
+	lastRecv  int64         // unix nanos of the last delivery
+	counter   *atomic.Int64 // the receiver's received: unique, for the drain
+}
+
+// merge adds another tally's deliveries to this one.
+func (t *tally) merge(o *tally) {
+	t.latencies = append(t.latencies, o.latencies...)
+	t.unique += o.unique
+	t.dups += o.dups
+	if o.lastRecv > t.lastRecv {
+		t.lastRecv = o.lastRecv
+	}
+}
+
+type receiver struct {
+	cfg     config
+	sa      syscall.SockaddrInet4
+	host    string
+	epfd    int
+	streams []*stream
+	byFd    map[int]*stream
+	buf     []byte
 
 	// Connect phase.
 	nextDial     int
@@ -72,16 +95,18 @@ type receiver struct {
 	frozenOpened int // frozen connections whose head arrived
 	frozenFailed int
 
-	// Deliveries: only the loop goroutine writes these until it has stopped.
-	latencies []uint32 // microseconds
-	unique    int64
-	dups      int64
-	lastRecv  int64
-	endErr    string
+	// Deliveries: only the loop goroutine writes these until it has stopped
+	// (in TLS mode each stream has a tally, merged into this one then).
+	tally
+	endErr string
 
 	received   atomic.Int64 // unique deliveries, read by the drain
 	disconnect atomic.Int64
 	stop       atomic.Bool
+
+	// TLS mode (tls.go).
+	tlsConns []*tls.Conn
+	tlsState string // the first stream's protocol version and cipher suite
 }
 
 func newReceiver(cfg config, scheduled int) (*receiver, error) {
@@ -94,14 +119,16 @@ func newReceiver(cfg config, scheduled int) (*receiver, error) {
 		return nil, err
 	}
 	r := &receiver{
-		cfg: cfg, host: cfg.addr, scheduled: scheduled, epfd: epfd,
+		cfg: cfg, host: cfg.addr, epfd: epfd,
 		streams: make([]*stream, cfg.conns+cfg.frozen),
 		byFd:    make(map[int]*stream, cfg.conns+cfg.frozen),
 		buf:     make([]byte, 64<<10),
 	}
+	r.scheduled = scheduled
+	r.counter = &r.received
 	r.sa.Port = addr.Port
 	copy(r.sa.Addr[:], addr.IP.To4())
-	if scheduled > 0 {
+	if scheduled > 0 && !cfg.tls { // in TLS mode: the streams' tallies, merged
 		r.latencies = make([]uint32, 0, scheduled*cfg.conns)
 	}
 	return r, nil
@@ -305,9 +332,9 @@ func (s *stream) checkHead(head []byte) error {
 }
 
 // body removes the chunked framing, if any, and parses what is left.
-func (r *receiver) body(s *stream, p []byte) {
+func (t *tally) body(s *stream, p []byte) {
 	if !s.chunked {
-		r.parse(s, p)
+		t.parse(s, p)
 		return
 	}
 	for len(p) > 0 {
@@ -332,7 +359,7 @@ func (r *receiver) body(s *stream, p []byte) {
 			if take > s.chLeft {
 				take = s.chLeft
 			}
-			r.parse(s, p[:take])
+			t.parse(s, p[:take])
 			p = p[take:]
 			if s.chLeft -= take; s.chLeft == 0 {
 				s.chState = chCRLF
@@ -350,7 +377,7 @@ func (r *receiver) body(s *stream, p []byte) {
 
 // parse splits the event stream into lines (LF or CRLF; none of the servers
 // under test ends lines with a lone CR) and dispatches on a blank line.
-func (r *receiver) parse(s *stream, p []byte) {
+func (t *tally) parse(s *stream, p []byte) {
 	for len(p) > 0 {
 		i := bytes.IndexByte(p, '\n')
 		if i < 0 {
@@ -366,15 +393,15 @@ func (r *receiver) parse(s *stream, p []byte) {
 		if n := len(line); n > 0 && line[n-1] == '\r' {
 			line = line[:n-1]
 		}
-		r.line(s, line)
+		t.line(s, line)
 		s.line = s.line[:0]
 	}
 }
 
-func (r *receiver) line(s *stream, line []byte) {
+func (t *tally) line(s *stream, line []byte) {
 	if len(line) == 0 {
 		if s.stamped {
-			r.record(s)
+			t.record(s)
 		}
 		s.stamped, s.firstData = false, true
 		return
@@ -385,28 +412,28 @@ func (r *receiver) line(s *stream, line []byte) {
 	}
 }
 
-func (r *receiver) record(s *stream) {
+func (t *tally) record(s *stream) {
 	seq := s.seq
-	if seq < 0 || seq >= int64(r.scheduled) {
+	if seq < 0 || seq >= int64(t.scheduled) {
 		return
 	}
 	word, bit := seq/64, uint64(1)<<(seq%64)
 	if s.seen[word]&bit != 0 {
-		r.dups++
+		t.dups++
 		return
 	}
 	s.seen[word] |= bit
-	r.unique++
-	lat := (r.now - s.ts) / 1000
+	t.unique++
+	lat := (t.now - s.ts) / 1000
 	if lat < 0 {
 		lat = 0
 	}
 	if lat > 1<<32-1 {
 		lat = 1<<32 - 1
 	}
-	r.latencies = append(r.latencies, uint32(lat))
-	r.lastRecv = r.now
-	r.received.Add(1)
+	t.latencies = append(t.latencies, uint32(lat))
+	t.lastRecv = t.now
+	t.counter.Add(1)
 }
 
 // parseStamp reads "<nanos> <seq>" from the start of a data value.
@@ -443,6 +470,10 @@ func (r *receiver) connectedCount() int {
 }
 
 func (r *receiver) closeAll() {
+	if r.cfg.tls {
+		r.closeTLS()
+		return
+	}
 	for _, s := range r.streams {
 		if s != nil && s.fd > 0 {
 			syscall.Close(s.fd)
