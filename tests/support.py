@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from tornado.httpclient import AsyncHTTPClient
+from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 from tornado.web import Application
@@ -72,13 +75,33 @@ def free_port() -> int:
     return port
 
 
-class DemoProcess:
-    """``python -m sse_handler demo`` as a real subprocess."""
+@dataclass(frozen=True)
+class DemoTLS:
+    """A certificate for the demo: its PEM files, and a client context that trusts it."""
 
-    def __init__(self, *args: str) -> None:
+    cert: Path
+    key: Path
+    client: ssl.SSLContext
+
+
+class DemoProcess:
+    """``python -m sse_handler demo`` as a real subprocess.
+
+    With ``tls`` it serves HTTPS (``--tls-cert``/``--tls-key``), and :attr:`url`,
+    :meth:`fetch` and :meth:`publish` use HTTPS with ``tls.client``. With
+    ``keep_stderr`` the process's log is in :attr:`stderr` after :meth:`stop`.
+    """
+
+    def __init__(self, *args: str, tls: DemoTLS | None = None, keep_stderr: bool = False) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        scheme = "http" if tls is None else "https"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.args = ["--port", str(self.port), *args]
+        if tls is not None:
+            self.args += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+        self.keep_stderr = keep_stderr
+        self.stderr = ""
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self, timeout: float = 15.0) -> DemoProcess:
@@ -89,7 +112,7 @@ class DemoProcess:
             "demo",
             *self.args,
             stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE if self.keep_stderr else asyncio.subprocess.DEVNULL,
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -110,14 +133,31 @@ class DemoProcess:
         assert self.proc is not None
         if self.proc.returncode is None:
             self.proc.terminate()
-        return await asyncio.wait_for(self.proc.wait(), 10)
+        _, stderr = await asyncio.wait_for(self.proc.communicate(), 10)
+        self.stderr = (stderr or b"").decode(errors="replace")
+        assert self.proc.returncode is not None
+        return self.proc.returncode
+
+    async def fetch(
+        self,
+        path: str,
+        method: str = "GET",
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> HTTPResponse:
+        """One request to the demo (HTTPS with ``tls``); header values may be non-ASCII."""
+        http = AsyncHTTPClient()
+        return await http.fetch(
+            self.url + path,
+            method=method,
+            body=body,
+            headers={k: v.encode("utf-8").decode("latin-1") for k, v in (headers or {}).items()},
+            raise_error=False,
+            ssl_options=None if self.tls is None else self.tls.client,
+        )
 
     async def publish(self, data: str, channel: str = "default") -> tuple[int, dict[str, Any]]:
-        http = AsyncHTTPClient()
-        response = await http.fetch(
-            f"{self.url}/publish?channel={channel}",
-            method="POST",
-            body=data.encode(),
-            raise_error=False,
+        response = await self.fetch(
+            f"/publish?channel={channel}", method="POST", body=data.encode()
         )
         return response.code, json.loads(response.body) if response.body else {}

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -16,8 +17,12 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
+from support import DemoProcess, DemoTLS, free_port
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.httpserver import HTTPServer
+from tornado.httputil import HTTPHeaders
 from tornado.testing import bind_unused_port
 
 import sse_handler
@@ -313,17 +318,21 @@ def test_cli_needs_a_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "demo" in capsys.readouterr().err
 
 
-async def test_cli_demo_serves_and_exits_cleanly_on_sigterm() -> None:
-    sock, port = bind_unused_port()
-    sock.close()
+def _cli_env() -> dict[str, str]:
+    """The environment for ``python -m sse_handler``: this checkout first on the path."""
     root = str(Path(sse_handler.__file__).resolve().parent.parent)
-    env = {
+    return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
     }
+
+
+async def test_cli_demo_serves_and_exits_cleanly_on_sigterm() -> None:
+    sock, port = bind_unused_port()
+    sock.close()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sse_handler", "demo", "--port", str(port),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_cli_env(),
     )  # fmt: skip
     try:
         await _wait_until_serving(proc, port)
@@ -357,3 +366,220 @@ async def _wait_until_serving(proc: asyncio.subprocess.Process, port: int) -> No
             continue
         assert response.code == 200
         return
+
+
+# --- the command line over HTTPS -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def tls(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> DemoTLS:
+    """A certificate for 127.0.0.1 in PEM files, and a client context trusting its CA."""
+    leaf = tls_ca.issue_cert("127.0.0.1", "localhost")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    client = ssl.create_default_context()
+    tls_ca.configure_trust(client)
+    return DemoTLS(cert, key, client)
+
+
+async def _run_cli_demo(*args: str) -> tuple[int, str]:
+    """``python -m sse_handler demo ARGS`` on a free port: its exit status and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sse_handler", "demo", "--port", str(free_port()), *args,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=_cli_env(),
+    )  # fmt: skip
+    try:
+        _, stderr = await asyncio.wait_for(proc.communicate(), 10)
+    finally:
+        if proc.returncode is None:  # it started serving: the test fails on the timeout
+            proc.kill()
+            await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, stderr.decode()
+
+
+async def test_cli_demo_over_https_serves_the_page_publish_and_admin(tls: DemoTLS) -> None:
+    demo = DemoProcess("--admin-token", TOKEN, tls=tls, keep_stderr=True)
+    try:
+        await demo.start()
+        page = await demo.fetch("/")
+        status, published = await demo.publish("over TLS")
+        listing = await demo.fetch("/admin/connections", headers=AUTH)
+        refused = await demo.fetch("/admin/connections", headers={"Authorization": "Bearer x"})
+        unknown = await demo.fetch("/admin/connections/nosuchcid", method="DELETE", headers=AUTH)
+    finally:
+        returncode = await demo.stop()
+    assert page.code == 200
+    assert page.headers["Content-Type"].startswith("text/html")
+    assert b'new EventSource("/events")' in page.body
+    assert (status, published["delivered_to"]) == (200, 0)
+    assert published["id"].isascii()
+    assert listing.code == 200
+    assert listing.headers["Content-Type"].startswith("application/json")
+    assert json.loads(listing.body) == []
+    assert refused.code == 401
+    assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+    assert unknown.code == 404
+    assert returncode == 0, demo.stderr
+    assert f"open https://127.0.0.1:{demo.port}/ in a browser" in demo.stderr
+
+
+async def test_cli_demo_over_https_gives_plain_http_no_page(tls: DemoTLS) -> None:
+    demo = DemoProcess(tls=tls)
+    try:
+        await demo.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", demo.port)
+        writer.write(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{demo.port}\r\n\r\n".encode())
+        try:
+            answer = await asyncio.wait_for(reader.read(), 5)  # until the server closes
+        except ConnectionError:
+            answer = b""
+        writer.close()
+        # The refused handshake costs the server nothing: HTTPS still works.
+        after = await demo.fetch("/")
+    finally:
+        await demo.stop()
+    assert not answer.startswith(b"HTTP/"), answer
+    assert b"<html" not in answer.lower()
+    assert after.code == 200
+
+
+async def _body(reader: asyncio.StreamReader, chunked: bool) -> AsyncIterator[bytes]:
+    """A response body as it arrives, without the chunked framing if there is one."""
+    if not chunked:
+        while chunk := await reader.read(65536):
+            yield chunk
+        return
+    while True:
+        size_line = await reader.readuntil(b"\r\n")
+        size = int(size_line.split(b";", 1)[0].strip(), 16)
+        if size == 0:
+            return
+        chunk = await reader.readexactly(size)
+        assert await reader.readexactly(2) == b"\r\n"
+        yield chunk
+
+
+async def test_cli_demo_streams_events_over_https(tls: DemoTLS) -> None:
+    demo = DemoProcess(tls=tls)
+    try:
+        await demo.start()
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                "127.0.0.1", demo.port, ssl=tls.client, server_hostname="127.0.0.1"
+            ),
+            5,
+        )
+        try:
+            writer.write(
+                f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{demo.port}\r\n"
+                "Accept: text/event-stream\r\n\r\n".encode()
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            headers = HTTPHeaders.parse(head.decode("latin-1").partition("\r\n")[2])
+            assert headers["Content-Type"].startswith("text/event-stream")
+            chunked = headers.get("Transfer-Encoding", "").lower() == "chunked"
+            body = _body(reader, chunked)
+            parser = EventStreamParser(keep_comments=True)
+            events: collections.deque[MessageEvent] = collections.deque()
+
+            async def next_event() -> MessageEvent:
+                while not events:
+                    events.extend(parser.feed(await asyncio.wait_for(anext(body), 5)))
+                return events.popleft()
+
+            welcome = await next_event()
+            assert parser.comments[:1] == ["ok"]
+            assert welcome.event == "welcome"
+            status, published = await demo.publish("over TLS")
+            assert (status, published["delivered_to"]) == (200, 1)
+            assert await next_event() == MessageEvent(data="over TLS", id=published["id"])
+        finally:
+            # No orderly TLS close: it would raise again what a failed read raised.
+            writer.transport.abort()
+    finally:
+        await demo.stop()
+
+
+@pytest.mark.parametrize("flag", ["--tls-cert", "--tls-key"])
+async def test_cli_one_tls_flag_alone_is_a_usage_error(tls: DemoTLS, flag: str) -> None:
+    returncode, stderr = await _run_cli_demo(
+        flag, str(tls.cert if flag == "--tls-cert" else tls.key)
+    )
+    assert returncode == 2
+    assert stderr.startswith("usage: ")
+    assert "error: --tls-cert and --tls-key go together" in stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("cert", "key", "message"),
+    [
+        pytest.param(
+            "missing",
+            "key",
+            "cannot read --tls-cert {cert}: No such file or directory",
+            id="missing-cert",
+        ),
+        pytest.param(
+            "cert",
+            "missing",
+            "cannot read --tls-key {key}: No such file or directory",
+            id="missing-key",
+        ),
+        pytest.param(
+            "folder", "key", "cannot read --tls-cert {cert}: Is a directory", id="cert-is-a-folder"
+        ),
+        pytest.param("key", "key", "--tls-cert {cert} holds no PEM certificate", id="key-as-cert"),
+        pytest.param("cert", "cert", "--tls-key {key} holds no PEM private key", id="cert-as-key"),
+        pytest.param(
+            "cert",
+            "other key",
+            "--tls-key {key} is not the private key of --tls-cert {cert}",
+            id="key-of-another-cert",
+        ),
+        pytest.param(
+            "cert",
+            "encrypted key",
+            "--tls-key {key} is encrypted; give the key unencrypted",
+            id="encrypted-key",
+        ),
+    ],
+)
+async def test_cli_tls_files_that_do_not_load_are_one_line_on_stderr(
+    tls: DemoTLS, tls_ca: trustme.CA, tmp_path: Path, cert: str, key: str, message: str
+) -> None:
+    other = tls_ca.issue_cert("127.0.0.1")
+    (tmp_path / "other.key").write_bytes(other.private_key_pem.bytes())
+    private_key = serialization.load_pem_private_key(tls.key.read_bytes(), password=None)
+    (tmp_path / "encrypted.key").write_bytes(
+        private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    files = {
+        "cert": tls.cert,
+        "key": tls.key,
+        "missing": tmp_path / "missing.pem",
+        "folder": tmp_path,
+        "other key": tmp_path / "other.key",
+        "encrypted key": tmp_path / "encrypted.key",
+    }
+    returncode, stderr = await _run_cli_demo(
+        "--tls-cert", str(files[cert]), "--tls-key", str(files[key])
+    )
+    assert returncode == 1
+    assert "Traceback" not in stderr
+    [line] = stderr.splitlines()
+    expected = message.format(cert=files[cert], key=files[key])
+    assert line == f"python -m sse_handler demo: error: {expected}"

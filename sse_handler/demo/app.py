@@ -31,6 +31,7 @@ import importlib.resources
 import logging
 import signal
 import socket
+import ssl
 from functools import cache
 from typing import Any
 
@@ -175,13 +176,18 @@ def _log_request(rh: tornado.web.RequestHandler) -> None:
 
 
 async def serve(
-    host: str, port: int, admin_token: str | None = None, redis_url: str | None = None
+    host: str,
+    port: int,
+    admin_token: str | None = None,
+    redis_url: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     """Serve the demo until SIGINT or SIGTERM, then close the streams (grace 2 s).
 
     ``port`` 0 picks a free port; the URL logged names the real one. With
     ``redis_url`` the channels go through Redis Streams, so several demo
-    processes share events and history.
+    processes share events and history. With ``ssl_context`` (a server
+    context holding a certificate) every route is served over HTTPS.
     """
     broker: Broker | None = None
     if redis_url is not None:
@@ -197,9 +203,10 @@ async def serve(
     # A backlog that takes a reconnect storm: with the default 128, SYNs
     # overflow and clients come back seconds after their retry hint.
     sockets = bind_sockets(port, host, backlog=4096)
-    server = make_server(app)
+    server = make_server(app, ssl_options=ssl_context)
     server.add_sockets(sockets)
-    log.info("sse_handler demo: open %s in a browser", _url(sockets[0]))
+    scheme = "http" if ssl_context is None else "https"
+    log.info("sse_handler demo: open %s in a browser", _url(scheme, sockets[0]))
     try:
         await _wait_for_signal(signal.SIGINT, signal.SIGTERM)
     finally:
@@ -210,9 +217,9 @@ async def serve(
             await broker.close()
 
 
-def _url(sock: socket.socket) -> str:
+def _url(scheme: str, sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+    return f"{scheme}://[{host}]:{port}/" if ":" in host else f"{scheme}://{host}:{port}/"
 
 
 async def _wait_for_signal(*signals: signal.Signals) -> None:
