@@ -108,29 +108,58 @@ class Answer:
     """A short, complete answer that is not a stream; Tornado keeps the connection.
 
     A 204 has no body: to an ``EventSource`` it means "stop reconnecting".
+    Without ``body``, the body is one line of plain text naming the status;
+    an explicit ``body`` goes out as given, with the headers as given (a
+    ``HEAD`` on the stream: the stream's head, ``body=b""``).
     """
 
     status: int
     headers: dict[str, str] = field(default_factory=dict)
     reason: str | None = None
+    body: bytes | None = None
 
-    def write(self, request: HTTPServerRequest) -> None:
+    def parts(self, method: str | None) -> tuple[str, httputil.HTTPHeaders, bytes]:
+        """The reason phrase, the headers (with ``Date``) and the body to send."""
         status, reason = self.status, self.reason
         if reason is None:
             reason = HTTPStatus(status).phrase if status in _KNOWN_STATUSES else "Unknown"
-        body = b"" if status == 204 else f"{status}: {reason}\n".encode()
-        response_headers = httputil.HTTPHeaders(self.headers)
+        headers = httputil.HTTPHeaders(self.headers)
+        if "Date" not in headers:
+            headers["Date"] = _http_date()
+        body = self.body
+        if body is None:
+            body = b"" if status in (204, 304) else f"{status}: {reason}\n".encode()
+            if body:
+                headers["Content-Type"] = "text/plain; charset=utf-8"
         if body:
-            response_headers["Content-Type"] = "text/plain; charset=utf-8"
-            response_headers["Content-Length"] = str(len(body))
-        if request.method == "HEAD":
+            headers["Content-Length"] = str(len(body))
+        if method == "HEAD":
             body = b""  # the head says what a GET would get, without it
+        return reason, headers, body
+
+    def encode(self, method: str | None) -> bytes:
+        """The whole answer as bytes, saying ``Connection: close``: for a
+        connection that is closed after it (a request whose body is not read)."""
+        reason, headers, body = self.parts(method)
+        headers["Connection"] = "close"
+        lines = [f"HTTP/1.1 {self.status} {reason}"]
+        lines += [f"{name}: {value}" for name, value in headers.get_all()]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+    def write(self, request: HTTPServerRequest) -> None:
+        reason, response_headers, body = self.parts(request.method)
         assert request.connection is not None
         request.connection.write_headers(
-            httputil.ResponseStartLine("HTTP/1.1", status, reason), response_headers, body
+            httputil.ResponseStartLine("HTTP/1.1", self.status, reason),
+            response_headers,
+            body,
         )
         request.connection.finish()
-        # The access log line Tornado writes for its own handlers.
+        self.log(request)
+
+    def log(self, request: HTTPServerRequest) -> None:
+        """The access log line Tornado writes for its own handlers."""
+        status = self.status
         level = (
             logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
         )
@@ -184,7 +213,7 @@ def _extra_headers(request: HTTPServerRequest, handler: ServerSentEventHandler) 
 def answer_preflight(request: HTTPServerRequest, handler: ServerSentEventHandler) -> Answer:
     """``OPTIONS``: a CORS preflight, answered from the allow-list."""
     if not handler.cors.enabled:
-        return Answer(405, {"Allow": "GET"})
+        return Answer(405, {"Allow": "GET, HEAD"})
     headers = handler.cors.preflight_headers(request.headers.get("Origin"))
     if "Access-Control-Allow-Origin" not in headers:
         return Answer(403)

@@ -12,9 +12,12 @@ any handler object exists.
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
+from tornado.http1connection import HTTP1Connection
 from tornado.httputil import (
     HTTPHeaders,
     HTTPMessageDelegate,
@@ -23,20 +26,28 @@ from tornado.httputil import (
     ResponseStartLine,
 )
 from tornado.routing import Router
+from tornado.web import HTTPError
 
-from .response import Answer, accept_stream, answer_preflight
+from .response import STREAM_HEADERS, Answer, accept_stream, answer_preflight
+from .server import answer_and_close, declares_body
 
 if TYPE_CHECKING:
     from .handler import ServerSentEventHandler
 
 __all__ = ["EventStreamRoute"]
 
+log = logging.getLogger("sse_handler")
+
+# A HEAD gets the stream's head; without a body, the connection stays open.
+_HEAD_HEADERS = {name: value for name, value in STREAM_HEADERS if name != "Connection"}
+
 
 class EventStreamRoute(Router):
     """The target of ``handler.route(pattern)``: GET opens a stream.
 
-    ``OPTIONS`` answers a CORS preflight when ``cors_origins`` is set; other
-    methods get 405.
+    ``HEAD`` answers with the head a GET would get, after the same
+    ``authorize()``, and opens nothing. ``OPTIONS`` answers a CORS preflight
+    when ``cors_origins`` is set; other methods get 405.
     """
 
     def __init__(self, handler: ServerSentEventHandler) -> None:
@@ -48,11 +59,14 @@ class EventStreamRoute(Router):
 
 
 class _Request(HTTPMessageDelegate):
-    """One request to the endpoint; a body, if any, is read and ignored.
+    """One request to the endpoint.
 
-    A GET that becomes a stream is detached in :meth:`headers_received`; any
-    other answer is written in :meth:`finish`, once Tornado has read the whole
-    request, so the connection stays open for the next one.
+    A GET that becomes a stream is detached in :meth:`headers_received`. A
+    request of another method that declares a body is answered there too,
+    and its connection closed: the body is never read, however large or
+    slow. Any other answer is written in :meth:`finish`, once Tornado has read
+    the whole request (a GET's or HEAD's body is read and ignored), so the
+    connection stays open for the next one.
     """
 
     __slots__ = ("answer", "handler", "path_kwargs", "request")
@@ -74,26 +88,72 @@ class _Request(HTTPMessageDelegate):
         headers: HTTPHeaders,
     ) -> Awaitable[None] | None:
         method = self.request.method
-        if method == "GET":
+        if method in ("GET", "HEAD"):
             try:
                 path_kwargs = _decoded(self.path_kwargs)
             except UnicodeDecodeError:
                 self.answer = Answer(400, reason="Invalid unicode in the path")
                 return None
+            if method == "HEAD":
+                return self._answer_head(path_kwargs)
             return self._accept(path_kwargs)
-        if method == "OPTIONS":
+        if method == "OPTIONS" and self.handler.cors.enabled:
             self.answer = answer_preflight(self.request, self.handler)
         else:
-            allowed = "GET, OPTIONS" if self.handler.cors.enabled else "GET"
+            allowed = "GET, HEAD, OPTIONS" if self.handler.cors.enabled else "GET, HEAD"
             self.answer = Answer(405, {"Allow": allowed})
+        if declares_body(headers):
+            self._answer_now_and_close()
         return None
 
     async def _accept(self, path_kwargs: dict[str, str]) -> None:
         self.answer = await accept_stream(self.request, path_kwargs, self.handler)
 
+    async def _answer_head(self, path_kwargs: dict[str, str]) -> None:
+        self.answer = await _stream_head(self.request, path_kwargs, self.handler)
+
+    def _answer_now_and_close(self) -> None:
+        """Answer without reading the body: take the connection from Tornado,
+        write the answer with ``Connection: close``, close (no reset)."""
+        answer, self.answer = self.answer, None
+        assert answer is not None
+        assert isinstance(self.request.connection, HTTP1Connection)
+        stream = self.request.connection.detach()
+        answer_and_close(stream, answer.encode(self.request.method))
+        answer.log(self.request)
+
     def finish(self) -> None:
         if self.answer is not None:
             self.answer.write(self.request)
+
+
+async def _stream_head(
+    request: HTTPServerRequest, path_kwargs: dict[str, str], handler: ServerSentEventHandler
+) -> Answer:
+    """``HEAD``: the head a GET would get, decided by the same hooks.
+
+    ``channels_for()`` and ``authorize()`` run as for a GET, so a denied HEAD
+    gets the same 401/403/204; nothing is opened, registered or counted.
+    """
+    try:
+        handler.channels_for(request, path_kwargs)
+        allowed = handler.authorize(request)
+        if inspect.isawaitable(allowed):
+            allowed = await allowed
+        if allowed is False:
+            raise HTTPError(403)
+        headers = dict(_HEAD_HEADERS)
+        headers.update(handler.cors.headers(request.headers.get("Origin")))
+        headers.update(handler.response_headers(request))
+        for name, value in headers.items():
+            if any(c in name + value for c in "\r\n\0"):
+                raise ValueError(f"response header {name!r} contains CR, LF or NUL")
+    except HTTPError as exc:
+        return Answer(exc.status_code, reason=exc.reason)
+    except Exception:
+        log.exception("Uncaught exception while answering HEAD %s", request.uri)
+        return Answer(500)
+    return Answer(200, headers, body=b"")
 
 
 def _decoded(path_kwargs: dict[str, bytes | None]) -> dict[str, str]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.httpserver import HTTPServer
+from tornado.httputil import HTTPHeaders
 from tornado.testing import bind_unused_port
 from tornado.web import Application
 
@@ -67,6 +68,34 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
         if loop.time() > deadline:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(0.005)
+
+
+def parse_head(head: bytes) -> tuple[int, HTTPHeaders]:
+    """The status and the headers of a response head read off a raw socket."""
+    status_line, _, rest = head.decode("latin-1").partition("\r\n")
+    return int(status_line.split(" ")[1]), HTTPHeaders.parse(rest)
+
+
+async def read_to_eof(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    """Everything the server sends until it closes; fails if that takes longer
+    than ``timeout`` or ends in a reset instead of a close."""
+    data = b""
+    async with asyncio.timeout(timeout):
+        while chunk := await reader.read(65536):
+            data += chunk
+    return data
+
+
+async def trickle(writer: asyncio.StreamWriter, piece: bytes, every: float = 0.05) -> None:
+    """A slow client: one small piece of a request body every ``every`` seconds,
+    until the server stops taking them or the task is cancelled."""
+    try:
+        while True:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(every)
+    except OSError:
+        return
 
 
 def free_port() -> int:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import socket
 
 import pytest
-from support import serve, wait_until
+from support import parse_head, read_to_eof, serve, trickle, wait_until
 from tornado.httpclient import AsyncHTTPClient
 from tornado.netutil import bind_sockets
 from tornado.testing import bind_unused_port
-from tornado.web import Application
+from tornado.web import Application, RequestHandler
 
 from sse_handler import CloseReason, ServerSentEvent, ServerSentEventHandler
 from sse_handler.server import make_server
@@ -253,6 +254,102 @@ async def test_oversized_headers_and_truncated_requests_get_no_5xx() -> None:
         server.stop()
         await handler.shutdown(grace=0.1)
         await server.close_all_connections()
+
+
+async def test_a_head_over_max_header_size_gets_a_431_and_a_close() -> None:
+    handler = ServerSentEventHandler()
+    sock, port = bind_unused_port()
+    server = make_server(Application([handler.route("/events")]))  # 16 KiB by default
+    server.add_sockets([sock])
+    try:
+        # Just under the bound: an ordinary stream.
+        fits = await EventStreamClient.connect(
+            f"http://127.0.0.1:{port}/events", headers={"X-Big": "a" * 15_000}
+        )
+        assert fits.status == 200
+        await wait_until(lambda: len(handler) == 1)
+        # 20 KB: a head the server will not read. 300 KB: more than it reads
+        # before answering, still being sent when the answer goes out.
+        for size in (20_000, 300_000):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /events HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n")
+            try:
+                answer = await read_to_eof(reader, timeout=5)
+            finally:
+                writer.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), size
+            _, headers = parse_head(head)
+            assert headers["Connection"] == "close"
+            assert "Date" in headers
+            assert int(headers["Content-Length"]) == len(body) > 0
+        handler.send_all(ServerSentEvent(data="unharmed"))
+        assert (await fits.next_event()).data == "unharmed"
+        assert len(handler) == 1
+        fits.close()
+    finally:
+        server.stop()
+        await handler.shutdown(grace=0.1)
+        await server.close_all_connections()
+
+
+class _Upload(RequestHandler):
+    def post(self) -> None:
+        self.write(f"{len(self.request.body)} bytes")
+
+
+async def test_a_body_sent_too_slowly_gets_a_408_and_a_close() -> None:
+    class Denied(ServerSentEventHandler):
+        def authorize(self, request: object) -> bool:
+            return False
+
+    handler, denied = ServerSentEventHandler(), Denied()
+    app = Application([(r"/upload", _Upload), handler.route("/events"), denied.route("/denied")])
+    sock, port = bind_unused_port()
+    server = make_server(app, body_timeout=0.5)
+    server.add_sockets([sock])
+    loop = asyncio.get_running_loop()
+    try:
+        stream = await EventStreamClient.connect(f"http://127.0.0.1:{port}/events")
+        await wait_until(lambda: len(handler) == 1)
+        # A body that arrives in time is served as usual.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        writer.close()
+        # An ordinary handler, and a request to the stream route whose answer
+        # waits for the end of its body (a denied GET), each trickled.
+        for request in (b"POST /upload", b"GET /denied"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            start = loop.time()
+            writer.write(request + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+            slow = asyncio.create_task(trickle(writer, b"x" * 10))
+            try:
+                answer = await read_to_eof(reader, timeout=1.5)
+            finally:
+                slow.cancel()
+                writer.close()
+            elapsed = loop.time() - start
+            assert 0.4 <= elapsed <= 1.2, (request, elapsed)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), (request, answer)
+            _, headers = parse_head(head)
+            assert headers["Connection"] == "close"
+            assert "Date" in headers
+            assert int(headers["Content-Length"]) == len(body)
+        # The stream, open longer than body_timeout, was not touched.
+        handler.send_all(ServerSentEvent(data="still here"))
+        assert (await stream.next_event()).data == "still here"
+        stream.close()
+    finally:
+        server.stop()
+        await handler.shutdown(grace=0.1)
+        await server.close_all_connections()
+
+
+def test_make_server_bounds_request_bodies_by_default() -> None:
+    assert inspect.signature(make_server).parameters["body_timeout"].default == 10.0
 
 
 async def test_authorize_runs_before_any_byte_of_the_stream() -> None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 
 import pytest
-from support import serve, wait_until
+from support import parse_head, read_to_eof, serve, trickle, wait_until
 from tornado.httputil import HTTPServerRequest
 from tornado.web import Application, HTTPError, url
 
@@ -38,21 +40,16 @@ async def test_other_methods_get_405_with_allow_and_the_connection_stays_usable(
     handler = ServerSentEventHandler()
     async with serve([handler.route("/events")], handler) as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        for method in (b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS"):
-            body = b"x" if method in (b"POST", b"PUT") else b""
+        for method in (b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"):
             head, answer = await _exchange(
                 reader,
                 writer,
-                method
-                + b" /events HTTP/1.1\r\nHost: x\r\nContent-Length: "
-                + str(len(body)).encode()
-                + b"\r\n\r\n"
-                + body,
+                method + b" /events HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
             )
             assert head.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n"), method
             # OPTIONS is only allowed when CORS is on (see the next test).
-            assert b"Allow: GET\r\n" in head
-            assert answer == (b"" if method == b"HEAD" else b"405: Method Not Allowed\n")
+            assert b"Allow: GET, HEAD\r\n" in head
+            assert answer == b"405: Method Not Allowed\n"
         # The same connection then opens a stream.
         writer.write(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -69,7 +66,7 @@ async def test_with_cors_options_is_allowed_too() -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         head, _ = await _exchange(reader, writer, b"DELETE /events HTTP/1.1\r\nHost: x\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 405 ")
-        assert b"Allow: GET, OPTIONS\r\n" in head
+        assert b"Allow: GET, HEAD, OPTIONS\r\n" in head
         preflight = (
             b"OPTIONS /events HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\n"
             b"Access-Control-Request-Method: GET\r\n\r\n"
@@ -79,6 +76,127 @@ async def test_with_cors_options_is_allowed_too() -> None:
         assert b"Access-Control-Allow-Origin: https://app.example\r\n" in head
         assert body == b""
         writer.close()
+
+
+async def test_head_gets_the_stream_head_without_a_body_and_opens_no_stream() -> None:
+    class Tagged(ServerSentEventHandler):
+        def response_headers(self, request: HTTPServerRequest) -> dict[str, str]:
+            return {"X-Stream": "events"}
+
+    # One connection at most: the HEADs must not take the only place.
+    handler = Tagged(max_connections=1, cors_origins=["https://app.example"])
+    async with serve([handler.route("/events")], handler) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        for _ in range(2):  # keep-alive: HEAD, HEAD, then GET on one connection
+            writer.write(
+                b"HEAD /events HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\n\r\n"
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            status, headers = parse_head(head)
+            assert status == 200, head
+            assert headers["Content-Type"] == "text/event-stream; charset=utf-8"
+            assert headers["Cache-Control"] == "no-cache"
+            assert headers["X-Accel-Buffering"] == "no"
+            assert headers["Access-Control-Allow-Origin"] == "https://app.example"
+            assert headers["Vary"] == "Origin"
+            assert headers["X-Stream"] == "events"
+            assert "Date" in headers
+            assert "Transfer-Encoding" not in headers
+        assert len(handler) == 0
+        assert handler.counters.opened == 0
+        # No body followed either head: what comes next is the GET's answer,
+        # and the cap of one still has room for it.
+        writer.write(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert await asyncio.wait_for(reader.readuntil(b"\n\n"), 5) == b": ok\n\n"
+        await wait_until(lambda: len(handler) == 1)
+        writer.close()
+
+
+async def test_head_runs_authorize_and_is_denied_like_get() -> None:
+    asked: list[str] = []
+
+    class Guarded(ServerSentEventHandler):
+        async def authorize(self, request: HTTPServerRequest) -> bool:
+            asked.append(request.method or "")
+            token = request.headers.get("Authorization")
+            if token is None:
+                raise HTTPError(401)
+            return token == "Bearer ok"
+
+    handler = Guarded()
+    async with serve([handler.route("/events")], handler) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        for auth, status in ((b"", 401), (b"Authorization: Bearer no\r\n", 403)):
+            answers = []
+            for method in (b"GET", b"HEAD"):
+                head, _ = await _exchange(
+                    reader, writer, method + b" /events HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n"
+                )
+                answers.append(parse_head(head)[0])
+            assert answers == [status, status]
+        head, _ = await _exchange(
+            reader, writer, b"HEAD /events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ok\r\n\r\n"
+        )
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert asked == ["GET", "HEAD", "GET", "HEAD", "HEAD"]
+        assert len(handler) == 0
+        writer.close()
+
+
+async def test_answers_that_are_not_streams_carry_a_date() -> None:
+    class Guarded(ServerSentEventHandler):
+        def authorize(self, request: HTTPServerRequest) -> bool:
+            return "deny" not in request.query_arguments
+
+    handler = Guarded(cors_origins=["https://app.example"])
+    async with serve([handler.route("/events")], handler) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        requests = {
+            405: b"DELETE /events HTTP/1.1\r\nHost: x\r\n\r\n",
+            204: b"OPTIONS /events HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\n\r\n",
+            403: b"GET /events?deny=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+            400: b"GET /events?last_event_id=%FF HTTP/1.1\r\nHost: x\r\n\r\n",
+        }
+        for expected, request in requests.items():
+            head, _ = await _exchange(reader, writer, request)
+            status, headers = parse_head(head)
+            assert status == expected
+            assert "Date" in headers, expected
+            sent = parsedate_to_datetime(headers["Date"])
+            assert abs((sent - datetime.now(UTC)).total_seconds()) < 5
+        writer.close()
+
+
+async def test_a_request_with_a_large_body_gets_405_at_once_and_a_close() -> None:
+    handler = ServerSentEventHandler()
+    async with serve([handler.route("/events")], handler) as server:
+        loop = asyncio.get_running_loop()
+        for framing, piece in (
+            (b"Content-Length: 10000000", b"x" * 10),
+            (b"Transfer-Encoding: chunked", b"a\r\n" + b"x" * 10 + b"\r\n"),
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            start = loop.time()
+            writer.write(b"POST /events HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n")
+            slow = asyncio.create_task(trickle(writer, piece))
+            try:
+                # Answered without waiting for the body, and closed by the server.
+                answer = await read_to_eof(reader, timeout=1.0)
+            finally:
+                slow.cancel()
+                writer.close()
+            assert loop.time() - start < 1.0
+            head, _, body = answer.partition(b"\r\n\r\n")
+            status, headers = parse_head(head)
+            assert status == 405, framing
+            assert headers["Allow"] == "GET, HEAD"
+            assert headers["Connection"] == "close"
+            assert "Date" in headers
+            assert body == b"405: Method Not Allowed\n"
+            assert int(headers["Content-Length"]) == len(body)
+        assert len(handler) == 0
 
 
 async def test_a_hook_that_raises_before_the_stream_answers_500_and_harms_no_one(
