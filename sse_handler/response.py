@@ -41,7 +41,7 @@ from .writer import LAST_CHUNK, chunk, chunked_for
 if TYPE_CHECKING:
     from .handler import ServerSentEventHandler
 
-__all__ = ["STREAM_HEADERS", "Answer", "accept_stream", "answer_preflight"]
+__all__ = ["STREAM_HEADERS", "Answer", "accept_stream", "answer_head", "answer_preflight"]
 
 #: The fixed part of every stream's response head (DESIGN: lifecycle).
 STREAM_HEADERS = (
@@ -69,19 +69,7 @@ async def accept_stream(
         return _shed(request, handler, handler.over_limit_status)
     handed_over = False
     try:
-        channels = handler.channels_for(request, path_kwargs)
-        allowed = handler.authorize(request)
-        if inspect.isawaitable(allowed):
-            allowed = await allowed
-        if allowed is False:
-            raise HTTPError(403)
-        if allowed is not None and allowed is not True:
-            if isinstance(allowed, str | bytes):
-                raise TypeError(
-                    "authorize() returned a string; return a collection of channel "
-                    "names (e.g. a list), True/None, or False"
-                )
-            channels = list(allowed)
+        channels = await _authorized_channels(request, path_kwargs, handler)
         # An empty Last-Event-ID means "no cursor" (a browser omits it then).
         last_event_id = request.headers.get("Last-Event-ID") or _query_argument(
             request, "last_event_id"
@@ -101,6 +89,45 @@ async def accept_stream(
         if not handed_over:
             handler.release(request.remote_ip)
     return None
+
+
+async def answer_head(
+    request: HTTPServerRequest, path_kwargs: dict[str, str], handler: ServerSentEventHandler
+) -> Answer:
+    """``HEAD``: the head a GET would get, decided by the same hooks (RFC 9110
+    section 9.1), so a denied HEAD gets the same 401/403/204; nothing is
+    opened, registered or counted."""
+    try:
+        await _authorized_channels(request, path_kwargs, handler)
+        headers = dict(_stream_headers(request, handler, chunked=False))
+        del headers["Connection"]  # the connection goes on after a HEAD
+    except HTTPError as exc:
+        return Answer(exc.status_code, reason=exc.reason)
+    except Exception:
+        log.exception("Uncaught exception while answering HEAD %s", request.uri)
+        return Answer(500)
+    return Answer(200, headers, body=b"")
+
+
+async def _authorized_channels(
+    request: HTTPServerRequest, path_kwargs: dict[str, str], handler: ServerSentEventHandler
+) -> list[str]:
+    """``channels_for()`` then ``authorize()``: the channels the stream gets,
+    or ``HTTPError`` (401, 403, 204)."""
+    channels = handler.channels_for(request, path_kwargs)
+    allowed = handler.authorize(request)
+    if inspect.isawaitable(allowed):
+        allowed = await allowed
+    if allowed is False:
+        raise HTTPError(403)
+    if allowed is None or allowed is True:
+        return list(channels)
+    if isinstance(allowed, str | bytes):
+        raise TypeError(
+            "authorize() returned a string; return a collection of channel names "
+            "(e.g. a list), True/None to allow, or False to refuse"
+        )
+    return list(allowed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,12 +231,6 @@ def _shed(
     return None
 
 
-def _extra_headers(request: HTTPServerRequest, handler: ServerSentEventHandler) -> dict[str, str]:
-    headers = handler.cors.headers(request.headers.get("Origin"))
-    headers.update(handler.response_headers(request))
-    return headers
-
-
 def answer_preflight(request: HTTPServerRequest, handler: ServerSentEventHandler) -> Answer:
     """``OPTIONS``: a CORS preflight, answered from the allow-list."""
     if not handler.cors.enabled:
@@ -220,17 +241,29 @@ def answer_preflight(request: HTTPServerRequest, handler: ServerSentEventHandler
     return Answer(204, headers)
 
 
-def _head(request: HTTPServerRequest, handler: ServerSentEventHandler) -> bytes:
-    """The response head and the first comment (in the body's framing)."""
-    lines = ["HTTP/1.1 200 OK", f"Date: {_http_date()}"]
-    lines += [f"{name}: {value}" for name, value in STREAM_HEADERS]
-    chunked = chunked_for(request.version)
+def _stream_headers(
+    request: HTTPServerRequest, handler: ServerSentEventHandler, *, chunked: bool
+) -> list[tuple[str, str]]:
+    """The headers of a stream's response: fixed, framing, CORS, the application's."""
+    headers = [*STREAM_HEADERS]
     if chunked:
-        lines.append("Transfer-Encoding: chunked")
-    for name, value in _extra_headers(request, handler).items():
+        headers.append(("Transfer-Encoding", "chunked"))
+    extra = handler.cors.headers(request.headers.get("Origin"))
+    extra.update(handler.response_headers(request))
+    for name, value in extra.items():
         if any(c in name + value for c in "\r\n\0"):
             raise ValueError(f"response header {name!r} contains CR, LF or NUL")
-        lines.append(f"{name}: {value}")
+        headers.append((name, value))
+    return headers
+
+
+def _head(request: HTTPServerRequest, handler: ServerSentEventHandler) -> bytes:
+    """The response head and the first comment (in the body's framing)."""
+    chunked = chunked_for(request.version)
+    lines = ["HTTP/1.1 200 OK", f"Date: {_http_date()}"]
+    lines += [
+        f"{name}: {value}" for name, value in _stream_headers(request, handler, chunked=chunked)
+    ]
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     first = _FIRST_COMMENT
     if handler.retry is not None:

@@ -12,7 +12,6 @@ any handler object exists.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
@@ -26,9 +25,8 @@ from tornado.httputil import (
     ResponseStartLine,
 )
 from tornado.routing import Router
-from tornado.web import HTTPError
 
-from .response import STREAM_HEADERS, Answer, accept_stream, answer_preflight
+from .response import Answer, accept_stream, answer_head, answer_preflight
 from .server import answer_and_close, declares_body
 
 if TYPE_CHECKING:
@@ -39,7 +37,6 @@ __all__ = ["EventStreamRoute"]
 log = logging.getLogger("sse_handler")
 
 # A HEAD gets the stream's head; without a body, the connection stays open.
-_HEAD_HEADERS = {name: value for name, value in STREAM_HEADERS if name != "Connection"}
 
 
 class EventStreamRoute(Router):
@@ -110,7 +107,7 @@ class _Request(HTTPMessageDelegate):
         self.answer = await accept_stream(self.request, path_kwargs, self.handler)
 
     async def _answer_head(self, path_kwargs: dict[str, str]) -> None:
-        self.answer = await _stream_head(self.request, path_kwargs, self.handler)
+        self.answer = await answer_head(self.request, path_kwargs, self.handler)
 
     def _answer_now_and_close(self) -> None:
         """Answer without reading the body: take the connection from Tornado,
@@ -125,35 +122,6 @@ class _Request(HTTPMessageDelegate):
     def finish(self) -> None:
         if self.answer is not None:
             self.answer.write(self.request)
-
-
-async def _stream_head(
-    request: HTTPServerRequest, path_kwargs: dict[str, str], handler: ServerSentEventHandler
-) -> Answer:
-    """``HEAD``: the head a GET would get, decided by the same hooks.
-
-    ``channels_for()`` and ``authorize()`` run as for a GET, so a denied HEAD
-    gets the same 401/403/204; nothing is opened, registered or counted.
-    """
-    try:
-        handler.channels_for(request, path_kwargs)
-        allowed = handler.authorize(request)
-        if inspect.isawaitable(allowed):
-            allowed = await allowed
-        if allowed is False:
-            raise HTTPError(403)
-        headers = dict(_HEAD_HEADERS)
-        headers.update(handler.cors.headers(request.headers.get("Origin")))
-        headers.update(handler.response_headers(request))
-        for name, value in headers.items():
-            if any(c in name + value for c in "\r\n\0"):
-                raise ValueError(f"response header {name!r} contains CR, LF or NUL")
-    except HTTPError as exc:
-        return Answer(exc.status_code, reason=exc.reason)
-    except Exception:
-        log.exception("Uncaught exception while answering HEAD %s", request.uri)
-        return Answer(500)
-    return Answer(200, headers, body=b"")
 
 
 def _decoded(path_kwargs: dict[str, bytes | None]) -> dict[str, str]:

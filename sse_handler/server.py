@@ -17,7 +17,6 @@ write the 431 (``close_fd`` is the hook ``IOStream`` subclasses implement).
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 from collections.abc import Awaitable
 from typing import Any
@@ -29,10 +28,10 @@ from tornado.log import access_log
 from tornado.web import Application
 
 from .response import Answer
+from .tasks import log, spawn
 
 __all__ = ["BoundedHTTPServer", "answer_and_close", "make_server"]
 
-log = logging.getLogger("sse_handler")
 
 #: After a final answer, what the client still sends is read and dropped for
 #: up to this long (and this much) before the socket closes: closing with
@@ -40,9 +39,6 @@ log = logging.getLogger("sse_handler")
 #: before the client has read it.
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 1 << 20
-
-# Tasks of answers still lingering; the loop keeps only weak references.
-_lingering: set[asyncio.Task[None]] = set()
 
 
 def make_server(
@@ -251,9 +247,7 @@ def answer_and_close(stream: IOStream, answer: bytes) -> None:
     what the client still sends is read and dropped for up to
     :data:`LINGER_SECONDS` so that the close is not a reset.
     """
-    task = asyncio.get_running_loop().create_task(_linger(stream, answer))
-    _lingering.add(task)
-    task.add_done_callback(_lingering.discard)
+    spawn(_linger(stream, answer), "an answer before a close")
 
 
 async def _linger(stream: IOStream, answer: bytes) -> None:

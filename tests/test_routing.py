@@ -109,7 +109,8 @@ async def test_head_gets_the_stream_head_without_a_body_and_opens_no_stream() ->
         writer.write(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 200 OK\r\n")
-        assert await asyncio.wait_for(reader.readuntil(b"\n\n"), 5) == b": ok\n\n"
+        # The first chunk of the body: the opening comment line.
+        assert await asyncio.wait_for(reader.readuntil(b": ok\n\r\n"), 5) == b"5\r\n: ok\n\r\n"
         await wait_until(lambda: len(handler) == 1)
         writer.close()
 
