@@ -33,12 +33,16 @@ class Server:
     ) -> EventStreamClient:
         return await EventStreamClient.connect(self.url + path, headers)
 
-    def raw_socket(self, path: str = "/events", rcvbuf: int = 4096) -> socket.socket:
+    def raw_socket(
+        self, path: str = "/events", rcvbuf: int = 4096, headers: dict[str, str] | None = None
+    ) -> socket.socket:
         """A client that sends its request and then never reads."""
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.connect(("127.0.0.1", self.port))
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        lines = [f"GET {path} HTTP/1.1", "Host: x"]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         return sock
 
 
