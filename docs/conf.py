@@ -57,7 +57,7 @@ nitpick_ignore_regex = [
     (r"py:(class|obj|exc|data)", r"(tornado|redis|prometheus_client)(\..+)?"),
     (
         r"py:(class|obj|exc|data)",
-        r"(asyncio|socket|collections|collections\.abc|enum|types|typing|dataclasses)\..+",
+        r"(_?asyncio|socket|ssl|collections|collections\.abc|enum|types|typing|dataclasses)\..+",
     ),
     # Names that annotations use without their module (``from x import Y``
     # under ``from __future__ import annotations``).

@@ -38,15 +38,15 @@ from tornado.httputil import HTTPHeaders, HTTPServerRequest
 
 from .errors import ConnectionClosedError
 from .event import EventFields, ServerSentEvent, encode_retry, event_frame
-from .lifecycle import CloseReason, OverflowPolicy, State
+from .lifecycle import CloseReason, OverflowPolicy, State  # noqa: F401
 from .tasks import log, spawn
 from .writer import FrameWriter, Transport, WriteLimits, chunked_for
 
+# CloseReason and OverflowPolicy are importable from here too (they lived
+# here before sse_handler.lifecycle); they are documented there.
 __all__ = [
-    "CloseReason",
     "ConnectionOwner",
     "ConnectionStats",
-    "OverflowPolicy",
     "Sendable",
     "ServerSentEventConnection",
 ]

@@ -1,7 +1,7 @@
 """The life of one stream as one value: :class:`State`, and why it ended.
 
 Pure: no I/O, no Tornado. A connection's state changes in exactly one place,
-:meth:`sse_handler.writer.FrameWriter._enter`, which checks every change
+``FrameWriter._enter`` (:mod:`sse_handler.writer`), which checks every change
 against :data:`TRANSITIONS`::
 
     OPENING --> HELD --> LIVE --> DRAINING --> CLOSED

@@ -245,7 +245,7 @@ def answer_and_close(stream: IOStream, answer: bytes) -> None:
 
     The write side is shut at once (the client sees the end of the answer);
     what the client still sends is read and dropped for up to
-    :data:`LINGER_SECONDS` so that the close is not a reset.
+    ``LINGER_SECONDS`` so that the close is not a reset.
     """
     spawn(_linger(stream, answer), "an answer before a close")
 

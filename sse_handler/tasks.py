@@ -11,18 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 __all__ = ["log", "spawn"]
 
 #: The package's one logger.
 log = logging.getLogger("sse_handler")
 
-_T = TypeVar("_T")
 _running: set[asyncio.Future[Any]] = set()
 
 
-def spawn(awaitable: Awaitable[_T], what: str) -> asyncio.Future[_T]:
+def spawn(awaitable: Awaitable[Any], what: str) -> asyncio.Future[Any]:
     """Run ``awaitable`` in the background; a failure is logged as ``what``."""
     task = asyncio.ensure_future(awaitable)
     _running.add(task)

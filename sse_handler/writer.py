@@ -24,7 +24,7 @@ TLS a write the socket refused (``SSLWantWriteError``) is pinned too, because
 OpenSSL must be called again with the same bytes first.
 
 The state (:class:`~sse_handler.lifecycle.State`) changes only in
-:meth:`FrameWriter._enter`, against the table in ``lifecycle``.
+``FrameWriter._enter``, against the table in ``lifecycle``.
 """
 
 from __future__ import annotations
