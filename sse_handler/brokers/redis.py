@@ -33,6 +33,7 @@ except ImportError as exc:  # pragma: no cover - depends on the extra
     ) from exc
 
 from ..event import ServerSentEvent
+from ..tasks import spawn
 from . import BrokerUnavailableError, Delivery, Listener, Replay, body_frame
 
 __all__ = ["RedisBroker"]
@@ -104,7 +105,7 @@ class RedisBroker:
         # A stream of our own in every XREAD, so that subscribe() can wake a
         # reader parked in BLOCK with the new channel set.
         self._wake_key = f"{prefix}__wake:{secrets.token_hex(8)}"
-        self._reader: asyncio.Task[None] | None = None
+        self._reader: asyncio.Future[Any] | None = None
         self._closed = False
 
     def _key(self, channel: str) -> str:
@@ -141,7 +142,7 @@ class RedisBroker:
             raise _unavailable(self.url, exc) from exc
         self._cursors[channel] = newest[0][0].decode() if newest else "0-0"
         if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+            self._reader = spawn(self._read_loop(), f"the Redis reader of {self.url}")
         else:
             await self._wake()
 
