@@ -183,9 +183,10 @@ class FrameWriter:
         self._pinned = False
         # Bytes of the batch the I/O task is writing (0: none in flight).
         self._inflight = 0
-        # Bytes drop_oldest discarded after they were accepted (flush counts them settled).
+        # Bytes drop_oldest discarded after they were accepted.
         self._dropped_bytes = 0
-        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # (bytes_sent that settles it, accepted bytes when it began, future).
+        self._flush_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._wakeup: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[bool] | None = None
         self._io_task: asyncio.Future[None] | None = None
@@ -341,11 +342,17 @@ class FrameWriter:
         return True
 
     def _write_queue(self) -> None:
-        """Everything queued in one ``send`` (a held head and what follows it)."""
+        """Everything queued in one ``send`` (a held head and what follows it).
+
+        What the socket does not take is pinned even if it took nothing: it
+        starts with the response head, which ``drop_oldest`` must never drop.
+        """
         held = b"".join(self._queue)
         self._queue.clear()
         self._queued_bytes = 0
         self._write_now(held)
+        if self._queue:
+            self._pinned = True
 
     def _fits(self, size: int) -> bool:
         """Apply the queue bounds and the overflow policy to one more frame."""
@@ -365,6 +372,8 @@ class FrameWriter:
                 len(queue) >= max_messages or self._queued_bytes + size > max_bytes
             ):
                 oldest = queue[keep]
+                if self._flush_waiters:
+                    self._drop_for_flush_waiters(len(oldest), len(queue[0]) if keep else 0)
                 del queue[keep]
                 self._queued_bytes -= len(oldest)
                 self._dropped_bytes += len(oldest)
@@ -415,24 +424,40 @@ class FrameWriter:
             raise ConnectionClosedError(self._name, self._reason)
         if not self.pending:
             return
-        # Settled = written or dropped; wait until what is pending now is.
-        target = self.bytes_sent + self._dropped_bytes + self._queued_bytes + self._inflight
+        # Wait until what is pending now is written, less what drop_oldest
+        # discards of it later (see _drop_for_flush_waiters).
+        need = self.bytes_sent + self._queued_bytes + self._inflight
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._flush_waiters.append((target, fut))
+        self._flush_waiters.append((need, need + self._dropped_bytes, fut))
         await fut
 
+    def _drop_for_flush_waiters(self, size: int, pinned: int) -> None:
+        """drop_oldest is about to discard the first frame behind a pinned head
+        (``pinned`` bytes; 0 if none): flushes that began after that frame was
+        accepted stop waiting for it. Writes keep the queue's order, so a flush
+        is settled once ``bytes_sent`` reaches its ``need``; a frame dropped
+        behind a pinned head or a batch in flight may have come after the
+        flush, and then it settles nothing for it."""
+        accepted = self.bytes_sent + self._inflight + self._queued_bytes + self._dropped_bytes
+        # After a pinned head the queue holds the last bytes accepted, in order.
+        start = accepted - self._queued_bytes + pinned
+        self._flush_waiters = [
+            (need - size if start < began else need, began, fut)
+            for need, began, fut in self._flush_waiters
+        ]
+
     def _resolve_flush_waiters(self, exc: BaseException | None = None) -> None:
-        settled = self.bytes_sent + self._dropped_bytes
+        sent = self.bytes_sent
         keep = []
-        for target, fut in self._flush_waiters:
+        for need, began, fut in self._flush_waiters:
             if fut.done():
                 continue
             if exc is not None:
                 fut.set_exception(exc)
-            elif target <= settled:
+            elif need <= sent:
                 fut.set_result(None)
             else:
-                keep.append((target, fut))
+                keep.append((need, began, fut))
         self._flush_waiters = keep
 
     # ---------------------------------------------------------------- I/O task
@@ -526,7 +551,8 @@ class FrameWriter:
             writable = await fut
         finally:
             self._writable = None
-            self._transport.want_writable(None)
+            if self._state is not _CLOSED:  # a closed transport is not touched again
+                self._transport.want_writable(None)
             if timer is not None:
                 timer.cancel()
         if not writable:

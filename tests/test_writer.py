@@ -1,0 +1,962 @@
+"""FrameWriter over a scripted transport: every branch of the write path, byte by byte.
+
+No sockets and no Tornado: :class:`ScriptedTransport` answers each ``send`` from
+a script (take N bytes, take nothing, would block, fail), hands writability and
+the peer's close to the test, and records every call it gets. The autouse
+fixture fails a test in which anything touched a transport after it was closed
+-- with a real socket that fd number may already belong to another connection.
+
+The loop is driven by ``await asyncio.sleep(0)`` turns and futures with
+timeouts; the write deadline is the only timer, and it is tiny.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from sse_handler.errors import ConnectionClosedError
+from sse_handler.lifecycle import TRANSITIONS, CloseReason, OverflowPolicy, State
+from sse_handler.writer import (
+    HOLD_LIMIT,
+    LAST_CHUNK,
+    FrameWriter,
+    WriteLimits,
+    chunk,
+    chunked_for,
+    framed,
+)
+
+# --- the scripted transport ------------------------------------------------------------
+
+#: A step of the script: take this many bytes (at most what was offered).
+ALL = -1  # take everything offered
+BLOCK = -2  # raise BlockingIOError (the same as taking nothing)
+Step = int | OSError
+
+_transports: list[ScriptedTransport] = []
+
+
+class ScriptedTransport:
+    """A :class:`~sse_handler.writer.Transport` whose ``send`` follows a script.
+
+    Each ``send`` takes the next step (``then`` once the script is used up):
+    an ``int`` >= 0 takes that many bytes, :data:`ALL` all of them,
+    :data:`BLOCK` raises ``BlockingIOError``, an ``OSError`` is raised.
+    ``want_writable`` and ``watch`` only store their callbacks: the test fires
+    them with :meth:`writable` and :meth:`peer_closes`.
+    """
+
+    def __init__(self, *script: Step, then: Step = ALL, sticky: bool = False) -> None:
+        self.script: deque[Step] = deque(script)
+        self.then = then
+        self.sticky_writes = sticky
+        #: What each send() was offered, in order.
+        self.offered: list[bytes] = []
+        #: What the socket took: the bytes the peer receives.
+        self.wire = bytearray()
+        #: Every call as (method, whether the transport was already closed).
+        self.calls: list[tuple[str, bool]] = []
+        self.closed = False
+        self.closes = 0
+        self.on_gone: Callable[[CloseReason], None] | None = None
+        self.on_writable: Callable[[], None] | None = None
+        _transports.append(self)
+
+    def _called(self, name: str) -> None:
+        self.calls.append((name, self.closed))
+
+    # -- the Transport protocol
+
+    def send(self, data: bytes | memoryview, /) -> int:
+        self._called("send")
+        data = bytes(data)
+        self.offered.append(data)
+        step = self.script.popleft() if self.script else self.then
+        if isinstance(step, OSError):
+            raise step
+        if step == BLOCK:
+            raise BlockingIOError(errno.EAGAIN, "would block")
+        taken = len(data) if step == ALL else min(step, len(data))
+        self.wire += data[:taken]
+        return taken
+
+    def watch(self, on_gone: Callable[[CloseReason], None]) -> None:
+        self._called("watch")
+        self.on_gone = on_gone
+
+    def want_writable(self, callback: Callable[[], None] | None) -> None:
+        self._called("want_writable")
+        self.on_writable = callback
+
+    def gone_reason(self, exc: OSError, otherwise: CloseReason) -> CloseReason:
+        self._called("gone_reason")
+        return CloseReason.DEAD_PEER if exc.errno == errno.ETIMEDOUT else otherwise
+
+    def close(self) -> None:
+        self._called("close")
+        self.closed = True
+        self.closes += 1
+
+    # -- the test's side
+
+    def writable(self, *steps: Step) -> None:
+        """The socket takes more: the next sends follow ``steps`` (then ``then``)."""
+        self.script.extend(steps)
+        assert self.on_writable is not None, "nobody waits for writability"
+        self.on_writable()
+
+    def peer_closes(self, reason: CloseReason = CloseReason.CLIENT_CLOSED) -> None:
+        assert self.on_gone is not None
+        self.on_gone(reason)
+
+    @property
+    def used_after_close(self) -> list[str]:
+        return [name for name, closed in self.calls if closed]
+
+
+@pytest.fixture(autouse=True)
+def _nothing_touches_a_closed_transport() -> Iterator[None]:
+    _transports.clear()
+    yield
+    for transport in _transports:
+        assert transport.used_after_close == [], "the transport was used after close()"
+        assert transport.closes <= 1
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+BYE = b"event: bye\ndata: \n\n"
+KEEPALIVE = framed(b":\n\n")
+
+
+def ev(i: int) -> bytes:
+    """An 11-byte frame."""
+    return b"data: %03d\n\n" % i
+
+
+def writer(
+    transport: ScriptedTransport | None = None,
+    *,
+    chunked: bool = False,
+    live: bool = True,
+    cls: type[FrameWriter] = FrameWriter,
+    **limits: Any,
+) -> tuple[FrameWriter, ScriptedTransport, list[CloseReason]]:
+    """A writer over ``transport``, LIVE unless ``live=False``; its close reasons."""
+    transport = transport or ScriptedTransport()
+    closed: list[CloseReason] = []
+    w = cls(transport, WriteLimits(**limits), chunked=chunked, name="s1", on_closed=closed.append)
+    if live:
+        w.release()
+    return w, transport, closed
+
+
+async def turns(n: int = 5) -> None:
+    """Let the loop run ``n`` times (the I/O task takes one turn per step)."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def in_flight(
+    *frames: bytes, **kwargs: Any
+) -> tuple[FrameWriter, ScriptedTransport, list[CloseReason]]:
+    """A LIVE writer whose I/O task has ``frames`` (one batch) in flight,
+    waiting for writability; later sends queue behind it."""
+    t = ScriptedTransport(BLOCK, BLOCK)
+    w, t, closed = writer(t, **kwargs)
+    for frame in frames:
+        assert w.send(frame)
+    await turns()
+    assert t.on_writable is not None
+    assert w.queue_depth == 0 and w.pending
+    return w, t, closed
+
+
+# --- fast path and order -----------------------------------------------------------------
+
+
+async def test_fast_path_writes_each_frame_straight_through() -> None:
+    w, t, _ = writer()
+    for i in range(3):
+        assert w.send(ev(i))
+        assert not w.pending
+    assert t.offered == [ev(0), ev(1), ev(2)]
+    await turns()
+    # No I/O task was needed: nobody asked for writability.
+    assert [name for name, _ in t.calls] == ["watch", "send", "send", "send"]
+    assert w.events_sent == 3
+    assert w.bytes_sent == 33
+
+
+async def test_order_is_kept_across_fast_and_slow_paths() -> None:
+    w, t, _ = writer(ScriptedTransport(ALL, BLOCK))
+    w.send(ev(0))  # taken at once
+    w.send(ev(1))  # would block: heads the queue
+    w.send(ev(2))  # queued behind it, not offered to the socket
+    w.send(ev(3))
+    assert t.offered == [ev(0), ev(1)]
+    assert w.queue_depth == 3
+    await turns()
+    assert t.offered[2] == ev(1) + ev(2) + ev(3)
+    assert not w.pending
+    w.send(ev(4))  # the queue is empty again: fast path
+    assert t.offered[3] == ev(4)
+    assert bytes(t.wire) == b"".join(ev(i) for i in range(5))
+
+
+# --- partial and refused writes --------------------------------------------------------
+
+
+async def test_partial_write_pins_the_rest_which_goes_out_whole() -> None:
+    w, t, _ = writer(ScriptedTransport(3))
+    assert w.send(ev(0))
+    assert w.pinned
+    assert w.queue_depth == 1
+    assert w.queued_bytes == len(ev(0)) - 3
+    assert w.bytes_sent == 3
+    w.send(ev(1))
+    await turns()
+    assert t.offered == [ev(0), ev(0)[3:] + ev(1)]
+    assert bytes(t.wire) == ev(0) + ev(1)
+    assert not w.pinned and not w.pending
+
+
+@pytest.mark.parametrize("sticky", [False, True], ids=["tcp", "tls"])
+async def test_a_refused_write_is_pinned_only_over_sticky_writes(sticky: bool) -> None:
+    w, _, _ = writer(ScriptedTransport(0, then=BLOCK, sticky=sticky))
+    assert w.send(ev(0))
+    assert w.queue_depth == 1
+    assert w.pinned is sticky
+
+
+async def test_over_tls_a_refused_write_is_retried_with_the_same_bytes_first() -> None:
+    w, t, _ = writer(ScriptedTransport(0, 0, sticky=True))
+    w.send(ev(0))  # refused: OpenSSL must see these bytes again first
+    w.send(ev(1))
+    await turns()
+    batch = t.offered[1]
+    assert batch == ev(0) + ev(1)
+    w.send(ev(2))  # behind the batch in flight, not added to it
+    t.writable()
+    await turns()
+    assert t.offered[2] == batch
+    assert t.offered[3] == ev(2)
+    assert bytes(t.wire) == ev(0) + ev(1) + ev(2)
+
+
+async def test_would_block_then_writable_batches_everything_queued_into_one_send() -> None:
+    t = ScriptedTransport(BLOCK, BLOCK)
+    w, t, _ = writer(t)
+    for i in range(3):
+        w.send(ev(i))
+    assert t.offered == [ev(0)]
+    await turns()
+    # The I/O task took all three as one batch; the socket would block.
+    assert t.offered[1] == ev(0) + ev(1) + ev(2)
+    assert t.on_writable is not None
+    w.send(ev(3))
+    w.send(ev(4))
+    assert w.queue_depth == 2
+    t.writable()
+    await turns()
+    assert t.offered[2:] == [ev(0) + ev(1) + ev(2), ev(3) + ev(4)]
+    assert t.on_writable is None  # no writability wanted while idle
+    assert not w.pending
+    assert w.bytes_sent == len(t.wire) == 55
+
+
+async def test_a_batch_taken_a_byte_at_a_time_goes_out_in_order() -> None:
+    w, t, _ = writer(ScriptedTransport(BLOCK, 1, 1))
+    w.send(ev(0))
+    w.send(ev(1))
+    batch = ev(0) + ev(1)
+    await turns()
+    assert t.offered[1:] == [batch]
+    t.writable()
+    await turns()
+    assert t.offered[1:] == [batch, batch[1:]]
+    t.writable()
+    await turns()
+    assert t.offered[1:] == [batch, batch[1:], batch[2:]]
+    assert bytes(t.wire) == batch
+    assert w.bytes_sent == 22 and not w.pending
+
+
+# --- the peer is gone --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "error",
+    [BrokenPipeError(errno.EPIPE, "broken pipe"), ConnectionResetError(errno.ECONNRESET, "reset")],
+    ids=["EPIPE", "ECONNRESET"],
+)
+async def test_a_write_error_in_the_io_task_closes_once(error: OSError) -> None:
+    w, t, closed = writer(ScriptedTransport(BLOCK, error))
+    w.send(ev(0))
+    w.send(ev(1))
+    flushes = [asyncio.ensure_future(w.flush()) for _ in range(2)]
+    await turns()
+    assert closed == [CloseReason.WRITE_ERROR]
+    assert w.state is State.CLOSED
+    assert w.close_reason is CloseReason.WRITE_ERROR
+    assert t.closes == 1
+    for flush in flushes:
+        with pytest.raises(ConnectionClosedError) as raised:
+            await asyncio.wait_for(flush, 1)
+        assert raised.value.reason == CloseReason.WRITE_ERROR
+    assert w.queue_depth == 0 and not w.pending
+    with pytest.raises(ConnectionClosedError):
+        w.send(ev(2))
+    w.close(CloseReason.STOPPED)
+    await turns()
+    assert closed == [CloseReason.WRITE_ERROR]
+
+
+@pytest.mark.parametrize("where", ["fast path", "I/O task"])
+async def test_etimedout_maps_through_gone_reason(where: str) -> None:
+    timeout = OSError(errno.ETIMEDOUT, "connection timed out")
+    script: tuple[Step, ...] = (timeout,) if where == "fast path" else (BLOCK, timeout)
+    w, t, closed = writer(ScriptedTransport(*script))
+    accepted = w.send(ev(0))
+    await turns()
+    assert closed == [CloseReason.DEAD_PEER]
+    assert ("gone_reason", False) in t.calls
+    # A frame the socket refused with an error was not sent.
+    assert accepted is (where == "I/O task")
+    assert w.events_sent == (1 if accepted else 0)
+
+
+@pytest.mark.parametrize(
+    ("state", "reason"),
+    [("live", CloseReason.CLIENT_CLOSED), ("draining", CloseReason.SHUTDOWN)],
+)
+async def test_a_peer_that_closes_while_draining_keeps_the_stops_reason(
+    state: str, reason: CloseReason
+) -> None:
+    w, t, closed = await in_flight(ev(0))
+    flushing = asyncio.ensure_future(w.flush())
+    if state == "draining":
+        w.stop(CloseReason.SHUTDOWN, BYE)
+    t.peer_closes(CloseReason.CLIENT_CLOSED)
+    assert closed == [reason]
+    assert w.close_reason is reason
+    with pytest.raises(ConnectionClosedError):
+        await asyncio.wait_for(flushing, 1)
+    await turns()
+    assert t.closes == 1
+
+
+# --- overflow ----------------------------------------------------------------------------
+
+
+async def test_overflow_disconnect_closes_with_reason_overflow() -> None:
+    w, t, closed = await in_flight(ev(0), max_queue_messages=3)
+    for i in range(1, 4):
+        assert w.send(ev(i))
+    assert w.queue_depth == 3 and w.state is State.LIVE
+    assert not w.send(ev(4))
+    assert closed == [CloseReason.OVERFLOW]
+    assert w.close_reason is CloseReason.OVERFLOW
+    assert w.dropped == 4  # the one refused and the three queued
+    assert w.events_sent == 1  # the one in flight
+    await turns()
+    assert t.closes == 1
+    assert bytes(t.wire) == b""
+
+
+async def test_overflow_drop_newest_discards_the_new_frame() -> None:
+    w, t, closed = await in_flight(
+        ev(0), max_queue_messages=2, overflow_policy=OverflowPolicy.DROP_NEWEST
+    )
+    assert w.send(ev(1)) and w.send(ev(2))
+    assert not w.send(ev(3))
+    assert not w.deliver(framed(ev(4)))
+    assert (w.dropped, w.events_sent, w.queue_depth) == (2, 3, 2)
+    t.writable()
+    await turns()
+    assert bytes(t.wire) == ev(0) + ev(1) + ev(2)
+    assert closed == [] and w.state is State.LIVE
+
+
+async def test_overflow_drop_oldest_never_drops_a_pinned_head() -> None:
+    w, t, closed = writer(
+        ScriptedTransport(2), max_queue_messages=3, overflow_policy=OverflowPolicy.DROP_OLDEST
+    )
+    w.send(ev(0))  # the kernel takes 2 bytes: the rest is pinned
+    w.send(ev(1))
+    w.send(ev(2))
+    assert w.pinned and w.queue_depth == 3
+    assert w.send(ev(3))  # drops ev(1), not the rest of ev(0)
+    assert w.send(ev(4))  # drops ev(2)
+    assert w.pinned and w.queue_depth == 3
+    assert (w.dropped, w.events_sent) == (2, 3)
+    await turns()
+    assert t.offered[1] == ev(0)[2:] + ev(3) + ev(4)
+    assert bytes(t.wire) == ev(0) + ev(3) + ev(4)
+    assert closed == []
+
+
+async def test_overflow_drop_oldest_by_bytes() -> None:
+    w, t, _ = await in_flight(
+        ev(0), max_queue_bytes=33, overflow_policy=OverflowPolicy.DROP_OLDEST
+    )
+    for i in range(1, 4):
+        w.send(ev(i))
+    assert w.queued_bytes == 33
+    big = b"data: " + b"x" * 14 + b"\n\n"  # 22 bytes: two frames must go
+    assert w.send(big)
+    assert (w.queue_depth, w.queued_bytes, w.dropped) == (2, 33, 2)
+    # A frame over the bound never fits: everything queued goes, and so does it.
+    assert not w.send(b"x" * 34)
+    assert (w.queue_depth, w.queued_bytes, w.dropped) == (0, 0, 5)
+    t.writable()
+    await turns()
+    assert bytes(t.wire) == ev(0)
+
+
+@pytest.mark.parametrize(
+    ("limits", "fit"),
+    [
+        ({"max_queue_bytes": 33}, 3),
+        ({"max_queue_bytes": 32}, 2),
+        ({"max_queue_messages": 3}, 3),
+        ({"max_queue_messages": 1}, 1),
+    ],
+)
+async def test_queue_bounds(limits: dict[str, Any], fit: int) -> None:
+    w, _, _ = await in_flight(ev(0), overflow_policy=OverflowPolicy.DROP_NEWEST, **limits)
+    accepted = [w.send(ev(i)) for i in range(1, 6)]
+    assert accepted == [True] * fit + [False] * (5 - fit)
+    assert w.queue_depth == fit
+    assert w.dropped == 5 - fit
+
+
+async def test_a_refused_head_is_pinned_and_never_dropped() -> None:
+    w, t, _ = writer(
+        ScriptedTransport(0),
+        live=False,
+        max_queue_messages=2,
+        overflow_policy=OverflowPolicy.DROP_OLDEST,
+    )
+    w.hold(HEAD)
+    w.send(ev(0))
+    w.release()  # the socket takes nothing of head + welcome
+    assert w.queue_depth == 1
+    assert w.pinned
+    for i in range(1, 5):
+        w.send(ev(i))
+    await turns()
+    assert bytes(t.wire) == HEAD + ev(0) + ev(4)
+
+
+# --- flush -------------------------------------------------------------------------------
+
+
+async def test_flush_waits_until_the_socket_took_everything() -> None:
+    w, t, _ = await in_flight(ev(0))
+    w.send(ev(1))
+    flushing = asyncio.ensure_future(w.flush())
+    await turns()
+    assert not flushing.done()
+    t.writable(ALL, BLOCK)  # ev(0) goes, ev(1) would block
+    await turns()
+    assert bytes(t.wire) == ev(0)
+    assert not flushing.done()
+    w.send(ev(2))  # after the flush: not waited for
+    t.writable(ALL, BLOCK)
+    await asyncio.wait_for(flushing, 1)
+    assert bytes(t.wire) == ev(0) + ev(1)
+    assert w.pending
+
+
+async def test_flush_with_nothing_pending_returns_at_once() -> None:
+    w, _, _ = writer()
+    w.send(ev(0))
+    await asyncio.wait_for(w.flush(), 1)
+
+
+async def test_flush_counts_the_dropped_frames_it_waited_for_but_not_later_ones() -> None:
+    w, t, _ = await in_flight(
+        ev(0), max_queue_messages=1, overflow_policy=OverflowPolicy.DROP_OLDEST
+    )
+    w.send(ev(1))
+    flushing = asyncio.ensure_future(w.flush())  # waits for ev(0) and ev(1)
+    await turns()
+    w.send(ev(2))  # drops ev(1): one less to wait for
+    w.send(ev(3))  # drops ev(2), sent after the flush: no help
+    await turns()
+    assert not flushing.done()  # ev(0) is still in flight
+    t.writable(ALL, BLOCK)
+    await asyncio.wait_for(flushing, 1)
+    assert bytes(t.wire) == ev(0)
+    assert w.pending  # ev(3) came after the flush
+
+
+async def test_flush_on_a_closed_stream_raises() -> None:
+    w, _, _ = writer()
+    w.close(CloseReason.STOPPED)
+    with pytest.raises(ConnectionClosedError) as raised:
+        await w.flush()
+    assert raised.value.reason == CloseReason.STOPPED
+
+
+# --- the write deadline ------------------------------------------------------------------
+
+
+async def test_write_deadline_closes_a_reader_that_never_takes_more() -> None:
+    w, t, closed = writer(ScriptedTransport(then=BLOCK), write_timeout=0.05)
+    w.send(ev(0))
+    flushing = asyncio.ensure_future(w.flush())
+    assert await asyncio.wait_for(w.wait_closed(), 2) is CloseReason.SLOW
+    assert closed == [CloseReason.SLOW]
+    with pytest.raises(ConnectionClosedError):
+        await asyncio.wait_for(flushing, 1)
+    assert t.closes == 1
+    assert t.on_writable is None
+
+
+async def test_a_drain_the_reader_never_takes_ends_at_the_deadline_with_the_stops_reason() -> None:
+    w, _, closed = writer(ScriptedTransport(then=BLOCK), write_timeout=0.05)
+    w.send(ev(0))
+    w.stop(CloseReason.SHUTDOWN, BYE)
+    assert await asyncio.wait_for(w.wait_closed(), 2) is CloseReason.SHUTDOWN
+    assert closed == [CloseReason.SHUTDOWN]
+
+
+# --- hold and release of the response head -----------------------------------------------
+
+
+async def test_flush_releases_a_held_head_with_its_frames_in_one_send() -> None:
+    w, t, _ = writer(live=False)
+    w.hold(HEAD)
+    held = w.state
+    assert held is State.HELD
+    w.send(ev(0))
+    w.deliver(framed(ev(1)))
+    assert t.offered == []
+    await turns()
+    assert t.offered == []
+    await asyncio.wait_for(w.flush(), 1)
+    assert t.offered == [HEAD + ev(0) + ev(1)]
+    assert w.state is State.LIVE
+    assert w.events_sent == 2
+    w.release()  # a no-op once LIVE
+    assert w.state is State.LIVE
+
+
+async def test_frames_from_before_the_hold_go_after_the_head() -> None:
+    w, t, _ = writer(live=False)
+    w.deliver(framed(ev(0)))
+    assert w.state is State.OPENING
+    assert t.offered == []
+    w.hold(HEAD)
+    w.release()
+    assert t.offered == [HEAD + ev(0)]
+
+
+async def test_hold_limit_writes_the_head_early() -> None:
+    w, t, _ = writer(live=False)
+    w.hold(HEAD)
+    half = b"x" * (HOLD_LIMIT // 2)
+    w.send(half)
+    assert t.offered == []
+    w.send(half)  # past HOLD_LIMIT: written now, still HELD
+    assert t.offered == [HEAD + half + half]
+    assert w.state is State.HELD
+    w.send(ev(0))  # held again until release
+    assert len(t.offered) == 1
+    w.release()
+    assert t.offered[1:] == [ev(0)]
+
+
+async def test_frames_held_are_outside_the_bounds() -> None:
+    w, t, closed = writer(live=False, max_queue_messages=2, max_queue_bytes=40)
+    w.hold(HEAD)
+    assert all(w.send(ev(i)) for i in range(10))
+    assert (w.queue_depth, w.dropped, w.events_sent) == (11, 0, 10)
+    assert closed == []
+    w.release()
+    assert t.offered == [HEAD + b"".join(ev(i) for i in range(10))]
+    # Once LIVE the bounds apply again.
+    assert w.state is State.LIVE
+
+
+# --- stop --------------------------------------------------------------------------------
+
+
+async def test_stop_while_a_batch_is_in_flight_drains_then_closes() -> None:
+    w, t, closed = await in_flight(ev(0), chunked=True)
+    w.send(ev(1))
+    w.stop(CloseReason.STOPPED, BYE)
+    assert w.state is State.DRAINING
+    assert w.ending_reason is CloseReason.STOPPED
+    assert w.close_reason is None
+    with pytest.raises(ConnectionClosedError):
+        w.send(ev(2))
+    assert not w.deliver(framed(ev(3)))
+    w.keepalive(KEEPALIVE, 1)
+    w.stop(CloseReason.SHUTDOWN)  # a no-op once draining
+    assert w.ending_reason is CloseReason.STOPPED
+    t.writable()
+    assert await asyncio.wait_for(w.wait_closed(), 1) is CloseReason.STOPPED
+    c0, c1, bye = chunk(ev(0)), chunk(ev(1)), chunk(BYE)
+    assert t.offered == [c0, c0, c0, c1 + bye, LAST_CHUNK]
+    assert bytes(t.wire) == c0 + c1 + bye + LAST_CHUNK
+    assert closed == [CloseReason.STOPPED]
+    assert w.events_sent == 2
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["close-delimited", "chunked"])
+@pytest.mark.parametrize("last", [b"", BYE], ids=["no farewell", "farewell"])
+async def test_stop_with_nothing_pending_closes_at_once(chunked: bool, last: bytes) -> None:
+    w, t, closed = writer(chunked=chunked)
+    w.stop(CloseReason.STOPPED, last)
+    assert w.state is State.CLOSED
+    assert closed == [CloseReason.STOPPED]
+    expected = [w.frame(last)] if last else []
+    assert t.offered == expected + ([LAST_CHUNK] if chunked else [])
+    assert t.closes == 1
+
+
+async def test_stop_writes_a_held_head_first() -> None:
+    w, t, closed = writer(live=False, chunked=True)
+    w.hold(HEAD)
+    w.send(ev(0))
+    w.stop(CloseReason.SHUTDOWN, BYE)
+    assert t.offered == [HEAD + chunk(ev(0)), chunk(BYE), LAST_CHUNK]
+    assert closed == [CloseReason.SHUTDOWN]
+
+
+async def test_close_writes_a_held_head_first() -> None:
+    w, t, closed = writer(live=False)
+    w.hold(HEAD)
+    w.close(CloseReason.HOOK_ERROR)
+    assert t.offered == [HEAD]
+    assert closed == [CloseReason.HOOK_ERROR]
+
+
+# --- the state table ---------------------------------------------------------------------
+
+
+class TracedWriter(FrameWriter):
+    """Records every assignment to the state, wherever the writer makes it."""
+
+    __slots__ = ("changes",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.changes: list[tuple[State | None, State]] = []
+        super().__init__(*args, **kwargs)
+
+    @property
+    def _state(self) -> State:
+        return _STATE_SLOT.__get__(self)  # type: ignore[no-any-return]
+
+    @_state.setter
+    def _state(self, state: State) -> None:
+        try:
+            old = _STATE_SLOT.__get__(self)
+        except AttributeError:
+            old = None
+        self.changes.append((old, state))
+        _STATE_SLOT.__set__(self, state)
+
+
+_STATE_SLOT: Any = FrameWriter.__dict__["_state"]
+
+OPENING, HELD, LIVE, DRAINING, CLOSED = State
+
+
+async def _hold_release_stop(w: FrameWriter, t: ScriptedTransport) -> None:
+    w.hold(HEAD)
+    w.release()
+    w.stop(CloseReason.STOPPED)
+
+
+async def _opening_close(w: FrameWriter, t: ScriptedTransport) -> None:
+    w.close(CloseReason.CLIENT_CLOSED)
+
+
+async def _opening_stop(w: FrameWriter, t: ScriptedTransport) -> None:
+    w.stop(CloseReason.STOPPED, BYE)
+
+
+async def _held_close(w: FrameWriter, t: ScriptedTransport) -> None:
+    w.hold(HEAD)
+    w.close(CloseReason.HOOK_ERROR)
+
+
+async def _held_head_write_fails(w: FrameWriter, t: ScriptedTransport) -> None:
+    t.script.append(BrokenPipeError(errno.EPIPE, "broken pipe"))
+    w.hold(HEAD)
+    w.stop(CloseReason.STOPPED)
+
+
+async def _drain_in_flight(w: FrameWriter, t: ScriptedTransport) -> None:
+    t.script.extend([BLOCK, BLOCK])
+    w.release()
+    w.send(ev(0))
+    await turns()
+    w.stop(CloseReason.STOPPED)
+    t.writable()
+    await w.wait_closed()
+
+
+async def _peer_gone_while_draining(w: FrameWriter, t: ScriptedTransport) -> None:
+    t.script.extend([BLOCK, BLOCK])
+    w.release()
+    w.send(ev(0))
+    await turns()
+    w.stop(CloseReason.STOPPED)
+    t.peer_closes()
+
+
+async def _overflow(w: FrameWriter, t: ScriptedTransport) -> None:
+    t.then = BLOCK
+    w.release()
+    while w.state is State.LIVE:
+        w.send(ev(0))
+
+
+@pytest.mark.parametrize(
+    ("scenario", "path"),
+    [
+        (_hold_release_stop, [OPENING, HELD, LIVE, DRAINING, CLOSED]),
+        (_opening_close, [OPENING, CLOSED]),
+        (_opening_stop, [OPENING, LIVE, DRAINING, CLOSED]),
+        (_held_close, [OPENING, HELD, LIVE, CLOSED]),
+        (_held_head_write_fails, [OPENING, HELD, LIVE, CLOSED]),
+        (_drain_in_flight, [OPENING, LIVE, DRAINING, CLOSED]),
+        (_peer_gone_while_draining, [OPENING, LIVE, DRAINING, CLOSED]),
+        (_overflow, [OPENING, LIVE, CLOSED]),
+    ],
+    ids=lambda v: v.__name__.strip("_") if callable(v) else None,
+)
+async def test_every_transition_the_writer_makes_is_in_the_table(
+    scenario: Callable[[FrameWriter, ScriptedTransport], Awaitable[None]], path: list[State]
+) -> None:
+    w, t, closed = writer(live=False, cls=TracedWriter, max_queue_messages=10)
+    await scenario(w, t)
+    await turns()
+    assert isinstance(w, TracedWriter)
+    changes = w.changes
+    assert changes[0] == (None, OPENING)
+    for old, new in changes[1:]:
+        assert old is not None
+        assert new in TRANSITIONS[old], f"{old.name} -> {new.name}"
+    assert [new for _, new in changes] == path
+    assert len(closed) == 1
+
+
+@pytest.mark.parametrize(
+    "before",
+    [
+        lambda w: w.hold(HEAD),  # hold() twice
+        lambda w: w.release(),  # hold() once LIVE
+        lambda w: w.close(CloseReason.STOPPED),  # hold() once CLOSED
+    ],
+    ids=["held", "live", "closed"],
+)
+async def test_an_illegal_transition_raises(before: Callable[[FrameWriter], None]) -> None:
+    w, t, _ = writer(live=False)
+    before(w)
+    state = w.state
+    offered = list(t.offered)
+    with pytest.raises(RuntimeError, match=f"{state.name} -> HELD"):
+        w.hold(HEAD)
+    assert w.state is state
+    assert t.offered == offered
+
+
+# --- nothing touches a closed transport ----------------------------------------------------
+
+
+async def test_after_close_nothing_touches_the_transport() -> None:
+    w, t, closed = await in_flight(ev(0))
+    w.send(ev(1))
+    late_writable, late_gone = t.on_writable, t.on_gone
+    assert late_writable is not None and late_gone is not None
+    flushing = asyncio.ensure_future(w.flush())
+    await turns()
+    w.close(CloseReason.CLIENT_CLOSED)
+    calls = len(t.calls)
+    # A socket event that was already on its way, and a peer close after ours.
+    late_writable()
+    late_gone(CloseReason.CLIENT_CLOSED)
+    w.keepalive(KEEPALIVE, 1)
+    assert not w.deliver(framed(ev(2)))
+    with pytest.raises(ConnectionClosedError):
+        w.send(ev(3))
+    w.stop(CloseReason.STOPPED, BYE)
+    w.close(CloseReason.SLOW)
+    with pytest.raises(ConnectionClosedError):
+        await asyncio.wait_for(flushing, 1)
+    with pytest.raises(ConnectionClosedError):
+        await w.flush()
+    await turns()  # the cancelled I/O task unwinds
+    assert t.calls[calls:] == []
+    assert t.closes == 1
+    assert closed == [CloseReason.CLIENT_CLOSED]
+    assert w.close_reason is CloseReason.CLIENT_CLOSED
+    assert await asyncio.wait_for(w.wait_closed(), 1) is CloseReason.CLIENT_CLOSED
+
+
+async def test_close_while_idle_cancels_the_io_task_quietly() -> None:
+    w, t, closed = writer(ScriptedTransport(BLOCK))
+    w.send(ev(0))
+    await turns()  # the batch went out; the I/O task waits for the next frame
+    assert not w.pending
+    w.close(CloseReason.STOPPED)
+    await turns()
+    assert closed == [CloseReason.STOPPED]
+    assert t.closes == 1
+
+
+# --- framing -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["close-delimited", "chunked"])
+async def test_framing_follows_the_stream(chunked: bool) -> None:
+    w, t, _ = writer(chunked=chunked)
+    assert w.chunked is chunked
+    w.deliver(framed(ev(0)))  # a fan-out frame: both framings computed once
+    w.send(ev(1))  # an application frame: framed here
+    if chunked:
+        assert t.offered == [chunk(ev(0)), chunk(ev(1))]
+    else:
+        assert t.offered == [ev(0), ev(1)]
+
+
+def test_framing_helpers() -> None:
+    assert chunk(b"hello") == b"5\r\nhello\r\n"
+    assert chunk(b"x" * 26) == b"1a\r\n" + b"x" * 26 + b"\r\n"
+    assert framed(b"hi") == (b"hi", b"2\r\nhi\r\n")
+    assert LAST_CHUNK == b"0\r\n\r\n"
+    assert chunked_for("HTTP/1.1") is True
+    assert chunked_for("HTTP/1.0") is False
+
+
+async def test_send_refuses_an_event_over_max_event_size() -> None:
+    w, t, _ = writer(max_event_size=11)
+    assert w.send(ev(0))
+    with pytest.raises(ValueError, match="max_event_size"):
+        w.send(ev(0) + b"x")
+    assert t.offered == [ev(0)]
+    assert w.events_sent == 1
+
+
+# --- keep-alive, counters, pacing, extra frames --------------------------------------------
+
+
+async def test_keepalive_after_quiet_ticks() -> None:
+    w, t, _ = writer()
+    w.keepalive(KEEPALIVE, 2)
+    assert t.offered == []
+    w.keepalive(KEEPALIVE, 2)
+    assert t.offered == [KEEPALIVE[0]]
+    w.keepalive(KEEPALIVE, 2)
+    w.send(ev(0))  # a write restarts the count
+    w.keepalive(KEEPALIVE, 2)
+    assert t.offered == [KEEPALIVE[0], ev(0)]
+    w.keepalive(KEEPALIVE, 2)
+    assert t.offered[-1] == KEEPALIVE[0]
+    assert w.events_sent == 1  # keep-alives are no events
+
+
+async def test_keepalive_only_when_idle_and_live() -> None:
+    w, t, _ = writer(live=False)
+    w.keepalive(KEEPALIVE, 1)  # OPENING
+    w.hold(HEAD)
+    w.keepalive(KEEPALIVE, 1)  # HELD
+    assert t.offered == []
+    t.script.extend([ALL, BLOCK, BLOCK])
+    w.release()
+    w.send(ev(0))  # would block: pending
+    await turns()
+    w.keepalive(KEEPALIVE, 1)
+    assert w.queue_depth == 0 and t.offered == [HEAD, ev(0), ev(0)]
+    w.stop(CloseReason.STOPPED)
+    w.keepalive(KEEPALIVE, 1)  # DRAINING
+    t.writable()
+    await w.wait_closed()
+    w.keepalive(KEEPALIVE, 1)  # CLOSED
+    assert KEEPALIVE[0] not in t.offered
+
+
+async def test_counters() -> None:
+    w, t, _ = writer(
+        ScriptedTransport(ALL, 5, BLOCK),
+        max_queue_messages=2,
+        overflow_policy=OverflowPolicy.DROP_NEWEST,
+    )
+    assert w.send(ev(0))  # taken whole
+    assert w.send(ev(1))  # 5 bytes taken, the rest pinned
+    assert (w.events_sent, w.bytes_sent, w.dropped) == (2, 16, 0)
+    assert w.send(ev(2))
+    assert not w.send(ev(3))  # the queue holds two: dropped
+    assert (w.events_sent, w.bytes_sent, w.dropped) == (3, 16, 1)
+    await turns()
+    t.writable()
+    await turns()
+    assert (w.events_sent, w.bytes_sent, w.dropped) == (3, 33, 1)
+    assert w.bytes_sent == len(t.wire)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{"max_queue_messages": 4}, {"max_queue_bytes": 40}],
+    ids=["messages", "bytes"],
+)
+async def test_send_paced_waits_while_the_queue_is_past_half_its_bounds(
+    limits: dict[str, Any],
+) -> None:
+    w, t, _ = await in_flight(ev(0), **limits)
+    w.send(ev(1))
+    w.send(ev(2))
+    if "max_queue_messages" in limits:
+        # Two of four is not past half; a third is.
+        await asyncio.wait_for(w.send_paced(ev(3)), 1)
+        assert w.queue_depth == 3
+    else:
+        assert w.queued_bytes * 2 > 40
+    paced = asyncio.ensure_future(w.send_paced(ev(9)))
+    await turns()
+    assert not paced.done()
+    t.writable()
+    await asyncio.wait_for(paced, 1)
+    assert t.wire.endswith(ev(9))
+    assert not w.pending
+
+
+async def test_send_paced_refuses_once_draining() -> None:
+    w, _, _ = await in_flight(ev(0))
+    w.stop(CloseReason.STOPPED)
+    with pytest.raises(ConnectionClosedError):
+        await w.send_paced(ev(1))
+
+
+async def test_send_paced_raises_if_the_stream_closes_while_it_waits() -> None:
+    w, _, _ = await in_flight(ev(0), max_queue_messages=2)
+    w.send(ev(1))
+    w.send(ev(2))
+    paced = asyncio.ensure_future(w.send_paced(ev(3)))
+    await turns()
+    w.close(CloseReason.CLIENT_CLOSED)
+    with pytest.raises(ConnectionClosedError):
+        await asyncio.wait_for(paced, 1)
+
+
+async def test_extra_frames_join_each_batch() -> None:
+    w, t, _ = writer(ScriptedTransport(BLOCK), chunked=True)
+    extra = [[ev(8), ev(9)], []]
+    w.set_extra(lambda: extra.pop(0) if extra else [])
+    w.send(ev(0))
+    await turns()
+    assert t.offered[1] == chunk(ev(0)) + chunk(ev(8)) + chunk(ev(9))
+    assert w.events_sent == 3
