@@ -1,8 +1,12 @@
 """Runs ``async def`` tests on a fresh asyncio loop, each under a time limit.
 
-No plugin needed: every coroutine test gets its own ``asyncio.run`` with a
-timeout (default 30 s, or ``@pytest.mark.timeout(seconds)``), so a test that
-waits for an event that never comes fails instead of hanging.
+No plugin needed: every coroutine test gets its own loop (an
+``asyncio.Runner``) with a timeout (default 30 s, or
+``@pytest.mark.timeout(seconds)``), so a test that waits for an event that
+never comes fails instead of hanging.
+
+``SSE_TEST_LOOP=uvloop`` (``tox -e uvloop``) runs each of them on a loop of
+uvloop's instead of asyncio's own; ``asyncio`` (or unset) is the default.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -18,9 +22,27 @@ from hypothesis import settings
 from redis_server import ENGINES, RedisServer
 from tornado.testing import bind_unused_port
 
+#: The event loop of the async tests, by name (the environment's SSE_TEST_LOOP).
+LOOP = os.environ.get("SSE_TEST_LOOP", "") or "asyncio"
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if LOOP == "asyncio":
+        return None  # asyncio.Runner's own: a new loop of the default policy
+    if LOOP == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    raise pytest.UsageError(f"SSE_TEST_LOOP={LOOP!r}: expected 'asyncio' or 'uvloop'")
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "timeout(seconds): time limit of an async test")
+    _loop_factory()  # an unknown SSE_TEST_LOOP, or uvloop missing, stops the run here
+
+
+def pytest_report_header() -> str:
+    return f"event loop of the async tests: {LOOP} (SSE_TEST_LOOP)"
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -36,7 +58,8 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     async def run() -> None:
         await asyncio.wait_for(pyfuncitem.obj(**kwargs), timeout)
 
-    asyncio.run(run())
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(run())
     return True
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import socket
 import ssl
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import trustme
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.httpserver import HTTPServer
 from tornado.httputil import HTTPHeaders
@@ -23,40 +25,128 @@ from sse_handler import ServerSentEventHandler
 from sse_handler.testing import EventStreamClient
 
 
+class TLSCertificate:
+    """A throwaway CA and a certificate it issued for 127.0.0.1 and localhost
+    (``trustme``): what the test servers serve HTTPS with."""
+
+    def __init__(self) -> None:
+        self.ca = trustme.CA()
+        self.leaf = self.ca.issue_cert("127.0.0.1", "localhost")
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.leaf.configure_cert(context)
+        return context
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client's default context (verifies the certificate and host name),
+        trusting the CA."""
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+    def write_ca(self, folder: Path) -> Path:
+        """The CA's certificate as a PEM file (for ``curl --cacert``, ``requests``)."""
+        path = folder / "ca.pem"
+        self.ca.cert_pem.write_to_path(str(path))
+        return path
+
+    def write_demo_files(self, folder: Path) -> DemoTLS:
+        """The certificate chain and key as PEM files, for ``demo --tls-cert/--tls-key``."""
+        cert, key = folder / "cert.pem", folder / "key.pem"
+        cert.write_bytes(b"".join(blob.bytes() for blob in self.leaf.cert_chain_pems))
+        key.write_bytes(self.leaf.private_key_pem.bytes())
+        return DemoTLS(cert, key, self.client_context())
+
+
+@functools.cache
+def tls_certificate() -> TLSCertificate:
+    """The one certificate of a test run (a key pair costs tens of milliseconds)."""
+    return TLSCertificate()
+
+
 class Server:
-    def __init__(self, port: int) -> None:
+    """A server that :func:`serve` started; with ``tls`` its clients speak HTTPS."""
+
+    def __init__(self, port: int, tls: ssl.SSLContext | None = None) -> None:
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        #: The client context that trusts the server's certificate (None: plain HTTP).
+        self.tls = tls
+        self.url = f"{'http' if tls is None else 'https'}://127.0.0.1:{port}"
 
     async def stream(
         self, path: str = "/events", headers: dict[str, str] | None = None
     ) -> EventStreamClient:
-        return await EventStreamClient.connect(self.url + path, headers)
+        return await EventStreamClient.connect(self.url + path, headers, ssl=self.tls)
 
     def raw_socket(
         self, path: str = "/events", rcvbuf: int = 4096, headers: dict[str, str] | None = None
     ) -> socket.socket:
-        """A client that sends its request and then never reads."""
+        """A client that sends its request and then never reads (plain HTTP only:
+        a TLS handshake needs the server's loop, see :meth:`frozen_reader`)."""
+        assert self.tls is None, "a TLS server's raw client is `await server.frozen_reader()`"
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.connect(("127.0.0.1", self.port))
-        lines = [f"GET {path} HTTP/1.1", "Host: x"]
-        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        sock.sendall(_request(path, headers))
         return sock
+
+    async def raw_tls_socket(self, path: str = "/events", rcvbuf: int = 4096) -> ssl.SSLSocket:
+        """A TLS client that completes the handshake, sends its request and then
+        never reads: an ``ssl.SSLSocket`` (blocking, 5 s timeout) over a socket
+        with a ``rcvbuf`` receive buffer.
+
+        The handshake runs in a thread while this loop serves the server's side.
+        """
+        assert self.tls is not None, "a plain server's raw client is server.raw_socket()"
+        context = self.tls
+
+        def connect() -> ssl.SSLSocket:
+            sock = socket.socket()
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+                sock.settimeout(5.0)
+                sock.connect(("127.0.0.1", self.port))
+                tls = context.wrap_socket(sock, server_hostname="127.0.0.1")
+            except BaseException:
+                sock.close()
+                raise
+            tls.sendall(_request(path))
+            return tls
+
+        return await asyncio.get_running_loop().run_in_executor(None, connect)
+
+    async def frozen_reader(self, path: str = "/events", rcvbuf: int = 4096) -> socket.socket:
+        """:meth:`raw_socket` or, on a TLS server, :meth:`raw_tls_socket`."""
+        if self.tls is None:
+            return self.raw_socket(path, rcvbuf)
+        return await self.raw_tls_socket(path, rcvbuf)
+
+
+def _request(path: str, headers: dict[str, str] | None = None) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: x"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 @asynccontextmanager
 async def serve(
-    routes: list[object] | Application, *handlers: ServerSentEventHandler
+    routes: list[object] | Application, *handlers: ServerSentEventHandler, tls: bool = False
 ) -> AsyncIterator[Server]:
-    """Serve ``routes`` (or an app) on 127.0.0.1 and a free port; shut down after."""
+    """Serve ``routes`` (or an app) on 127.0.0.1 and a free port; shut down after.
+
+    With ``tls`` the server speaks HTTPS only (``HTTPServer(app, ssl_options=...)``)
+    with :func:`tls_certificate`, and the :class:`Server`'s clients trust it.
+    """
     sock, port = bind_unused_port()
     app = routes if isinstance(routes, Application) else Application(routes)  # type: ignore[arg-type]
-    server = HTTPServer(app)
+    certificate = tls_certificate() if tls else None
+    server = HTTPServer(
+        app, ssl_options=None if certificate is None else certificate.server_context()
+    )
     server.add_sockets([sock])
     try:
-        yield Server(port)
+        yield Server(port, None if certificate is None else certificate.client_context())
     finally:
         server.stop()
         for handler in handlers:

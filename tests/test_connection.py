@@ -1,9 +1,18 @@
-"""The write path of one connection: fast path, queue, bounds, deadline, sources."""
+"""The write path of one connection: fast path, queue, bounds, deadline, sources.
+
+Every test runs twice, as Tornado's ``TestIOStream`` / ``TestIOStreamSSL`` do:
+over plain TCP (id ``plain``) and over TLS (id ``tls``: ``HTTPServer(app,
+ssl_options=...)``, so the stream's transport is a ``TLSTransport`` over the
+``ssl.SSLSocket`` Tornado's handshake left). Raw clients are plain sockets or
+``ssl.SSLSocket`` objects that did the handshake; both are read by
+:func:`read_all`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
@@ -20,6 +29,7 @@ from sse_handler import (
 from sse_handler.connection import Sendable
 from sse_handler.parser import EventStreamParser
 from sse_handler.testing import Dechunker
+from sse_handler.transport import SocketTransport, TLSTransport
 from sse_handler.writer import chunk
 
 BIG = "x" * 65536
@@ -37,11 +47,30 @@ def _reset() -> None:
     Closing.reasons = []
 
 
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "tls"])
+def tls(request: pytest.FixtureRequest) -> bool:
+    """Whether this module's servers speak TLS: every test runs both ways."""
+    tls: bool = request.param
+    return tls
+
+
+def transport_of(conn: ServerSentEventConnection) -> type[SocketTransport]:
+    transport = conn.writer.transport
+    assert isinstance(transport, SocketTransport)
+    return type(transport)
+
+
 async def stalled(server: Server, handler: ServerSentEventHandler) -> tuple[socket.socket, Any]:
-    """A client that never reads (its handler bounds the kernel's share: kernel_buffer)."""
-    sock = server.raw_socket()
+    """A client that never reads (its handler bounds the kernel's share: kernel_buffer).
+
+    On a TLS server it completes the handshake and sends its request, then
+    never reads (an ``ssl.SSLSocket``).
+    """
+    sock = await server.frozen_reader()
     await wait_until(lambda: len(handler) == 1)
-    return sock, handler.connections()[0]
+    conn = handler.connections()[0]
+    assert transport_of(conn) is (SocketTransport if server.tls is None else TLSTransport)
+    return sock, conn
 
 
 def fill_kernel_buffers(conn: ServerSentEventConnection) -> int:
@@ -54,7 +83,14 @@ def fill_kernel_buffers(conn: ServerSentEventConnection) -> int:
 
 
 def read_all(sock: socket.socket, parser: EventStreamParser, timeout: float = 5.0) -> list[Any]:
-    """Read a raw stream to its end: the events of its (chunked) body."""
+    """Read a raw stream to its end: the events of its (chunked) body.
+
+    ``sock`` may be an ``ssl.SSLSocket``: its ``recv`` gives the decrypted
+    bytes, and ``b""`` at the end whether or not the server sent a TLS
+    close_notify (``suppress_ragged_eofs``, the default).
+    """
+    if isinstance(sock, ssl.SSLSocket):
+        assert sock.suppress_ragged_eofs
     sock.settimeout(timeout)
     received = bytearray()
     while True:
@@ -74,11 +110,11 @@ async def read_all_async(sock: socket.socket) -> list[Any]:
     return await loop.run_in_executor(None, read_all, sock, EventStreamParser())
 
 
-async def test_order_is_kept_across_fast_and_slow_paths() -> None:
+async def test_order_is_kept_across_fast_and_slow_paths(tls: bool) -> None:
     handler = ServerSentEventHandler(
         kernel_buffer=4096, max_queue_messages=100_000, max_queue_bytes=1 << 30
     )
-    async with serve([handler.route("/events")], handler) as server:
+    async with serve([handler.route("/events")], handler, tls=tls) as server:
         client = await server.stream()
         await wait_until(lambda: len(handler) == 1)
         conn = handler.connections()[0]
@@ -96,9 +132,9 @@ async def test_order_is_kept_across_fast_and_slow_paths() -> None:
         client.close()
 
 
-async def test_flush_waits_until_the_socket_took_everything() -> None:
+async def test_flush_waits_until_the_socket_took_everything(tls: bool) -> None:
     handler = ServerSentEventHandler(kernel_buffer=4096)
-    async with serve([handler.route("/events")], handler) as server:
+    async with serve([handler.route("/events")], handler, tls=tls) as server:
         sock, conn = await stalled(server, handler)
         fill_kernel_buffers(conn)
         flushing = asyncio.ensure_future(conn.flush())
@@ -115,11 +151,11 @@ async def test_flush_waits_until_the_socket_took_everything() -> None:
         sock.close()
 
 
-async def test_overflow_disconnect_closes_with_reason_overflow() -> None:
+async def test_overflow_disconnect_closes_with_reason_overflow(tls: bool) -> None:
     handler = ServerSentEventHandler(
         kernel_buffer=4096, connection_class=Closing, max_queue_messages=5
     )
-    async with serve([handler.route("/events")], handler) as server:
+    async with serve([handler.route("/events")], handler, tls=tls) as server:
         sock, conn = await stalled(server, handler)
         sent = fill_kernel_buffers(conn)
         while conn.queue_depth < 5:
@@ -137,14 +173,16 @@ async def test_overflow_disconnect_closes_with_reason_overflow() -> None:
         sock.close()
 
 
-async def test_overflow_drop_oldest_keeps_the_newest() -> None:
+async def test_overflow_drop_oldest_keeps_the_newest(tls: bool) -> None:
     handler = ServerSentEventHandler(
         kernel_buffer=4096, max_queue_messages=3, overflow_policy=OverflowPolicy.DROP_OLDEST
     )
-    async with serve([handler.route("/events")], handler) as server:
+    async with serve([handler.route("/events")], handler, tls=tls) as server:
         sock, conn = await stalled(server, handler)
         fill_kernel_buffers(conn)
-        # A frame the socket took part of must still go out whole.
+        # A frame the socket took part of must still go out whole; over TLS a
+        # refused write too (OpenSSL must be called again with the same bytes).
+        assert conn.writer.pinned or not tls
         protected = 1 if conn.writer.pinned else 0
         for i in range(10):
             conn.send(data=f"q{i}", id=f"q{i}")
@@ -162,11 +200,11 @@ async def test_overflow_drop_oldest_keeps_the_newest() -> None:
         sock.close()
 
 
-async def test_overflow_drop_newest_keeps_the_oldest() -> None:
+async def test_overflow_drop_newest_keeps_the_oldest(tls: bool) -> None:
     handler = ServerSentEventHandler(
         kernel_buffer=4096, max_queue_messages=3, overflow_policy=OverflowPolicy.DROP_NEWEST
     )
-    async with serve([handler.route("/events")], handler) as server:
+    async with serve([handler.route("/events")], handler, tls=tls) as server:
         sock, conn = await stalled(server, handler)
         fill_kernel_buffers(conn)
         queued_before = conn.queue_depth
@@ -186,11 +224,11 @@ async def test_overflow_drop_newest_keeps_the_oldest() -> None:
         sock.close()
 
 
-async def test_queue_byte_bound() -> None:
+async def test_queue_byte_bound(tls: bool) -> None:
     handler = ServerSentEventHandler(
         kernel_buffer=4096, connection_class=Closing, max_queue_bytes=200_000
     )
-    async with serve([handler.route("/events")], handler) as server:
+    async with serve([handler.route("/events")], handler, tls=tls) as server:
         sock, conn = await stalled(server, handler)
         fill_kernel_buffers(conn)
         conn.send(data=BIG)
@@ -202,11 +240,11 @@ async def test_queue_byte_bound() -> None:
         sock.close()
 
 
-async def test_write_deadline_evicts_a_frozen_reader() -> None:
+async def test_write_deadline_evicts_a_frozen_reader(tls: bool) -> None:
     handler = ServerSentEventHandler(
         kernel_buffer=4096, connection_class=Closing, write_timeout=0.2
     )
-    async with serve([handler.route("/events")], handler) as server:
+    async with serve([handler.route("/events")], handler, tls=tls) as server:
         sock, conn = await stalled(server, handler)
         fill_kernel_buffers(conn)
         loop = asyncio.get_running_loop()
@@ -218,9 +256,9 @@ async def test_write_deadline_evicts_a_frozen_reader() -> None:
         sock.close()
 
 
-async def test_a_reader_that_keeps_up_is_not_evicted() -> None:
+async def test_a_reader_that_keeps_up_is_not_evicted(tls: bool) -> None:
     handler = ServerSentEventHandler(connection_class=Closing, write_timeout=0.2)
-    async with serve([handler.route("/events")], handler) as server:
+    async with serve([handler.route("/events")], handler, tls=tls) as server:
         client = await server.stream()
         await wait_until(lambda: len(handler) == 1)
         conn = handler.connections()[0]
@@ -234,9 +272,9 @@ async def test_a_reader_that_keeps_up_is_not_evicted() -> None:
         client.close()
 
 
-async def test_write_error_closes_once() -> None:
+async def test_write_error_closes_once(tls: bool) -> None:
     handler = ServerSentEventHandler(kernel_buffer=4096, connection_class=Closing)
-    async with serve([handler.route("/events")], handler) as server:
+    async with serve([handler.route("/events")], handler, tls=tls) as server:
         sock, conn = await stalled(server, handler)
         # The kernel keeps the read side open until we read; shut the
         # connection down hard so the next write fails with EPIPE/ECONNRESET.
@@ -247,9 +285,29 @@ async def test_write_error_closes_once() -> None:
         assert len(Closing.reasons) == 1
 
 
-async def test_stop_while_queue_is_full_delivers_queue_then_farewell() -> None:
+@pytest.mark.parametrize("leave", ["close", "abort", "raw-close"])
+async def test_a_client_that_leaves_is_seen_as_client_closed(tls: bool, leave: str) -> None:
+    # close: a FIN (over TLS after a close_notify); abort: a RST; raw-close: a
+    # raw client closing its socket, a FIN without close_notify over TLS.
+    handler = ServerSentEventHandler(connection_class=Closing)
+    async with serve([handler.route("/events")], handler, tls=tls) as server:
+        if leave == "raw-close":
+            sock, conn = await stalled(server, handler)
+            sock.close()
+        else:
+            client = await server.stream()
+            await wait_until(lambda: len(handler) == 1)
+            conn = handler.connections()[0]
+            assert transport_of(conn) is (TLSTransport if tls else SocketTransport)
+            client.close() if leave == "close" else client.abort()
+        assert await asyncio.wait_for(conn.wait_closed(), 2) == CloseReason.CLIENT_CLOSED
+        assert Closing.reasons == [CloseReason.CLIENT_CLOSED]
+        assert len(handler) == 0
+
+
+async def test_stop_while_queue_is_full_delivers_queue_then_farewell(tls: bool) -> None:
     handler = ServerSentEventHandler(kernel_buffer=4096, connection_class=Closing)
-    async with serve([handler.route("/events")], handler) as server:
+    async with serve([handler.route("/events")], handler, tls=tls) as server:
         sock, conn = await stalled(server, handler)
         sent = fill_kernel_buffers(conn)
         conn.stop(ServerSentEvent(event="close", data="bye"))
@@ -291,9 +349,9 @@ class Ticker(ServerSentEventConnection):
         return ready
 
 
-async def test_poll_data_override_feeds_the_stream() -> None:
+async def test_poll_data_override_feeds_the_stream(tls: bool) -> None:
     handler = ServerSentEventHandler(kernel_buffer=4096, connection_class=Ticker)
-    async with serve([handler.route("/events")], handler) as server:
+    async with serve([handler.route("/events")], handler, tls=tls) as server:
         client = await server.stream()
         welcome = await client.next_event()
         assert welcome.event == "welcome"
@@ -306,7 +364,7 @@ async def test_poll_data_override_feeds_the_stream() -> None:
         await wait_until(lambda: len(handler) == 0)
 
 
-async def test_poll_data_override_still_takes_send() -> None:
+async def test_poll_data_override_still_takes_send(tls: bool) -> None:
     gate: asyncio.Queue[str] = asyncio.Queue()
 
     class Gated(ServerSentEventConnection):
@@ -314,7 +372,7 @@ async def test_poll_data_override_still_takes_send() -> None:
             return ServerSentEvent(data=await gate.get(), event="source")
 
     handler = ServerSentEventHandler(kernel_buffer=4096, connection_class=Gated)
-    async with serve([handler.route("/events")], handler) as server:
+    async with serve([handler.route("/events")], handler, tls=tls) as server:
         client = await server.stream()
         await wait_until(lambda: len(handler) == 1)
         handler.send_all(data="pushed")
@@ -325,21 +383,21 @@ async def test_poll_data_override_still_takes_send() -> None:
         client.close()
 
 
-async def test_poll_data_that_raises_closes_with_hook_error() -> None:
+async def test_poll_data_that_raises_closes_with_hook_error(tls: bool) -> None:
     class Broken(Closing):
         async def poll_data(self) -> Sendable | None:
             raise RuntimeError("source broke")
 
     handler = ServerSentEventHandler(kernel_buffer=4096, connection_class=Broken)
-    async with serve([handler.route("/events")], handler) as server:
+    async with serve([handler.route("/events")], handler, tls=tls) as server:
         client = await server.stream()
         await client.wait_closed()
         await wait_until(lambda: Closing.reasons == [CloseReason.HOOK_ERROR])
 
 
-async def test_send_encoded_goes_out_verbatim() -> None:
+async def test_send_encoded_goes_out_verbatim(tls: bool) -> None:
     handler = ServerSentEventHandler(kernel_buffer=4096)
-    async with serve([handler.route("/events")], handler) as server:
+    async with serve([handler.route("/events")], handler, tls=tls) as server:
         client = await server.stream()
         await wait_until(lambda: len(handler) == 1)
         frame = ServerSentEvent(data="pre", event="enc").encode()
@@ -349,9 +407,9 @@ async def test_send_encoded_goes_out_verbatim() -> None:
         client.close()
 
 
-async def test_stats_count_events_and_bytes() -> None:
+async def test_stats_count_events_and_bytes(tls: bool) -> None:
     handler = ServerSentEventHandler(kernel_buffer=4096)
-    async with serve([handler.route("/events")], handler) as server:
+    async with serve([handler.route("/events")], handler, tls=tls) as server:
         client = await server.stream()
         await wait_until(lambda: len(handler) == 1)
         conn = handler.connections()[0]

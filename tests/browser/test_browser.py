@@ -23,7 +23,7 @@ from urllib.parse import urlencode
 import pytest
 from playwright.async_api import BrowserContext, Page, Request, async_playwright, expect
 from redis_server import RedisServer
-from support import DemoProcess, free_port
+from support import DemoProcess, free_port, tls_certificate
 from tornado.httpclient import AsyncHTTPClient
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -49,8 +49,14 @@ DEFAULT_RECONNECT_DELAY = 3.0
 
 
 @asynccontextmanager
-async def chromium(profile: Path) -> AsyncIterator[BrowserContext]:
-    """Debian's Chromium, headless, on a fresh profile (user-data-dir)."""
+async def chromium(
+    profile: Path, *, ignore_https_errors: bool = False
+) -> AsyncIterator[BrowserContext]:
+    """Debian's Chromium, headless, on a fresh profile (user-data-dir).
+
+    ``ignore_https_errors``: accept a certificate the browser does not trust
+    (the tests' own CA is in no trust store Chromium reads).
+    """
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(
             f"{CHROMIUM} not found: the browser test drives Debian's Chromium; install it "
@@ -64,6 +70,7 @@ async def chromium(profile: Path) -> AsyncIterator[BrowserContext]:
             headless=True,
             args=CHROMIUM_ARGS,
             viewport={"width": 900, "height": 620},
+            ignore_https_errors=ignore_https_errors,
         )
         try:
             yield context
@@ -209,6 +216,34 @@ async def test_page_shows_welcome_published_and_named_events(tmp_path: Path) -> 
 
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         await page.screenshot(path=SCREENSHOT, full_page=True)
+
+
+async def test_page_over_https_shows_a_published_event(tmp_path: Path) -> None:
+    # `demo --tls-cert/--tls-key`: the page, its EventSource and /publish all over HTTPS.
+    tls = tls_certificate().write_demo_files(tmp_path)
+    demo = DemoProcess(tls=tls)
+    async with (
+        stopped_after(demo),
+        chromium(tmp_path / "profile", ignore_https_errors=True) as browser,
+    ):
+        await demo.start()
+        assert demo.url.startswith("https://")
+        page = await browser.new_page()
+        requests = event_stream_requests(page)
+        cid = await open_page(page, demo)
+        assert await page.evaluate("location.protocol") == "https:"
+        assert [r.url for r in requests] == [f"{demo.url}/events"]
+        log = await sse_log(page)
+        assert [e["type"] for e in log] == ["open", "welcome"]
+        assert json.loads(log[1]["data"]) == {"connection_id": cid}
+
+        status, published = await demo.publish("over HTTPS \u2713")
+        assert (status, published["delivered_to"]) == (200, 1)
+        await wait_for_messages(page, 1)
+        assert messages(await sse_log(page)) == [(published["id"], "over HTTPS \u2713")]
+        newest = page.locator("#events tr").first.locator("td")
+        await expect(newest).to_have_text(["message", published["id"], "over HTTPS \u2713"])
+        await expect(page.locator("#state")).to_have_text("open")
 
 
 async def test_admin_stop_closes_the_page_for_good(tmp_path: Path) -> None:
