@@ -119,9 +119,14 @@ class SocketTransport:
 
 
 class TLSTransport(SocketTransport):
-    """The ``ssl.SSLSocket`` of a stream served over TLS."""
+    """The ``ssl.SSLSocket`` of a stream served over TLS.
 
-    __slots__ = ()
+    A write OpenSSL cannot make until it has read (``SSLWantReadError``: the
+    peer started a renegotiation) waits for the socket to be readable, not
+    writable: a writable socket would wake the I/O task in a busy loop.
+    """
+
+    __slots__ = ("_blocked_on_read",)
 
     # OpenSSL must be called again with the same bytes after WANT_WRITE.
     sticky_writes = True
@@ -129,23 +134,38 @@ class TLSTransport(SocketTransport):
     def __init__(self, sock: ssl.SSLSocket, io_loop: IOLoop | None = None) -> None:
         super().__init__(sock, io_loop)
         self.send = self._send_tls
+        self._blocked_on_read = False
 
     def _send_tls(self, data: bytes | memoryview) -> int:
         try:
             return self.sock.send(data)
-        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+        except ssl.SSLWantWriteError:
             return 0
+        except ssl.SSLWantReadError:
+            self._blocked_on_read = True
+            return 0
+
+    def want_writable(self, callback: Callable[[], None] | None) -> None:
+        if callback is not None and self._blocked_on_read and not self.closed:
+            self._on_writable = callback  # called from _on_readable instead
+            return
+        super().want_writable(callback)
 
     def _on_readable(self) -> None:
         try:
             chunk = self.sock.recv(4096)
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return  # a partial record, or TLS's own traffic: no data yet
+            chunk = None  # a partial record, or TLS's own traffic: no data yet
         except OSError as exc:
             self._gone(self.gone_reason(exc, CloseReason.CLIENT_CLOSED))
             return
-        if not chunk:
+        if chunk == b"":
             self._gone(CloseReason.CLIENT_CLOSED)
+            return
+        if self._blocked_on_read:
+            self._blocked_on_read = False
+            if self._on_writable is not None:
+                self._on_writable()
 
     def gone_reason(self, exc: OSError, otherwise: CloseReason) -> CloseReason:
         if isinstance(exc, ssl.SSLZeroReturnError | ssl.SSLEOFError):

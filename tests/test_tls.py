@@ -27,6 +27,7 @@ import pytest
 import requests
 from support import serve, tls_certificate, wait_until
 from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
 from tornado.netutil import bind_unix_socket
 from tornado.web import Application
 
@@ -39,6 +40,7 @@ from sse_handler import (
 from sse_handler.parser import EventStreamParser, MessageEvent
 from sse_handler.testing import Dechunker, StreamEnded
 from sse_handler.transport import SocketTransport, TLSTransport
+from sse_handler.writer import FrameWriter, WriteLimits
 
 CURL = Path("/usr/bin/curl")
 FAREWELL = ServerSentEvent(event="close", data="bye")
@@ -307,3 +309,57 @@ async def test_unix_socket_server_streams_events() -> None:
         # The client's close is seen on a Unix socket too.
         assert await asyncio.wait_for(Welcoming.closed, 2) == CloseReason.CLIENT_CLOSED
         await wait_until(lambda: len(handler) == 0)
+
+
+class _RenegotiatingSocket:
+    """An SSLSocket stand-in whose first write needs a read first (what OpenSSL
+    says during a renegotiation the peer began): a real socket underneath for
+    the IOLoop, TLS replaced because a renegotiation cannot be provoked from
+    Python's ssl client (TLS 1.3 has none)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.sends: list[bytes] = []
+        self.attempts = 0
+        self.blocked = True
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def send(self, data: bytes | memoryview) -> int:
+        self.attempts += 1
+        if self.blocked:
+            raise ssl.SSLWantReadError("read first")
+        self.sends.append(bytes(data))
+        return len(data)
+
+    def recv(self, size: int) -> bytes:
+        self.blocked = False
+        return self._sock.recv(size)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+async def test_a_tls_write_that_must_read_first_waits_for_readable_not_writable() -> None:
+    server_end, client_end = socket.socketpair()
+    server_end.setblocking(False)
+    fake = _RenegotiatingSocket(server_end)
+    transport = TLSTransport(fake, IOLoop.current())  # type: ignore[arg-type]
+    closed: list[CloseReason] = []
+    writer = FrameWriter(
+        transport, WriteLimits(), chunked=False, name="t", on_closed=closed.append
+    )
+    writer.release()
+    writer.send(b"data: x\n\n")
+    assert writer.pending
+    # The socket is writable all along: a writer woken by writability would
+    # retry the send on every turn of the loop for this whole window.
+    await asyncio.sleep(0.05)
+    assert (fake.attempts, fake.sends) == (2, [])  # the fast path, the I/O task's try
+    client_end.send(b"tls records")  # the peer's part of the renegotiation
+    await asyncio.wait_for(writer.flush(), 5)
+    assert fake.sends == [b"data: x\n\n"]
+    assert fake.attempts == 3
+    writer.close(CloseReason.STOPPED)
+    client_end.close()
