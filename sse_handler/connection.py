@@ -39,7 +39,7 @@ from tornado.httputil import HTTPHeaders, HTTPServerRequest
 from .errors import ConnectionClosedError
 from .event import EventFields, ServerSentEvent, encode_retry, event_frame
 from .lifecycle import CloseReason, OverflowPolicy, State  # noqa: F401
-from .tasks import log, spawn
+from .tasks import cancel, log, spawn
 from .writer import FrameWriter, Transport, WriteLimits, chunked_for
 
 # CloseReason and OverflowPolicy are importable from here too (they lived
@@ -342,14 +342,7 @@ class ServerSentEventConnection:
 
     def _closed(self, reason: CloseReason) -> None:
         """The writer has closed: stop the source, run the hooks, leave the handler."""
-        task = self._source_task
-        if task is not None and not task.done():
-            try:
-                current = asyncio.current_task()
-            except RuntimeError:
-                current = None
-            if task is not current:
-                task.cancel()
+        cancel(self._source_task)
         try:
             result = self.connection_closed(reason)
         except Exception:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable
 from typing import Any
 
-__all__ = ["log", "spawn"]
+__all__ = ["cancel", "log", "spawn"]
 
 #: The package's one logger.
 log = logging.getLogger("sse_handler")
@@ -27,6 +27,19 @@ def spawn(awaitable: Awaitable[Any], what: str) -> asyncio.Future[Any]:
     _running.add(task)
     task.add_done_callback(lambda done: _finished(done, what))
     return task
+
+
+def cancel(task: asyncio.Future[Any] | None) -> None:
+    """Cancel ``task`` if it is pending, unless it is the task running now (a
+    task that ends its own connection finishes by itself)."""
+    if task is None or task.done():
+        return
+    try:
+        current = asyncio.current_task()
+    except RuntimeError:  # no running loop: nothing is running
+        current = None
+    if task is not current:
+        task.cancel()
 
 
 def _finished(task: asyncio.Future[Any], what: str) -> None:

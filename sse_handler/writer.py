@@ -37,7 +37,7 @@ from typing import Protocol
 
 from .errors import ConnectionClosedError
 from .lifecycle import TRANSITIONS, CloseReason, OverflowPolicy, State
-from .tasks import log, spawn
+from .tasks import cancel, log, spawn
 
 __all__ = [
     "FrameWriter",
@@ -617,14 +617,7 @@ class FrameWriter:
         self._reason = reason
         self._enter(_CLOSED)
         self._transport.close()
-        task = self._io_task
-        if task is not None and not task.done():
-            try:
-                current = asyncio.current_task()
-            except RuntimeError:
-                current = None
-            if task is not current:
-                task.cancel()
+        cancel(self._io_task)
         self._queue.clear()
         self._queued_bytes = 0
         self._pinned = False
