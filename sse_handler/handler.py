@@ -136,6 +136,33 @@ class ServerSentEventHandler:
 
     _settings: ClassVar[frozenset[str]] = frozenset(HandlerSettings.__annotations__)
 
+    # The settings a connection's write path gets as its frozen WriteLimits.
+    _write_settings: ClassVar[frozenset[str]] = frozenset(
+        {
+            "max_queue_messages",
+            "max_queue_bytes",
+            "overflow_policy",
+            "write_timeout",
+            "max_event_size",
+        }
+    )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        # A bound changed after construction (handler.write_timeout = 0.5):
+        # connections accepted from now on get it.
+        if name in self._write_settings and "write_limits" in self.__dict__:
+            self.write_limits = self._limits()
+
+    def _limits(self) -> WriteLimits:
+        return WriteLimits(
+            max_queue_messages=self.max_queue_messages,
+            max_queue_bytes=self.max_queue_bytes,
+            overflow_policy=OverflowPolicy(self.overflow_policy),
+            write_timeout=self.write_timeout,
+            max_event_size=self.max_event_size,
+        )
+
     def __init__(self, **settings: Unpack[HandlerSettings]) -> None:
         for name, value in settings.items():
             if name not in self._settings:
@@ -151,14 +178,9 @@ class ServerSentEventHandler:
             if isinstance(getattr(self, name), str | bytes):
                 raise TypeError(f"{name} must be a collection of strings, not a single string")
         self.cors = CorsPolicy(self.cors_origins, self.cors_credentials)
-        #: The bounds every connection's write path gets (frozen at construction).
-        self.write_limits = WriteLimits(
-            max_queue_messages=self.max_queue_messages,
-            max_queue_bytes=self.max_queue_bytes,
-            overflow_policy=self.overflow_policy,
-            write_timeout=self.write_timeout,
-            max_event_size=self.max_event_size,
-        )
+        #: The bounds a connection's write path gets when it is accepted (a
+        #: frozen value, rebuilt when one of these settings is assigned).
+        self.write_limits = self._limits()
         self._kept = frozenset(name.lower() for name in self.kept_headers)
         # Streams admitted (reserved at accept, before authorize()) per address
         # and in all; a slot is released exactly once (see release()).

@@ -103,3 +103,15 @@ async def test_memory_per_stream_does_not_grow_with_the_request_head() -> None:
     # The clients in this process hold their own small buffers; the server
     # keeps nothing of the head once the stream is registered.
     assert large - small < 2048, (small, large)
+
+
+async def test_bounds_set_after_construction_reach_new_connections() -> None:
+    handler = ServerSentEventHandler()
+    handler.write_timeout = 0.5
+    handler.max_queue_bytes = 4096
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream()
+        await wait_until(lambda: len(handler) == 1)
+        assert handler.write_limits.write_timeout == 0.5
+        assert handler.write_limits.max_queue_bytes == 4096
+        client.close()
