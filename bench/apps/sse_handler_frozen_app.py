@@ -9,14 +9,17 @@ the demo, the same routes (``/``, ``/events``, ``/publish``, ``/metrics``) and
 the same serving code (:func:`sse_handler.demo.app.serve`: listen backlog,
 collector settings, shutdown), with only those two settings lowered on the
 handler that :func:`~sse_handler.demo.app.make_app` builds:
-``write_timeout = 2 s`` and ``max_queue_bytes = 256 KiB``. The library is not
-changed.
+``write_timeout = 2 s`` and ``max_queue_bytes = 256 KiB``. A handler that
+freezes its settings into ``write_limits`` when it is built (the connection core
+v2, commit 6224592 and later) gets them there too; an older one reads the
+attributes per connection. The library is not changed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -42,6 +45,12 @@ def main() -> None:
         app, handler = make_app(*args, **kwargs)
         handler.write_timeout = WRITE_TIMEOUT
         handler.max_queue_bytes = MAX_QUEUE_BYTES
+        limits = getattr(handler, "write_limits", None)
+        if limits is not None:
+            # Every connection's write path takes its bounds from here.
+            handler.write_limits = dataclasses.replace(
+                limits, write_timeout=WRITE_TIMEOUT, max_queue_bytes=MAX_QUEUE_BYTES
+            )
         return app, handler
 
     # serve() builds its app through the module's make_app: it gets this one.
