@@ -21,7 +21,7 @@ from typing import Any, ClassVar, TypedDict, Unpack
 
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
 
-from .brokers import Broker, Replay
+from .brokers import Broker, BrokerUnavailableError, Replay
 from .brokers.memory import MemoryBroker
 from .channels import ChannelRouter
 from .connection import ServerSentEventConnection
@@ -280,7 +280,13 @@ class ServerSentEventHandler:
         if len(last_event_id) > self.max_last_event_id or "\0" in last_event_id:
             replay = Replay(reset="unknown_id")  # not worth a lookup
         else:
-            replay = await self.router.replay(conn, last_event_id)
+            try:
+                replay = await self.router.replay(conn, last_event_id)
+            except BrokerUnavailableError as exc:
+                # Neither a replay nor a reset can be told: come back later.
+                log.warning("Could not replay for connection %s: %s", conn.cid, exc)
+                conn.stop(None, self.jittered_retry(), reason=CloseReason.BROKER_ERROR)
+                return
         if replay.reset is not None:
             self.counters.resets[replay.reset] += 1
             conn.send(event="reset", data={"reason": replay.reset})
@@ -518,6 +524,8 @@ class ServerSentEventHandler:
             self.counters.replays += 1
             if not await self._run_hook(conn, self.replay_events_since, conn, conn.last_event_id):
                 return
+            if not conn.is_active:
+                return  # turned away (the broker could not replay)
         self.router.release_held(conn)
         for hook, args in ((conn.registered, ()), (self.on_connection_registered, (conn,))):
             if not await self._run_hook(conn, hook, *args):

@@ -61,7 +61,7 @@ class CloseReason(StrEnum):
     SLOW = "slow"  # the write deadline passed with data still unsent
     OVERFLOW = "overflow"  # the queue bound was hit under the "disconnect" policy
     HOOK_ERROR = "hook_error"  # a hook or poll_data() raised
-    BROKER_ERROR = "broker_error"  # the broker could not subscribe the channels
+    BROKER_ERROR = "broker_error"  # the broker could not subscribe the channels or replay
     SOURCE_DONE = "source_done"  # an overridden poll_data() returned None
     MAX_AGE = "max_age"  # max_connection_age reached (the client gets a retry hint)
 

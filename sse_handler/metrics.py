@@ -20,8 +20,16 @@ Everything is read at scrape time from the handlers' counters
 ``sse_queue_depth``                             gauge histogram of the live queue depths
 ``sse_replay_requests_total``                   counter: connections with a Last-Event-ID
 ``sse_replay_resets_total{reason}``             counter: ``event: reset`` sent, by reason
+``sse_broker_reader_healthy``                   gauge: 1 while the broker's reader reads,
+                                                0 from a failed read until one succeeds
+``sse_broker_reader_restarts_total``            counter: reader restarts after an
+                                                unexpected error
+``sse_broker_malformed_entries_total``          counter: stream entries skipped because
+                                                sse_handler did not write them
 ==============================================  =======================================
 
+The ``sse_broker_*`` metrics are there when the handler's broker has a reader
+that reports on itself (:class:`~sse_handler.brokers.redis.RedisBroker`).
 Every metric has an ``endpoint`` label, so several handlers share a registry.
 """
 
@@ -97,6 +105,24 @@ class EndpointCollector(Collector):
         yield counter_by(
             "sse_replay_resets", "Reset events sent, by reason.", "reason", snap.resets
         )
+        broker = self.handler.broker
+        healthy = getattr(broker, "reader_healthy", None)
+        if healthy is not None:
+            yield gauge(
+                "sse_broker_reader_healthy",
+                "1 while the broker's reader reads; 0 from a failed read until one succeeds.",
+                1.0 if healthy else 0.0,
+            )
+            yield counter(
+                "sse_broker_reader_restarts",
+                "Restarts of the broker's reader after an unexpected error.",
+                getattr(broker, "reader_restarts", 0),
+            )
+            yield counter(
+                "sse_broker_malformed_entries",
+                "Stream entries skipped because sse_handler did not write them.",
+                getattr(broker, "malformed_entries", 0),
+            )
 
 
 def _queue_depths(

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import resource
 import tracemalloc
+from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis import asyncio as aioredis
+from redis.crc import key_slot
 from redis_server import RedisServer
 from support import DemoProcess, serve, wait_until
+from tornado.httpclient import AsyncHTTPClient
+from tornado.testing import bind_unused_port
 
 from sse_handler import BrokerUnavailableError, ServerSentEvent, ServerSentEventHandler
-from sse_handler.brokers.redis import RedisBroker
+from sse_handler.brokers import Delivery
+from sse_handler.brokers.redis import RedisBroker, channel_key
 from sse_handler.testing import EventStreamClient
 
 
@@ -245,3 +254,438 @@ async def test_paused_redis_fails_publishers_and_resumes_without_duplicates(
         assert set(seen[:-2]) <= {"while paused", *(f"{i} " + "x" * 10_000 for i in range(5))}
         client.close()
     await broker.close()
+
+
+# ------------------------------------------------------------ the connection pool
+
+
+@pytest.mark.timeout(60)
+async def test_300_concurrent_publishes_wait_for_a_pooled_connection(
+    redis_server: RedisServer,
+) -> None:
+    broker = RedisBroker(redis_server.url)
+    try:
+        ids = await asyncio.gather(
+            *(broker.publish("busy", ServerSentEvent(data=str(i))) for i in range(300))
+        )
+        assert len(set(ids)) == 300
+        raw = aioredis.Redis.from_url(redis_server.url)
+        assert await raw.xlen(broker.stream_key("busy")) == 300
+        await raw.aclose()
+    finally:
+        await broker.close()
+
+
+@pytest.fixture
+def fd_limit() -> Iterator[None]:
+    """Room for 2,000 client sockets and their 2,000 server ends in this process."""
+    want = 8192
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        yield
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError) as exc:
+        pytest.skip(f"cannot raise RLIMIT_NOFILE to {want} (hard limit {hard}): {exc}")
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.timeout(180)
+async def test_2000_concurrent_replays_all_get_their_events(
+    redis_server: RedisServer, fd_limit: None
+) -> None:
+    broker = RedisBroker(redis_server.url, block=0.5)
+    handler = ServerSentEventHandler(broker=broker)
+    async with serve([handler.route("/events")], handler) as server:
+        ids = [await handler.publish("r", data=str(i)) for i in range(5)]
+
+        async def resume() -> list[str]:
+            client = await EventStreamClient.connect(
+                server.url + "/events?channel=r", {"Last-Event-ID": ids[0]}, timeout=60
+            )
+            try:
+                return [e.data for e in await client.events(4, timeout=120)]
+            finally:
+                client.close()
+
+        results = await asyncio.gather(*(resume() for _ in range(2000)), return_exceptions=True)
+        failed = [r for r in results if not isinstance(r, list)]
+        assert not failed, f"{len(failed)} failed, e.g. {failed[0]!r}"
+        assert all(r == ["1", "2", "3", "4"] for r in results)
+    await broker.close()
+
+
+async def test_a_replay_that_cannot_be_read_turns_the_client_away_with_a_retry_hint(
+    redis_server: RedisServer,
+) -> None:
+    broker = RedisBroker(redis_server.url, block=0.3, max_backoff=0.2, timeout=1.0)
+    handler = ServerSentEventHandler(broker=broker)
+    async with serve([handler.route("/events")], handler) as server:
+        first = await server.stream("/events?channel=c")
+        await wait_until(lambda: len(handler.subscribers("c")) == 1)
+        event_id = await handler.publish("c", data="one")
+        assert (await first.next_event()).data == "one"
+        redis_server.kill()
+        # The process reads "c" already: only the replay needs Redis.
+        late = await server.stream("/events?channel=c", {"Last-Event-ID": event_id})
+        assert await late.wait_closed(timeout=15) == []
+        assert late.parser.retry is not None
+        assert b"retry:" in late.raw
+        first.close()
+    await broker.close()
+
+
+# ------------------------------------------------------------ hostile Last-Event-IDs
+
+
+async def test_hostile_last_event_ids_get_an_exact_replay_or_a_reset(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = RedisBroker(redis_server.url, block=0.5)
+    handler = ServerSentEventHandler(broker=broker)
+    async with serve([handler.route("/events")], handler) as server:
+        ids = [await handler.publish("c", data=str(i)) for i in range(3)]
+        ms, seq = (int(part) for part in ids[-1].split("-"))
+        unknown = [
+            "18446744073709551616-0",  # beyond Redis's 64-bit milliseconds
+            "1-18446744073709551616",  # beyond the 64-bit sequence
+            "99999999999999999999999999999999-99999999999999999999999999999999",
+            "²-0",  # str.isdigit() says yes, int() says no
+            "1-¹",
+            "-1-0",
+            "1-",
+            "-",
+            "1--1",
+            "0x10-0",
+            "1 -0",
+            "1e3-0",
+            "not-an-id",
+            # From the future: greater than every entry of the channel.
+            f"{ms + 10**6}-0",
+            f"{ms}-{seq + 1}",
+            "18446744073709551615-18446744073709551615",
+        ]
+        # Not Latin-1, so through the query string (UTF-8).
+        in_query = ["%D9%A3-0", "%EF%BC%91-0"]  # Arabic-Indic 3, fullwidth 1
+        caplog.set_level(logging.WARNING)
+        clients = [
+            *[await server.stream("/events?channel=c", {"Last-Event-ID": i}) for i in unknown],
+            *[await server.stream(f"/events?channel=c&last_event_id={q}") for q in in_query],
+        ]
+        for lei, client in zip([*unknown, *in_query], clients, strict=True):
+            event = await client.next_event()
+            reset = (event.event, json.loads(event.data))
+            assert reset == ("reset", {"reason": "unknown_id"}), lei
+        # Ids in range that the history covers get an exact replay.
+        exact = []
+        for lei in ("0-0", "1-0", "00001-0", ids[0]):
+            client = await server.stream("/events?channel=c", {"Last-Event-ID": lei})
+            want = 3 if lei != ids[0] else 2
+            assert [e.data for e in await client.events(want)] == ["0", "1", "2"][-want:], lei
+            exact.append(client)
+        await wait_until(lambda: len(handler.subscribers("c")) == len(clients) + len(exact))
+        await handler.publish("c", data="live")
+        for client in [*clients, *exact]:
+            assert (await client.next_event()).data == "live"
+            client.close()
+    await broker.close()
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+# ------------------------------------------------------------ the caller-id lookup
+
+
+@pytest.mark.timeout(90)
+async def test_a_non_entry_id_costs_a_bounded_lookup_on_a_long_history(
+    redis_server: RedisServer,
+) -> None:
+    broker = RedisBroker(redis_server.url, history_size=100_000, block=0.5)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await broker.publish("h", ServerSentEvent(data="old", id="order-old"))
+        filler = ServerSentEvent(data="x" * 200)
+        for _ in range(200):
+            await asyncio.gather(*(broker.publish("h", filler) for _ in range(50)))
+        await broker.publish("h", ServerSentEvent(data="new", id="order-17"))
+        after = [await broker.publish("h", ServerSentEvent(data=f"after {i}")) for i in range(2)]
+
+        async def output_bytes() -> int:
+            return int((await raw.info("stats"))["total_net_output_bytes"])
+
+        before = await output_bytes()
+        resumed = await broker.replay(["h"], "order-17")
+        unknown = await broker.replay(["h"], "no-such-id")
+        spent = await output_bytes() - before
+        assert [d.id for d in resumed.deliveries] == after
+        assert resumed.reset is None
+        assert unknown.reset == "unknown_id"
+        # The whole history is over 2 MB; the lookups read a few entries at most.
+        assert spent < 64 * 1024, spent
+        # A caller id deep in the history still resumes exactly.
+        deep = await broker.replay(["h"], "order-old")
+        assert len(deep.deliveries) == 10_003
+        assert deep.deliveries[-1].id == after[-1]
+    finally:
+        await raw.aclose()
+        await broker.close()
+
+
+# ------------------------------------------------------------ the reader
+
+
+async def test_a_malformed_entry_is_skipped_with_a_warning(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = RedisBroker(redis_server.url, block=0.5)
+    handler = ServerSentEventHandler(broker=broker)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    caplog.set_level(logging.WARNING, logger="sse_handler.redis")
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream("/events?channel=m")
+        await wait_until(lambda: len(handler.subscribers("m")) == 1)
+        before = await handler.publish("m", data="before")
+        assert (await client.next_event()).data == "before"
+        # Written by something else: no body field, and a body that is no frame.
+        key = broker.stream_key("m")
+        await raw.xadd(key, {"x": "written by another program"})
+        await raw.xadd(key, {"b": "data: no blank line"})
+        await handler.publish("m", data="after")
+        assert (await client.next_event()).data == "after"
+        assert broker.reader_healthy
+        warnings = [r for r in caplog.records if r.name == "sse_handler.redis"]
+        assert any("malformed" in r.getMessage() for r in warnings)
+        assert all(r.levelno == logging.WARNING for r in warnings)
+        # A replay skips them too.
+        resumed = await server.stream("/events?channel=m", {"Last-Event-ID": before})
+        assert (await resumed.next_event()).data == "after"
+        client.close()
+        resumed.close()
+    await raw.aclose()
+    await broker.close()
+
+
+class FailsOnce(RedisBroker):
+    """A broker whose delivery path raises once: a bug the reader must survive."""
+
+    failed = False
+
+    def _deliver(self, delivery: Delivery) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("injected fault")
+        super()._deliver(delivery)
+
+
+async def test_the_reader_restarts_after_an_unexpected_error(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = FailsOnce(redis_server.url, block=0.5, max_backoff=0.2)
+    handler = ServerSentEventHandler(broker=broker)
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream("/events?channel=f")
+        await wait_until(lambda: len(handler.subscribers("f")) == 1)
+        await handler.publish("f", data="lost to the fault")
+        await wait_until(lambda: broker.failed)
+        await handler.publish("f", data="after the restart")
+        assert (await client.next_event(timeout=10)).data == "after the restart"
+        assert broker.reader_restarts == 1
+        assert any("injected fault" in r.getMessage() or r.exc_info for r in caplog.records)
+        await wait_until(lambda: broker.reader_healthy)
+        client.close()
+    await broker.close()
+
+
+@pytest.mark.timeout(60)
+async def test_reader_health_follows_redis_and_shows_in_the_demo_metrics(
+    redis_server: RedisServer,
+) -> None:
+    from sse_handler.demo.app import make_app
+
+    broker = RedisBroker(redis_server.url, block=0.3, max_backoff=0.2, timeout=1.0)
+    app, handler = make_app(broker=broker)
+    http = AsyncHTTPClient()
+    async with serve(app, handler) as server:
+
+        async def healthy_metric() -> bytes:
+            body: bytes = (await http.fetch(server.url + "/metrics")).body
+            return body.split(b'sse_broker_reader_healthy{endpoint="events"} ')[1][:3]
+
+        client = await server.stream("/events?channel=h")
+        await wait_until(lambda: len(handler.subscribers("h")) == 1)
+        await wait_until(lambda: broker.reader_healthy)
+        assert broker.reader_error is None
+        assert await healthy_metric() == b"1.0"
+        redis_server.kill()
+        await wait_until(lambda: not broker.reader_healthy, timeout=10)
+        assert broker.reader_error
+        assert await healthy_metric() == b"0.0"
+        redis_server.start()
+        await wait_until(lambda: broker.reader_healthy, timeout=15)
+        assert await healthy_metric() == b"1.0"
+        client.close()
+    await broker.close()
+
+
+# ------------------------------------------------------------ a Redis restart
+
+
+@pytest.mark.timeout(60)
+async def test_publishes_succeed_once_a_restarted_redis_answers(
+    redis_server: RedisServer,
+) -> None:
+    broker = RedisBroker(redis_server.url, block=0.3, max_backoff=0.2)
+    handler = ServerSentEventHandler(broker=broker)
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream("/events?channel=r")
+        await wait_until(lambda: len(handler.subscribers("r")) == 1)
+        # Sixty pooled connections, all of them to the server about to go.
+        await asyncio.gather(*(handler.publish("r", data="warm") for _ in range(60)))
+        await client.events(60)
+        redis_server.kill()
+        redis_server.start()
+        raw = aioredis.Redis.from_url(redis_server.url)
+        assert await raw.ping()
+        await raw.aclose()
+        results = await asyncio.gather(
+            *(handler.publish("r", data=str(i)) for i in range(60)), return_exceptions=True
+        )
+        failed = [r for r in results if not isinstance(r, str)]
+        assert not failed, f"{len(failed)} of 60 failed, e.g. {failed[0]!r}"
+        got = [e.data for e in await client.events(60, timeout=15)]
+        assert sorted(got, key=int) == [str(i) for i in range(60)]
+        client.close()
+    await broker.close()
+
+
+# ------------------------------------------------------------ the key layout
+
+
+async def test_nested_prefixes_never_share_keys(redis_server: RedisServer) -> None:
+    outer = RedisBroker(redis_server.url, prefix="sse:", block=0.5)
+    inner = RedisBroker(redis_server.url, prefix="sse:tenant2:", block=0.5)
+    names = ["secrets", "tenant2:secrets", "c:secrets", "tenant2:c:secrets", "", ":", "%", "{x}"]
+    seen: dict[str, list[Delivery]] = {"outer": [], "inner": []}
+    outer.add_listener(seen["outer"].append)
+    inner.add_listener(seen["inner"].append)
+    try:
+        for name in names:
+            await outer.subscribe(name)
+            await inner.subscribe(name)
+        for name in names:
+            await outer.publish(name, ServerSentEvent(data=f"outer {name}"))
+            await inner.publish(name, ServerSentEvent(data=f"inner {name}"))
+        await wait_until(lambda: len(seen["outer"]) == len(seen["inner"]) == len(names))
+        for who, broker in (("outer", outer), ("inner", inner)):
+            for delivery in seen[who]:
+                assert delivery.frame.endswith(f"data: {who} {delivery.channel}\n\n".encode())
+            for name in names:
+                history = await broker.replay([name], "0-0")
+                assert [d.frame.split(b"data: ")[1] for d in history.deliveries] == [
+                    f"{who} {name}\n\n".encode()
+                ]
+        raw = aioredis.Redis.from_url(redis_server.url)
+        keys = {k.decode() async for k in raw.scan_iter()}
+        await raw.aclose()
+        outer_keys = {outer.stream_key(n) for n in names}
+        inner_keys = {inner.stream_key(n) for n in names}
+        assert len(outer_keys) == len(inner_keys) == len(names)
+        assert not outer_keys & inner_keys
+        assert outer_keys | inner_keys <= keys
+    finally:
+        await outer.close()
+        await inner.close()
+
+
+@settings(max_examples=500)
+@given(
+    prefix=st.text(max_size=12),
+    longer=st.text(min_size=1, max_size=12),
+    a=st.text(max_size=12),
+    b=st.text(max_size=12),
+    kinds=st.tuples(st.sampled_from("ciw"), st.sampled_from("ciw")),
+)
+def test_keys_of_nested_prefixes_never_collide(
+    prefix: str, longer: str, a: str, b: str, kinds: tuple[str, str]
+) -> None:
+    # Every key: <prefix><kind letter>:<text without ":">; wake keys are
+    # <prefix>w:<hex>, a case of the same shape.
+    assert channel_key(prefix, a, kinds[0]) != channel_key(prefix + longer, b, kinds[1])
+    if a != b or kinds[0] != kinds[1]:
+        assert channel_key(prefix, a, kinds[0]) != channel_key(prefix, b, kinds[1])
+
+
+@given(channel=st.text())
+def test_a_hash_tag_in_the_prefix_puts_every_key_in_its_slot(channel: str) -> None:
+    slot = key_slot(b"{app}")
+    for kind in "ciw":
+        assert key_slot(channel_key("sse:{app}:", channel, kind).encode()) == slot
+    # Without a tag in the prefix, a channel name cannot choose the slot.
+    assert b"{" not in channel_key("sse:", channel).encode()[4:]
+
+
+async def test_a_key_that_is_no_stream_does_not_silence_the_other_channels(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = RedisBroker(redis_server.url, block=0.3, max_backoff=0.2)
+    got: list[Delivery] = []
+    broker.add_listener(got.append)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    caplog.set_level(logging.WARNING, logger="sse_handler.redis")
+    try:
+        await broker.subscribe("good")
+        await raw.set(broker.stream_key("bad"), "another program's string")
+        await broker.subscribe("bad")
+        await broker.publish("good", ServerSentEvent(data="one"))
+        await wait_until(lambda: len(got) == 1)
+        assert any("not a stream" in r.getMessage() for r in caplog.records)
+        # Once it is a stream again, it is read again.
+        await raw.delete(broker.stream_key("bad"))
+        await broker.publish("bad", ServerSentEvent(data="two"))
+        await broker.publish("good", ServerSentEvent(data="three"))
+        await wait_until(lambda: len(got) == 2)
+        assert got[1].channel == "good"
+        replay = await broker.replay(["good", "bad"], got[0].id)
+        assert sorted(d.frame.split(b"data: ")[1] for d in replay.deliveries) == [
+            b"three\n\n",
+            b"two\n\n",
+        ]
+    finally:
+        await raw.aclose()
+        await broker.close()
+
+
+async def test_the_id_hash_stays_bounded(redis_server: RedisServer) -> None:
+    broker = RedisBroker(redis_server.url, history_size=10)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        for i in range(400):
+            await broker.publish("p", ServerSentEvent(data=str(i), id=f"order-{i}"))
+        await wait_until(lambda: not broker._pruning)
+        index = channel_key(broker.prefix, "p", "i")
+        # Pruned down to the entries still in the stream (a trimmed node or two).
+        assert await raw.hlen(index) <= await raw.xlen(broker.stream_key("p")) + 2 * 10 + 256
+        assert await raw.hlen(index) < 400
+        recent = await broker.replay(["p"], "order-397")
+        assert [d.id for d in recent.deliveries] == ["order-398", "order-399"]
+        assert (await broker.replay(["p"], "order-3")).reset in ("unknown_id", "history_exceeded")
+    finally:
+        await raw.aclose()
+        await broker.close()
+
+
+async def test_errors_do_not_show_the_password_of_the_url() -> None:
+    sock, port = bind_unused_port()
+    sock.close()  # nothing listens there
+    broker = RedisBroker(f"redis://app:s3cret@127.0.0.1:{port}/0", retries=0)
+    try:
+        with pytest.raises(BrokerUnavailableError) as failed:
+            await broker.publish("c", ServerSentEvent(data="x"))
+        assert failed.value.published is False
+        assert "s3cret" not in str(failed.value)
+        assert f"redis://app:***@127.0.0.1:{port}/0" in str(failed.value)
+    finally:
+        await broker.close()

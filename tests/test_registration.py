@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Collection
 from typing import Any
 
 import pytest
@@ -28,6 +29,7 @@ from sse_handler import (
     ServerSentEventConnection,
     ServerSentEventHandler,
 )
+from sse_handler.brokers import Replay
 from sse_handler.testing import EventStreamClient
 from sse_handler.transport import SocketTransport
 from sse_handler.writer import Transport, chunk
@@ -209,6 +211,41 @@ async def test_a_failing_subscribe_turns_the_client_away_with_a_retry_hint(
         await handler.publish("fine", ServerSentEvent(data="still here"))
         assert (await good.next_event()).data == "still here"
         good.close()
+
+
+async def test_a_replay_the_broker_cannot_read_turns_the_client_away_with_a_retry_hint(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Failing(MemoryBroker):
+        async def replay(self, channels: Collection[str], last_event_id: str) -> Replay:
+            raise BrokerUnavailableError("down")
+
+    closed: list[CloseReason] = []
+    registered: list[str] = []
+
+    class Welcoming(ServerSentEventConnection):
+        def registered(self) -> None:
+            registered.append(self.cid)
+            self.send(event="welcome", data="hi")
+
+    class Handler(ServerSentEventHandler):
+        def on_connection_deregistered(self, conn: ServerSentEventConnection) -> None:
+            assert conn.close_reason is not None
+            closed.append(conn.close_reason)
+
+    handler = Handler(broker=Failing(), connection_class=Welcoming)
+    async with serve([handler.route("/events")], handler) as server:
+        with caplog.at_level(logging.WARNING, logger="sse_handler"):
+            client = await server.stream(headers={"Last-Event-ID": "1-0"})
+            assert client.status == 200
+            # No reset (nothing is known), no welcome: a retry hint and a close.
+            assert await client.wait_closed() == []
+        assert re.search(rb"^retry: \d+\n", bytes(client.raw), re.MULTILINE)
+        assert "Could not replay" in caplog.text
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        await wait_until(lambda: closed == [CloseReason.BROKER_ERROR])
+        assert registered == []
+        assert len(handler) == 0
 
 
 async def test_a_registered_hook_that_never_returns_does_not_hold_up_the_server() -> None:
