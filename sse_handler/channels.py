@@ -55,6 +55,11 @@ class ChannelRouter:
         frames = framed(delivery.frame)
         held = self._held
         cursors = self._cursors
+        if not held and not cursors:
+            # The common case, once per event per client: no hand-off to mind.
+            for conn in tuple(subscribers):
+                conn.writer.deliver(frames)
+            return
         position = delivery.position
         for conn in tuple(subscribers):
             if held and conn in held:
