@@ -280,7 +280,7 @@ class FrameWriter:
         stream has ended or dropped it, never an error.
 
         The hottest code of the library (once per event per client): the
-        fast path of :meth:`_push` is written out here, which saves two calls
+        fast path of ``_push`` is written out here, which saves two calls
         per delivery (measured: 1.55 -> 1.2 us of interpreter time each).
         """
         if self._state is _LIVE and not self._queue and not self._inflight:

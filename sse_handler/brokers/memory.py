@@ -16,7 +16,7 @@ What is kept, and for how long:
   local connection reads is forgotten, a few such channels per publish.
 
 Forgetting a channel keeps one number: the position of its newest event,
-folded into one of :data:`_FORGOTTEN_BUCKETS` watermarks by the hash of its
+folded into one of ``_FORGOTTEN_BUCKETS`` watermarks by the hash of its
 name. A client resuming on a forgotten channel (or on a new one in the same
 bucket) from before that watermark gets ``history_exceeded``: it may have
 missed events, and is told so instead of getting a silent gap.
