@@ -50,6 +50,12 @@ from sse_handler.testing import EventStreamClient, StreamEnded
 BIG = "x" * 65536
 
 
+def fill_kernel_buffers(conn: ServerSentEventConnection) -> None:
+    """Send big events until one has to wait in the queue (the reader never reads)."""
+    while conn.queue_depth == 0:
+        conn.send(data=BIG)
+
+
 # ----------------------------------------------------------------- 1. TLS
 
 
@@ -240,10 +246,7 @@ async def test_send_all_does_not_count_a_connection_that_dropped_the_frame() -> 
         sock = server.raw_socket()
         await wait_until(lambda: len(handler) == 1)
         (conn,) = handler.connections()
-        while conn.queue_depth == 0:
-            conn.send(data=BIG)
-        while conn.queue_depth < 1:
-            conn.send(data="fill")
+        fill_kernel_buffers(conn)
         dropped = conn.dropped
         assert handler.send_all(data="one more") == 0
         assert conn.dropped == dropped + 1
@@ -351,9 +354,11 @@ async def test_closing_a_blocked_stream_leaves_the_writer_of_a_reused_fd_alone()
         sock = server.raw_socket()
         await wait_until(lambda: len(handler) == 1)
         (conn,) = handler.connections()
-        while conn.queue_depth == 0:
-            conn.send(data=BIG)
-        await asyncio.sleep(0.05)  # the I/O task now waits for writability
+        fill_kernel_buffers(conn)
+        # The I/O task starts on the next turn of the loop, finds the socket
+        # full and waits for writability.
+        for _ in range(3):
+            await asyncio.sleep(0)
         loop = asyncio.get_running_loop()
         await handler.shutdown(grace=0)
         # In the same turn of the loop, before the cancelled I/O task runs its
