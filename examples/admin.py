@@ -1,9 +1,11 @@
 """Listing and stopping connections, from admin code and from the admin API.
 
 Admin code: a janitor task stops every connection that has been open longer
-than ``--max-age`` seconds, with a farewell event, a jittered ``retry:`` hint
-(so clients reconnect spread out, maybe to another process), and the listing
-printed. The admin HTTP API (``sse_handler.admin``) lists connections and
+than ``--max-age`` seconds, with a farewell ``event: reconnect`` and a jittered
+``retry:`` hint (so clients reconnect spread out, maybe to another process),
+and the listing printed. It does not send ``event: close``: for the admin API
+and the demo page that means "stop for good", and a page closes its
+``EventSource`` on it. The admin HTTP API (``sse_handler.admin``) lists connections and
 stops one; it needs ``Authorization: Bearer <token>``.
 
 Run ``python examples/admin.py --port 8888 --token s3cret``, then::
@@ -38,7 +40,7 @@ async def janitor(events: ServerSentEventHandler, max_age: float, period: float)
             if age > max_age:
                 events.stop_one(
                     cid,
-                    ServerSentEvent(event="close", data="max age reached"),
+                    ServerSentEvent(event="reconnect", data="max age reached"),
                     retry=random.randint(500, 2000),
                 )
 

@@ -1,4 +1,4 @@
-"""A small admin HTTP API over one :class:`ServerSentEventHandler`.
+"""A small admin HTTP API over the connections of a :class:`ServerSentEventHandler`.
 
 It is off unless a token is configured: nothing mounts these routes by itself,
 and :func:`admin_routes` refuses to build them without a non-empty token (the
@@ -15,10 +15,24 @@ Routes, under ``prefix`` (default ``/admin``):
     dict per registered connection (cid, path, remote_ip, connected_at,
     queue_depth, events_sent, ...).
 
+``GET {prefix}/connections/<cid>``
+    ``200`` and that connection's stats dict.
+
 ``DELETE {prefix}/connections/<cid>``
     Stops that connection after a farewell ``event: close`` (so a page can
-    call ``EventSource.close()`` instead of reconnecting); ``204``. An unknown
-    cid gets ``404`` and a JSON ``{"error": ...}``.
+    call ``EventSource.close()`` instead of reconnecting: ``close`` means
+    "stop for good", and carries no ``retry:`` hint); ``204``.
+
+Every other answer is JSON too, ``{"error": "<message>"}`` with
+``Content-Type: application/json``: an unknown cid and any other path under
+``prefix`` get ``404``, a method a route does not have gets ``405`` with an
+``Allow`` header, a missing or wrong token ``401``, and an error Tornado raises
+(a ``400`` for a malformed request, a ``500``) keeps its status. A method is
+checked before the token, as Tornado does for every handler.
+
+``handler`` is anything with the :class:`AdminTarget` methods: a
+:class:`~sse_handler.handler.ServerSentEventHandler`, or an object that joins
+several (the demo's page and ``/events`` streams are two handlers).
 
 ::
 
@@ -30,15 +44,16 @@ from __future__ import annotations
 import hmac
 import json
 from dataclasses import asdict
-from typing import Any
+from http import HTTPStatus
+from typing import Any, Protocol
 
-from tornado.web import RequestHandler
+from tornado.web import HTTPError, RequestHandler
 
+from .connection import ServerSentEventConnection
 from .errors import UnknownConnectionError
 from .event import ServerSentEvent
-from .handler import ServerSentEventHandler
 
-__all__ = ["CLOSE_FAREWELL", "admin_routes"]
+__all__ = ["CLOSE_FAREWELL", "AdminTarget", "admin_routes"]
 
 #: What a stopped client receives last: a named event a page can listen for.
 CLOSE_FAREWELL = ServerSentEvent(event="close", data="")
@@ -48,9 +63,17 @@ _REALM = 'Bearer realm="sse_handler admin"'
 Route = tuple[str, type[RequestHandler], dict[str, Any]]
 
 
-def admin_routes(
-    handler: ServerSentEventHandler, token: str, prefix: str = "/admin"
-) -> list[Route]:
+class AdminTarget(Protocol):
+    """What the admin API needs of the connections it serves."""
+
+    def connections(self) -> list[ServerSentEventConnection]: ...
+
+    def get_connection(self, cid: str) -> ServerSentEventConnection:
+        """The connection ``cid``; raises :class:`~sse_handler.errors.UnknownConnectionError`."""
+        ...
+
+
+def admin_routes(handler: AdminTarget, token: str, prefix: str = "/admin") -> list[Route]:
     """The admin API's Tornado routes for ``handler``, guarded by ``token``.
 
     ``prefix`` must start with ``/`` and not end with one. Raises
@@ -65,13 +88,14 @@ def admin_routes(
     return [
         (prefix + r"/connections", ConnectionsHandler, kwargs),
         (prefix + r"/connections/([^/]+)", ConnectionHandler, kwargs),
+        (prefix + r"(?:/.*)?", NotFoundHandler, kwargs),
     ]
 
 
 class _AdminRequestHandler(RequestHandler):
     """Checks the bearer token before any method runs; answers JSON."""
 
-    def initialize(self, sse_handler: ServerSentEventHandler, token: bytes) -> None:
+    def initialize(self, sse_handler: AdminTarget, token: bytes) -> None:
         self.sse_handler = sse_handler
         self._token = token
 
@@ -100,6 +124,28 @@ class _AdminRequestHandler(RequestHandler):
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(json.dumps(body, separators=(",", ":")))
 
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Errors Tornado raises (405, 400, 500) as JSON, like the API's own answers."""
+        self.set_header("Cache-Control", "no-store")
+        if status_code == 405:
+            self.set_header("Allow", ", ".join(self.SUPPORTED_METHODS))
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, HTTPError) and exc.log_message and status_code < 500:
+            message = exc.log_message % exc.args if exc.args else exc.log_message
+        else:
+            message = HTTPStatus(status_code).phrase.lower()
+        self.set_status(status_code)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps({"error": message}, separators=(",", ":")))
+
+    def _connection(self, cid: str) -> ServerSentEventConnection | None:
+        """The connection ``cid``, or ``None`` after answering 404."""
+        try:
+            return self.sse_handler.get_connection(cid)
+        except UnknownConnectionError as exc:
+            self.write_json(404, {"error": str(exc)})
+            return None
+
 
 class ConnectionsHandler(_AdminRequestHandler):
     """``GET {prefix}/connections``: the stats of every registered connection."""
@@ -111,15 +157,26 @@ class ConnectionsHandler(_AdminRequestHandler):
 
 
 class ConnectionHandler(_AdminRequestHandler):
-    """``DELETE {prefix}/connections/<cid>``: stop one connection after ``event: close``."""
+    """``{prefix}/connections/<cid>``: one connection's stats (``GET``), or
+    stop it after ``event: close`` (``DELETE``)."""
 
-    SUPPORTED_METHODS = ("DELETE",)
+    SUPPORTED_METHODS = ("GET", "DELETE")
+
+    def get(self, cid: str) -> None:
+        if (conn := self._connection(cid)) is not None:
+            self.write_json(200, asdict(conn.stats()))
 
     def delete(self, cid: str) -> None:
-        try:
-            self.sse_handler.stop_one(cid, farewell=CLOSE_FAREWELL)
-        except UnknownConnectionError as exc:
-            self.write_json(404, {"error": str(exc)})
-            return
-        self.set_status(204)
-        self.finish()
+        if (conn := self._connection(cid)) is not None:
+            conn.stop(CLOSE_FAREWELL)
+            self.set_status(204)
+            self.finish()
+
+
+class NotFoundHandler(_AdminRequestHandler):
+    """Any other path under the prefix: ``404`` in JSON, once the token is checked."""
+
+    def prepare(self) -> None:
+        super().prepare()
+        if not self._finished:
+            self.write_json(404, {"error": f"no admin route {self.request.path}"})

@@ -286,7 +286,85 @@ async def test_admin_delete_unknown_cid_is_404() -> None:
     async with demo_server(TOKEN) as (port, _):
         response = await fetch(port, "/admin/connections/nosuchcid", method="DELETE", headers=AUTH)
     assert response.code == 404
-    assert "nosuchcid" in json.loads(response.body)["error"]
+    assert "nosuchcid" in _json_error(response)
+
+
+async def test_admin_get_one_connection_gives_its_stats() -> None:
+    async with demo_server(TOKEN) as (port, _), stream(port) as (_, cid):
+        response = await fetch(port, f"/admin/connections/{cid}", headers=AUTH)
+    assert response.code == 200
+    assert response.headers["Content-Type"].startswith("application/json")
+    stats = json.loads(response.body)
+    assert (stats["cid"], stats["path"], stats["channels"]) == (cid, "/events", ["default"])
+    assert stats["state"] == "live"
+    assert stats["events_sent"] == 1  # the welcome
+
+
+def _json_error(response: HTTPResponse) -> str:
+    assert response.headers["Content-Type"].startswith("application/json"), response.body
+    body = json.loads(response.body)
+    assert list(body) == ["error"]
+    assert isinstance(body["error"], str) and body["error"]
+    return str(body["error"])
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("POST", "/admin/connections", "GET"),
+        ("PUT", "/admin/connections/{cid}", "GET, DELETE"),
+        ("POST", "/admin/connections/{cid}", "GET, DELETE"),
+    ],
+)
+async def test_admin_method_not_allowed_is_json_with_allow(
+    method: str, path: str, allow: str
+) -> None:
+    async with demo_server(TOKEN) as (port, handler), stream(port) as (_, cid):
+        response = await fetch(port, path.format(cid=cid), method=method, body=b"", headers=AUTH)
+        assert handler.connection_ids() == [cid]
+    assert response.code == 405
+    assert response.headers["Allow"] == allow
+    assert _json_error(response) == "method not allowed"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/admin/connections/nosuchcid"),
+        ("DELETE", "/admin/connections/nosuchcid"),
+        ("GET", "/admin"),
+        ("GET", "/admin/"),
+        ("GET", "/admin/nothing/here"),
+        ("DELETE", "/admin/connections/a/b"),
+    ],
+)
+async def test_admin_not_found_is_json(method: str, path: str) -> None:
+    async with demo_server(TOKEN) as (port, _):
+        response = await fetch(port, path, method=method, headers=AUTH)
+        refused = await fetch(port, path, method=method)
+    assert response.code == 404
+    named = "nosuchcid" if "nosuchcid" in path else path
+    assert named in _json_error(response)
+    # Without the token, the path is not even looked up.
+    assert refused.code == 401
+    assert _json_error(refused) == "missing bearer token"
+
+
+async def test_admin_bad_request_is_json() -> None:
+    # A body Tornado cannot parse (multipart without a boundary): its 400 is JSON too.
+    async with demo_server(TOKEN) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"DELETE /admin/connections/x HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Authorization: Bearer {TOKEN}\r\nContent-Type: multipart/form-data\r\n"
+            "Content-Length: 3\r\nConnection: close\r\n\r\na=1".encode()
+        )
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert b"\r\nContent-Type: application/json" in head
+    assert json.loads(body)["error"].startswith("Invalid body")
 
 
 async def test_admin_routes_are_absent_without_a_token() -> None:

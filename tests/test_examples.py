@@ -137,7 +137,7 @@ async def test_admin_example_lists_and_stops() -> None:
         assert [e.event for e in await victim.wait_closed()] == ["close"]
         # ...and the janitor (admin code) stops the old one at its max age.
         events = await client.wait_closed(timeout=5)
-        assert [(e.event, e.data) for e in events] == [("close", "max age reached")]
+        assert [(e.event, e.data) for e in events] == [("reconnect", "max age reached")]
         assert client.parser.retry is not None and 500 <= client.parser.retry <= 2000
 
 
