@@ -19,7 +19,7 @@ from urllib.parse import quote
 import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
-from support import DemoProcess, DemoTLS, free_port
+from support import DemoProcess, DemoTLS, free_port, wait_until
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.httpserver import HTTPServer
 from tornado.httputil import HTTPHeaders
@@ -28,7 +28,10 @@ from tornado.testing import bind_unused_port
 import sse_handler
 from sse_handler.__main__ import main
 from sse_handler.admin import admin_routes
+from sse_handler.brokers import Delivery
+from sse_handler.brokers.memory import MemoryBroker
 from sse_handler.demo.app import DemoHandler, make_app
+from sse_handler.demo.page_stream import envelope
 from sse_handler.parser import EventStreamParser, MessageEvent
 
 TOKEN = "s3cret-t\u00f6ken"  # non-ASCII: sent as UTF-8, compared as bytes
@@ -39,8 +42,10 @@ AUTH = {"Authorization": "Bearer " + TOKEN}
 
 
 @contextlib.asynccontextmanager
-async def demo_server(admin_token: str | None = None) -> AsyncIterator[tuple[int, DemoHandler]]:
-    app, handler = make_app(admin_token)
+async def demo_server(
+    admin_token: str | None = None, broker: MemoryBroker | None = None
+) -> AsyncIterator[tuple[int, DemoHandler]]:
+    app, handler = make_app(admin_token, broker)
     sock, port = bind_unused_port()
     server = HTTPServer(app)
     server.add_sockets([sock])
@@ -88,11 +93,14 @@ class StreamClient:
         self.events: collections.deque[MessageEvent] = collections.deque()
 
     @classmethod
-    async def open(cls, port: int) -> StreamClient:
+    async def open(
+        cls, port: int, path: str = "/events", headers: dict[str, str] | None = None
+    ) -> StreamClient:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         writer.write(
-            f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            "Accept: text/event-stream\r\n\r\n".encode()
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Accept: text/event-stream\r\n{extra}\r\n".encode()
         )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 200 "), head
@@ -124,9 +132,11 @@ class StreamClient:
 
 
 @contextlib.asynccontextmanager
-async def stream(port: int) -> AsyncIterator[tuple[StreamClient, str]]:
+async def stream(
+    port: int, path: str = "/events", headers: dict[str, str] | None = None
+) -> AsyncIterator[tuple[StreamClient, str]]:
     """A connected client and its cid, read from the welcome event."""
-    client = await StreamClient.open(port)
+    client = await StreamClient.open(port, path, headers)
     try:
         welcome = await client.next_event()
         assert welcome.event == "welcome"
@@ -145,10 +155,11 @@ async def test_page_is_served_self_contained() -> None:
     assert response.headers["Content-Type"].startswith("text/html")
     assert "default-src 'none'" in response.headers["Content-Security-Policy"]
     page = response.body.decode("utf-8")
-    assert 'new EventSource("/events")' in page
+    assert '"/page/events?"' in page
+    assert "new EventSource(url)" in page
     assert '"/publish?' in page
     assert 'addEventListener("close"' in page
-    assert "es.close()" in page
+    assert "source.close()" in page
     assert "http:" not in page
     assert "https:" not in page
 
@@ -169,6 +180,127 @@ async def test_first_event_is_welcome_with_the_cid() -> None:
 async def test_welcome_cid_is_registered() -> None:
     async with demo_server() as (port, handler), stream(port) as (_, cid):
         assert handler.connection_ids() == [cid]
+
+
+# --- the page's stream ---------------------------------------------------------------------
+
+
+def enveloped(channel: str, event: str, event_id: str, data: str) -> MessageEvent:
+    """What /page/events sends for one channel event."""
+    body = {"channel": channel, "event": event, "id": event_id, "data": data}
+    return MessageEvent(
+        data=json.dumps(body, ensure_ascii=False, separators=(",", ":")), id=event_id
+    )
+
+
+async def test_page_stream_envelopes_any_event_while_events_keeps_the_wire() -> None:
+    data = "two\nlines, caf\u00e9"
+    async with (
+        demo_server() as (port, _),
+        stream(port) as (plain, _),
+        stream(port, "/page/events") as (page, _),
+    ):
+        status, body = await publish(port, data.encode(), "?event=greeting")
+        assert (status, body["delivered_to"]) == (200, 2)
+        event_id = body["id"]
+        assert await plain.next_event() == MessageEvent(data=data, event="greeting", id=event_id)
+        got = await page.next_event()
+        assert got == enveloped("default", "greeting", event_id, data)
+        assert json.loads(got.data)["data"] == data
+
+        status, body = await publish(port, b"no name")
+        assert await plain.next_event() == MessageEvent(data="no name", id=body["id"])
+        assert await page.next_event() == enveloped("default", "message", body["id"], "no name")
+
+
+async def test_page_stream_reads_the_channels_it_names() -> None:
+    async with (
+        demo_server() as (port, _),
+        stream(port, "/page/events?channel=a&channel=b") as (page, _),
+    ):
+        _, first = await publish(port, b"to a", "?channel=a")
+        _, unread = await publish(port, b"to c", "?channel=c&event=other")
+        _, second = await publish(port, b"to b", "?channel=b&event=news&id=b-1")
+        assert (first["delivered_to"], unread["delivered_to"]) == (1, 0)
+        assert second == {"delivered_to": 1, "id": "b-1"}
+        assert await page.next_event() == enveloped("a", "message", first["id"], "to a")
+        assert await page.next_event() == enveloped("b", "news", "b-1", "to b")
+
+
+async def test_page_stream_resumes_with_last_event_id() -> None:
+    async with demo_server() as (port, _):
+        async with stream(port, "/page/events?channel=a") as (page, _):
+            _, seen = await publish(port, b"seen", "?channel=a&event=x")
+            assert await page.next_event() == enveloped("a", "x", seen["id"], "seen")
+        missed = [(await publish(port, f"missed {i}".encode(), "?channel=a"))[1] for i in (1, 2)]
+        client = await StreamClient.open(
+            port, "/page/events?channel=a", {"Last-Event-ID": seen["id"]}
+        )
+        try:
+            got = [await client.next_event() for _ in range(len(missed) + 1)]
+        finally:
+            await client.close()
+    assert [e for e in got if e.event != "welcome"] == [
+        enveloped("a", "message", m["id"], f"missed {i}")
+        for i, m in zip((1, 2), missed, strict=True)
+    ]
+    assert [e.event for e in got].count("welcome") == 1
+
+
+@pytest.mark.parametrize("leaves", ["/events", "/page/events"])
+async def test_a_channel_stays_subscribed_while_either_stream_reads_it(leaves: str) -> None:
+    # Each stream's router unsubscribes the process when its own last reader
+    # leaves; the shared broker keeps the channel for the other stream.
+    broker = MemoryBroker()
+    seen: list[Delivery] = []
+    broker.add_listener(seen.append)
+    stays = "/page/events" if leaves == "/events" else "/events"
+    async with demo_server(broker=broker) as (port, handler):
+        async with stream(port, stays) as (client, _):
+            async with stream(port, leaves):
+                pass
+            await wait_until(lambda: handler.shared_broker.views_reading("default") == 1)
+            _, body = await publish(port, b"still read")
+            assert body["delivered_to"] == 1
+            got = await client.next_event()
+            assert got.id == body["id"]
+            assert "still read" in got.data
+        await wait_until(lambda: handler.shared_broker.views_reading("default") == 0)
+        # Nobody reads it now: the broker itself was unsubscribed.
+        before = len(seen)
+        await publish(port, b"unread")
+        assert len(seen) == before
+
+
+def test_envelope_keeps_retry_and_leaves_a_frame_without_data() -> None:
+    frame = b"id: 7\nevent: tick\nretry: 500\ndata: a\ndata: b\n\n"
+    [got] = EventStreamParser().feed(envelope(Delivery("c", "7", 7, frame)).frame)
+    assert got == MessageEvent(
+        data='{"channel":"c","event":"tick","id":"7","data":"a\\nb"}', id="7", retry=500
+    )
+    bare = Delivery("c", "8", 8, b"id: 8\n: a comment\n\n")
+    assert envelope(bare) is bare
+
+
+async def test_admin_lists_and_stops_page_stream_connections() -> None:
+    async with (
+        demo_server(TOKEN) as (port, handler),
+        stream(port) as (_, plain_cid),
+        stream(port, "/page/events?channel=a") as (page, page_cid),
+    ):
+        listing = json.loads((await fetch(port, "/admin/connections", headers=AUTH)).body)
+        assert {(c["cid"], c["path"]) for c in listing} == {
+            (plain_cid, "/events"),
+            (page_cid, "/page/events"),
+        }
+        one = await fetch(port, f"/admin/connections/{page_cid}", headers=AUTH)
+        assert json.loads(one.body)["channels"] == ["a"]
+        stop = await fetch(port, f"/admin/connections/{page_cid}", method="DELETE", headers=AUTH)
+        assert stop.code == 204
+        # The connection's own events keep their names on the page's stream.
+        assert await page.next_event() == MessageEvent(data="", event="close")
+        assert await page.rest_until_eof() == []
+        assert handler.connection_ids() == [plain_cid]
 
 
 # --- publish -------------------------------------------------------------------------------
@@ -496,7 +628,7 @@ async def test_cli_demo_over_https_serves_the_page_publish_and_admin(tls: DemoTL
         returncode = await demo.stop()
     assert page.code == 200
     assert page.headers["Content-Type"].startswith("text/html")
-    assert b'new EventSource("/events")' in page.body
+    assert b'"/page/events?"' in page.body
     assert (status, published["delivered_to"]) == (200, 0)
     assert published["id"].isascii()
     assert listing.code == 200

@@ -3,12 +3,18 @@
 Routes:
 
 ``GET /``
-    ``page.html``: an ``EventSource`` on ``/events`` that lists what arrives,
-    and a form that publishes.
+    ``page.html``: an ``EventSource`` on ``/page/events`` that lists every
+    event of the channels the visitor picks (name, id, channel, data), and a
+    form that publishes.
 ``GET /events[?channel=NAME...]``
     The stream. Each connection first gets ``event: welcome`` with
     ``{"connection_id": "<cid>"}``, then every event published to its
     channels (default ``default``); ``Last-Event-ID`` resumes.
+``GET /page/events[?channel=NAME...]``
+    The page's stream: the same, but each channel event comes as an unnamed
+    ``message`` whose data is a JSON envelope with its channel, name, id and
+    data, so that the page sees events of any name (see
+    :mod:`sse_handler.demo.page_stream`).
 ``POST /publish[?channel=NAME][&event=NAME][&id=ID]``
     The body (UTF-8 text) is the data of one event published to the channel
     (default ``default``); answers ``{"delivered_to": N, "id": "<id>"}``, N
@@ -20,7 +26,8 @@ Routes:
 ``GET /metrics``
     Prometheus metrics of ``/events``, when ``sse_handler[metrics]`` is installed.
 ``/admin/connections[/<cid>]``
-    :mod:`sse_handler.admin`, mounted only when an admin token is given.
+    :mod:`sse_handler.admin`, mounted only when an admin token is given; it
+    lists and stops the connections of both streams.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import signal
 import socket
 import ssl
 from functools import cache
-from typing import Any
+from typing import Any, Unpack
 
 import tornado.web
 from tornado.log import access_log
@@ -41,12 +48,23 @@ from tornado.netutil import bind_sockets
 
 from ..admin import admin_routes
 from ..brokers import Broker, BrokerUnavailableError
+from ..brokers.memory import MemoryBroker
 from ..connection import ServerSentEventConnection
+from ..errors import UnknownConnectionError
 from ..event import ServerSentEvent
-from ..handler import ServerSentEventHandler
+from ..handler import HandlerSettings, ServerSentEventHandler
 from ..server import make_server
+from .page_stream import SharedBroker, envelope
 
-__all__ = ["MAX_PUBLISH_BYTES", "DemoConnection", "DemoHandler", "make_app", "serve"]
+__all__ = [
+    "MAX_PUBLISH_BYTES",
+    "DemoConnection",
+    "DemoConnections",
+    "DemoHandler",
+    "PageStreamHandler",
+    "make_app",
+    "serve",
+]
 
 log = logging.getLogger("sse_handler.demo")
 
@@ -61,10 +79,51 @@ class DemoConnection(ServerSentEventConnection):
         self.send(event="welcome", data={"connection_id": self.cid})
 
 
-class DemoHandler(ServerSentEventHandler):
-    """The demo's endpoint: a plain handler whose connections say welcome."""
+class PageStreamHandler(ServerSentEventHandler):
+    """``/page/events``: connections that say welcome, over an enveloping broker view."""
 
     connection_class = DemoConnection
+
+
+class DemoHandler(ServerSentEventHandler):
+    """The demo's endpoint ``/events``: a plain handler whose connections say welcome.
+
+    Its :attr:`page_stream` serves the page's stream over the same broker
+    (``broker``, default a :class:`~sse_handler.brokers.memory.MemoryBroker`);
+    :meth:`shutdown` closes both.
+    """
+
+    connection_class = DemoConnection
+
+    def __init__(self, **settings: Unpack[HandlerSettings]) -> None:
+        shared = SharedBroker(settings.get("broker") or MemoryBroker())
+        settings["broker"] = shared.view()
+        super().__init__(**settings)
+        #: The broker under both streams.
+        self.shared_broker = shared
+        #: ``/page/events``: the same channels and ids, every channel event in an envelope.
+        self.page_stream = PageStreamHandler(broker=shared.view(envelope))
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        await asyncio.gather(super().shutdown(grace), self.page_stream.shutdown(grace))
+
+
+class DemoConnections:
+    """The connections of both streams, for the admin API (an ``AdminTarget``)."""
+
+    def __init__(self, *handlers: ServerSentEventHandler) -> None:
+        self.handlers = handlers
+
+    def connections(self) -> list[ServerSentEventConnection]:
+        return [conn for handler in self.handlers for conn in handler.connections()]
+
+    def get_connection(self, cid: str) -> ServerSentEventConnection:
+        for handler in self.handlers:
+            try:
+                return handler.get_connection(cid)
+            except UnknownConnectionError:
+                continue
+        raise UnknownConnectionError(cid)
 
 
 @cache
@@ -88,7 +147,7 @@ class PageHandler(tornado.web.RequestHandler):
 class PublishHandler(tornado.web.RequestHandler):
     """``POST /publish``: the body becomes one event for every connection."""
 
-    def initialize(self, sse_handler: ServerSentEventHandler) -> None:
+    def initialize(self, sse_handler: DemoHandler) -> None:
         self.sse_handler = sse_handler
 
     async def post(self) -> None:
@@ -113,8 +172,9 @@ class PublishHandler(tornado.web.RequestHandler):
         except BrokerUnavailableError as exc:
             self._answer(503, {"error": str(exc)})
             return
-        # With Redis the other processes deliver too; this counts this one's.
-        delivered = handler.router.count(channel)
+        # With Redis the other processes deliver too; this counts this
+        # process's readers of the channel, on /events and on the page's stream.
+        delivered = handler.router.count(channel) + handler.page_stream.router.count(channel)
         self._answer(200, {"delivered_to": delivered, "id": event_id})
 
     def _query_field(self, name: str) -> str | None:
@@ -145,10 +205,11 @@ def make_app(
     routes: list[Any] = [
         (r"/", PageHandler),
         handler.route(r"/events"),
+        handler.page_stream.route(r"/page/events"),
         (r"/publish", PublishHandler, {"sse_handler": handler}),
     ]
     if admin_token is not None:
-        routes += admin_routes(handler, admin_token)
+        routes += admin_routes(DemoConnections(handler, handler.page_stream), admin_token)
     routes += _metrics_routes(handler)
     return tornado.web.Application(routes, log_function=_log_request), handler
 

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import pytest
 from playwright.async_api import BrowserContext, Page, Request, async_playwright, expect
@@ -97,9 +97,12 @@ async def http(
     return response.code, json.loads(response.body) if response.body else None
 
 
-async def publish(demo: DemoProcess, data: str, event: str | None = None) -> str:
-    """POST /publish; the id the broker gave the event."""
-    query = urlencode({"event": event} if event else {})
+async def publish(
+    demo: DemoProcess, data: str, event: str | None = None, channel: str | None = None
+) -> str:
+    """POST /publish, as the README's curl does; the id the broker gave the event."""
+    fields = {"event": event, "channel": channel}
+    query = urlencode({name: value for name, value in fields.items() if value})
     status, body = await http(f"{demo.url}/publish?{query}", "POST", data.encode())
     assert status == 200, body
     event_id: str = body["id"]
@@ -124,7 +127,8 @@ async def wait_for_admin_cids(demo: DemoProcess, expected: list[str], timeout: f
 
 
 async def sse_log(page: Page) -> list[dict[str, Any]]:
-    """What the page's EventSource handed to it: open, error and every event it listens for."""
+    """What the page's EventSource handed to it: open, error, the connection's own
+    events, and every channel event (unwrapped: its name as ``type``, and ``channel``)."""
     entries: list[dict[str, Any]] = await page.evaluate("window.sseLog")
     return entries
 
@@ -152,9 +156,11 @@ async def open_page(page: Page, demo: DemoProcess) -> str:
 
 
 def event_stream_requests(page: Page) -> list[Request]:
-    """Every request the page makes for ``/events``, as it makes them."""
+    """Every request the page makes for its stream (``/page/events``), as it makes them."""
     seen: list[Request] = []
-    page.on("request", lambda r: seen.append(r) if r.url.endswith("/events") else None)
+    page.on(
+        "request", lambda r: seen.append(r) if urlsplit(r.url).path == "/page/events" else None
+    )
     return seen
 
 
@@ -172,18 +178,36 @@ def one_redis() -> Iterator[RedisServer]:
 # --- the tests --------------------------------------------------------------------------------
 
 
-async def test_page_shows_welcome_published_and_named_events(tmp_path: Path) -> None:
+def row(entry: dict[str, Any]) -> list[str]:
+    """The table row the page shows for one log entry."""
+    return [entry["type"], entry["id"], entry["channel"] or "", entry["data"]]
+
+
+async def wait_for_event(page: Page, event_id: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The log entry of the channel event with this id, once the page has it."""
+    await page.wait_for_function(
+        "id => window.sseLog.some(e => e.channel !== null && e.id === id)",
+        arg=event_id,
+        timeout=timeout * 1000,
+    )
+    [entry] = [e for e in await sse_log(page) if e["channel"] is not None and e["id"] == event_id]
+    return entry
+
+
+async def test_page_shows_every_event_of_its_channels(tmp_path: Path) -> None:
     demo = DemoProcess("--admin-token", TOKEN)
     async with stopped_after(demo), chromium(tmp_path / "profile") as browser:
         await demo.start()
         page = await browser.new_page()
+        requests = event_stream_requests(page)
         cid = await open_page(page, demo)
         assert await admin_cids(demo) == [cid]
         assert await sse_log(page) == [
-            {"type": "open", "id": None, "data": None, "readyState": 1},
+            {"type": "open", "id": None, "channel": None, "data": None, "readyState": 1},
             {
                 "type": "welcome",
                 "id": "",
+                "channel": None,
                 "data": json.dumps({"connection_id": cid}, separators=(",", ":")),
                 "readyState": 1,
             },
@@ -194,25 +218,55 @@ async def test_page_shows_welcome_published_and_named_events(tmp_path: Path) -> 
         await wait_for_messages(page, len(sent))
         assert messages(await sse_log(page)) == list(zip(ids, sent, strict=True))
         newest = page.locator("#events tr").first.locator("td")
-        await expect(newest).to_have_text(["message", ids[-1], sent[-1]])
+        await expect(newest).to_have_text(["message", ids[-1], "default", sent[-1]])
 
-        # A named event reaches only listeners of its name: none for "unheard" yet;
-        # publishing "greeting" from the page's form makes the page listen for it.
-        await publish(demo, "nobody listens", event="unheard")
-        await page.fill("input[name=data]", "from the form")
-        await page.fill("input[name=event]", "greeting")
-        await page.click("button[type=submit]")
-        await expect(page.locator("#result")).to_have_text("delivered to 1 connection(s)")
-        greeting_id = await publish(demo, "from the test", event="greeting")
-        await page.wait_for_function(
-            "() => window.sseLog.filter(e => e.type === 'greeting').length === 2"
+        # A name the page has never heard of, published from outside as the README does.
+        greeting_id = await publish(demo, "hello", event="greeting")
+        greeting = await wait_for_event(page, greeting_id)
+        assert row(greeting) == ["greeting", greeting_id, "default", "hello"]
+        await expect(newest).to_have_text(row(greeting))
+
+        # The visitor picks channels: the page reopens its stream on them.
+        await page.fill("input[name=channels]", "default, news")
+        await page.click("#channels button[type=submit]")
+        await expect(page.locator("#stream")).to_have_text(
+            "/page/events?channel=default&channel=news"
         )
+        await expect(page.locator("#state")).to_have_text("open")
+        await page.wait_for_function(
+            "old => ![old, '\\u2013'].includes(document.getElementById('cid').textContent)",
+            arg=cid,
+        )
+        new_cid = await page.locator("#cid").text_content()
+        assert new_cid
+        await wait_for_admin_cids(demo, [new_cid], timeout=5)
+        assert [urlsplit(r.url).query for r in requests] == [
+            "channel=default",
+            "channel=default&channel=news",
+        ]
+
+        unread_id = await publish(demo, "not watched", event="other", channel="sports")
+        news_id = await publish(demo, "extra!", event="breaking", channel="news")
+        news = await wait_for_event(page, news_id)
+        assert row(news) == ["breaking", news_id, "news", "extra!"]
+        await expect(newest).to_have_text(row(news))
+
+        # The page's own form publishes, to a channel and with a name.
+        await page.fill("input[name=data]", "from the form")
+        await page.fill("input[name=event]", "note")
+        await page.fill("input[name=id]", "form-1")
+        await page.fill("input[name=channel]", "news")
+        await page.click("#publish button[type=submit]")
+        await expect(page.locator("#result")).to_have_text("delivered to 1 connection(s)")
+        form = await wait_for_event(page, "form-1")
+        assert row(form) == ["note", "form-1", "news", "from the form"]
+
         log = await sse_log(page)
-        greetings = [(e["id"], e["data"]) for e in log if e["type"] == "greeting"]
-        assert [data for _, data in greetings] == ["from the form", "from the test"]
-        assert greetings[1][0] == greeting_id
-        assert "unheard" not in {e["type"] for e in log}
-        assert await page.locator("#events tr").count() == 1 + len(sent) + 2
+        assert unread_id not in {e["id"] for e in log}
+        channel_events = [e for e in log if e["channel"] is not None]
+        assert [e["id"] for e in channel_events] == [*ids, greeting_id, news_id, "form-1"]
+        shown = [e for e in log if e["type"] not in ("open", "error")]
+        assert await page.locator("#events tr").count() == len(shown)
 
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         await page.screenshot(path=SCREENSHOT, full_page=True)
@@ -232,7 +286,7 @@ async def test_page_over_https_shows_a_published_event(tmp_path: Path) -> None:
         requests = event_stream_requests(page)
         cid = await open_page(page, demo)
         assert await page.evaluate("location.protocol") == "https:"
-        assert [r.url for r in requests] == [f"{demo.url}/events"]
+        assert [r.url for r in requests] == [f"{demo.url}/page/events?channel=default"]
         log = await sse_log(page)
         assert [e["type"] for e in log] == ["open", "welcome"]
         assert json.loads(log[1]["data"]) == {"connection_id": cid}
@@ -242,7 +296,9 @@ async def test_page_over_https_shows_a_published_event(tmp_path: Path) -> None:
         await wait_for_messages(page, 1)
         assert messages(await sse_log(page)) == [(published["id"], "over HTTPS \u2713")]
         newest = page.locator("#events tr").first.locator("td")
-        await expect(newest).to_have_text(["message", published["id"], "over HTTPS \u2713"])
+        await expect(newest).to_have_text(
+            ["message", published["id"], "default", "over HTTPS \u2713"]
+        )
         await expect(page.locator("#state")).to_have_text("open")
 
 
