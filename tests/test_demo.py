@@ -272,6 +272,19 @@ async def test_a_channel_stays_subscribed_while_either_stream_reads_it(leaves: s
         assert len(seen) == before
 
 
+async def test_page_stream_keeps_the_names_of_the_connections_own_events() -> None:
+    async with demo_server() as (port, handler):
+        reset = await StreamClient.open(port, "/page/events", {"Last-Event-ID": "nosuchid"})
+        try:
+            got = {(await reset.next_event()).event for _ in range(2)}
+        finally:
+            await reset.close()
+        assert got == {"welcome", "reset"}
+        async with stream(port, "/page/events") as (client, _):
+            await handler.shutdown(grace=1)
+            assert [e.event for e in await client.rest_until_eof()] == ["shutdown"]
+
+
 def test_envelope_keeps_retry_and_leaves_a_frame_without_data() -> None:
     frame = b"id: 7\nevent: tick\nretry: 500\ndata: a\ndata: b\n\n"
     [got] = EventStreamParser().feed(envelope(Delivery("c", "7", 7, frame)).frame)
