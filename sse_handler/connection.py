@@ -288,20 +288,35 @@ class ServerSentEventConnection:
         return None
 
     async def poll_data(self) -> Sendable | None:
-        """The source of the stream: wait for and return the next item to write.
+        """The connection's own source: wait for and return the next item to write.
 
-        The default returns the next frame from the queue that ``send()`` fills
-        (the I/O task drains that queue itself). Override it to pull from
-        elsewhere; return an event or an encoded frame, or ``None`` to end the
-        stream (the connection closes with ``source_done``).
+        Called only when overridden: once the connection is registered, a
+        source task awaits it in a loop, sends each item through the path of
+        ``send()`` (size-checked, counted), and awaits ``flush()`` whenever the
+        socket falls behind, so the source is paced by its reader. Return an
+        event or an encoded frame, or ``None`` to end the stream (the
+        connection closes with ``source_done``). ``send()`` keeps working
+        beside it.
+
+        Not overridden, it is never called: a frame from ``send()`` goes to the
+        socket at once or, when the socket is behind, into the queue that the
+        I/O task drains itself. This default would take the next frame off that
+        queue, from under the I/O task: an override must not call it.
         """
         return await self.writer.next_frame()
 
     def poll_data_immediate(self) -> list[Sendable]:
-        """What is ready now, without waiting; appended to the current write.
+        """What is ready now, without waiting: items appended to the current write.
 
-        The default takes every frame left in the queue, so a burst that piled
-        up behind a slow socket leaves in one ``send``.
+        Called only when overridden: with an overridden :meth:`poll_data`, by
+        the source task after each item it returns; without one, by the I/O
+        task once for each batch it writes (its items go after the batch's
+        queued frames), which happens only when frames had to wait for the
+        socket -- a frame the socket takes at once is written without a batch.
+        Either way a burst leaves in one ``send``.
+
+        Not overridden, it is never called: the I/O task takes every queued
+        frame itself. This default would take them (and return them) instead.
         """
         return list(self.writer.ready_frames())
 

@@ -488,7 +488,8 @@ class ServerSentEventHandler:
     async def _register(
         self, conn: ServerSentEventConnection, channels: list[str], head: bytes
     ) -> None:
-        """Channels, head, registry, replay, hooks, then live (DESIGN: lifecycle).
+        """Channels, head, registry, replay, hooks, then live (docs/architecture.md,
+        "Lifecycle of one connection").
 
         The channels are subscribed before the head is written, so a client that
         sees its stream open is already receiving its channels; their events

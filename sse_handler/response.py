@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 
 __all__ = ["STREAM_HEADERS", "Answer", "accept_stream", "answer_head", "answer_preflight"]
 
-#: The fixed part of every stream's response head (DESIGN: lifecycle).
+#: The fixed part of every stream's response head; why each header is there:
+#: docs/architecture.md, "The response head and the body framing", and docs/proxies.md.
 STREAM_HEADERS = (
     ("Content-Type", "text/event-stream; charset=utf-8"),
     ("Cache-Control", "no-cache"),

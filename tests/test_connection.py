@@ -364,6 +364,33 @@ async def test_poll_data_override_feeds_the_stream(tls: bool) -> None:
         await wait_until(lambda: len(handler) == 0)
 
 
+async def test_poll_data_immediate_alone_joins_each_batch_of_the_io_task(tls: bool) -> None:
+    # Not called for a frame the socket takes at once; called by the I/O task
+    # once for each batch it writes, its items after the batch's frames.
+    class Extra(ServerSentEventConnection):
+        calls = 0
+
+        def poll_data_immediate(self) -> list[Sendable]:
+            self.calls += 1
+            return [ServerSentEvent(data=f"extra {self.calls}", event="extra")]
+
+    handler = ServerSentEventHandler(kernel_buffer=4096, connection_class=Extra)
+    async with serve([handler.route("/events")], handler, tls=tls) as server:
+        sock, conn = await stalled(server, handler)
+        conn.send(data="fast")
+        assert conn.calls == 0
+        fill_kernel_buffers(conn)
+        conn.stop()
+        events = await read_all_async(sock)
+        sock.close()
+    assert events[0].data == "fast"
+    extras = [e.data for e in events if e.event == "extra"]
+    assert conn.calls >= 1
+    assert extras == [f"extra {n}" for n in range(1, conn.calls + 1)]
+    assert events[-1].event == "extra"
+    assert conn.events_sent == len(events)
+
+
 async def test_poll_data_override_still_takes_send(tls: bool) -> None:
     gate: asyncio.Queue[str] = asyncio.Queue()
 

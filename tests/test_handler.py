@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from typing import Any, ClassVar
 
@@ -405,3 +406,14 @@ async def test_failing_connection_factory_answers_500_and_keeps_others() -> None
         assert (await good.next_event()).data == "ok"
         good.close()
         bad.close()
+
+
+def test_cid_is_a_random_prefix_per_handler_then_a_counter() -> None:
+    # docs/seed-apis.md: 9 or more URL-safe ASCII characters, unique within the handler.
+    handler = ServerSentEventHandler()
+    cids = [handler.new_cid() for _ in range(63)]
+    assert len(set(cids)) == len(cids)
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{9,}", cid) for cid in cids)
+    assert {cid[:8] for cid in cids} == {cids[0][:8]}
+    assert (len(cids[0]), len(cids[-1])) == (9, 10)  # the counter is base 62
+    assert ServerSentEventHandler().new_cid()[:8] != cids[0][:8]

@@ -294,3 +294,20 @@ async def test_channels_whose_history_expired_are_swept() -> None:
 def test_max_channels_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_channels"):
         MemoryBroker(max_channels=0)
+
+
+async def test_published_frame_is_the_id_line_then_the_event() -> None:
+    # docs/wire-format.md: a broker-assigned id goes first, before the event's
+    # own fields (comment included); a caller's id stays where encode() puts it.
+    broker = MemoryBroker()
+    got: list[bytes] = []
+    broker.add_listener(lambda delivery: got.append(delivery.frame))
+    await broker.subscribe("c")
+    event = ServerSentEvent(data="d", event="e", comment="c")
+    assigned = await broker.publish("c", event)
+    await broker.publish("c", ServerSentEvent(data="d", event="e", id="mine", comment="c"))
+    assert got == [
+        b"id: " + assigned.encode() + b"\n: c\nevent: e\ndata: d\n\n",
+        b": c\nevent: e\nid: mine\ndata: d\n\n",
+    ]
+    await broker.close()
