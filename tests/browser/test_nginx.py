@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import os
 import pwd
 import re
@@ -295,6 +296,11 @@ async def test_page_keeps_reconnecting_through_an_outage(tmp_path: Path) -> None
                 (before, "before"),
                 (after, "after"),
             ]
+            # The fallback left the last event id alone: the browser resumed from
+            # `before`, which the restarted process's MemoryBroker cannot know.
+            back = [e for e in log if e["type"] in ("welcome", "reset")][1:]
+            assert [(e["type"], e["id"]) for e in back] == [("reset", before), ("welcome", before)]
+            assert json.loads(back[0]["data"])["reason"] == "unknown_id"
             assert await page.evaluate("window.probe.readyState") == 1  # OPEN
 
 
