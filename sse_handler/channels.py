@@ -20,6 +20,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from .brokers import Broker, Delivery, Replay
+from .lifecycle import CloseReason
 from .tasks import spawn
 from .writer import framed
 
@@ -38,6 +39,11 @@ class ChannelRouter:
         self._held: dict[ServerSentEventConnection, list[Delivery]] = {}
         self._cursors: dict[ServerSentEventConnection, Any] = {}
         broker.add_listener(self.deliver)
+        # Optional in the Broker protocol: a broker that can lose live events
+        # (Redis Pub/Sub while its connection is away) says which channel.
+        add_gap_listener = getattr(broker, "add_gap_listener", None)
+        if add_gap_listener is not None:
+            add_gap_listener(self.gap)
 
     def subscribers(self, channel: str) -> list[ServerSentEventConnection]:
         return list(self._subscribers.get(channel, ()))
@@ -68,6 +74,12 @@ class ChannelRouter:
                 continue
             else:
                 conn.writer.deliver(frames)
+
+    def gap(self, channel: str) -> None:
+        """Live events of ``channel`` were lost: its subscribers resume by
+        ``Last-Event-ID``, where the replay fills the gap or says ``reset``."""
+        for conn in tuple(self._subscribers.get(channel, ())):
+            conn.stop(None, None, reason=CloseReason.BROKER_ERROR)
 
     async def subscribe(self, conn: ServerSentEventConnection, channel: str) -> None:
         # The first local subscriber subscribes the process; the others wait

@@ -23,7 +23,7 @@ from tornado.testing import bind_unused_port
 from sse_handler import BrokerUnavailableError, ServerSentEvent, ServerSentEventHandler
 from sse_handler.brokers import Delivery
 from sse_handler.brokers.redis import RedisBroker, channel_key
-from sse_handler.testing import EventStreamClient
+from sse_handler.testing import EventStreamClient, StreamEnded
 
 
 async def test_two_handlers_share_channels_and_history(redis_server: RedisServer) -> None:
@@ -77,17 +77,25 @@ async def test_publish_fails_clearly_while_redis_is_down(redis_server: RedisServ
     async with serve([handler.route("/events")], handler) as server:
         client = await server.stream("/events?channel=c")
         await wait_until(lambda: len(handler.subscribers("c")) == 1)
-        await handler.publish("c", data="before")
+        before = await handler.publish("c", data="before")
         assert (await client.next_event()).data == "before"
         redis_server.kill()
         with pytest.raises(BrokerUnavailableError, match="unavailable"):
             await handler.publish("c", ServerSentEvent(data="while down"))
         redis_server.start()
-        # The reader reconnects by itself; publishing works again.
+        # Redis came back without its data: the reader cannot know what was
+        # published before the crash, so the client is sent to resume by
+        # Last-Event-ID, where it is told of the lost history.
+        with pytest.raises(StreamEnded):
+            await client.next_event(timeout=10)
+        resumed = await server.stream("/events?channel=c", {"Last-Event-ID": before})
+        reset = await resumed.next_event(timeout=10)
+        assert reset.event == "reset"
+        # Publishing works again and reaches the resumed client.
         await handler.publish("c", data="after")
-        assert (await client.next_event(timeout=10)).data == "after"
-        assert client.raw.count(b"while down") == 0
-        client.close()
+        assert (await resumed.next_event(timeout=10)).data == "after"
+        assert client.raw.count(b"while down") == resumed.raw.count(b"while down") == 0
+        resumed.close()
     await broker.close()
 
 
@@ -179,14 +187,25 @@ async def test_fan_out_and_redis_restart_across_processes(redis_server: RedisSer
         assert status == 503
         assert "unavailable" in body["error"]
         redis_server.start()
+        # Redis lost its data: the stream ends, the client resumes by
+        # Last-Event-ID on the other process and is told of the lost history.
+        with pytest.raises(StreamEnded):
+            await client.next_event(timeout=15)
+        resumed = await EventStreamClient.connect(
+            one.url + "/events?channel=x", {"Last-Event-ID": event.id or ""}
+        )
+        reset = await resumed.next_event(timeout=15)
+        assert (reset.event, json.loads(reset.data)) == ("reset", {"reason": "unknown_id"})
+        assert (await resumed.next_event(timeout=15)).event == "welcome"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 15
-        while (status := (await one.publish("back", channel="x"))[0]) != 200:
+        while (status := (await two.publish("back", channel="x"))[0]) != 200:
             assert loop.time() < deadline
             await asyncio.sleep(0.1)
-        assert (await client.next_event(timeout=15)).data == "back"
-        assert b"lost" not in client.raw
+        assert (await resumed.next_event(timeout=15)).data == "back"
+        assert b"lost" not in client.raw + resumed.raw
         client.close()
+        resumed.close()
     finally:
         codes = await asyncio.gather(one.stop(), two.stop())
     assert codes == [0, 0]
@@ -380,9 +399,18 @@ async def test_hostile_last_event_ids_get_an_exact_replay_or_a_reset(
             event = await client.next_event()
             reset = (event.event, json.loads(event.data))
             assert reset == ("reset", {"reason": "unknown_id"}), lei
+        # Ids older than this history: its events after them may be lost.
+        for lei in ("1-0", "00001-0", f"{int(ids[0].split('-')[0]) - 1}-0"):
+            client = await server.stream("/events?channel=c", {"Last-Event-ID": lei})
+            event = await client.next_event()
+            assert (event.event, json.loads(event.data)) == (
+                "reset",
+                {"reason": "history_exceeded"},
+            ), lei
+            clients.append(client)
         # Ids in range that the history covers get an exact replay.
         exact = []
-        for lei in ("0-0", "1-0", "00001-0", ids[0]):
+        for lei in ("0-0", "00-000", ids[0]):
             client = await server.stream("/events?channel=c", {"Last-Event-ID": lei})
             want = 3 if lei != ids[0] else 2
             assert [e.data for e in await client.events(want)] == ["0", "1", "2"][-want:], lei
@@ -449,19 +477,23 @@ async def test_a_malformed_entry_is_skipped_with_a_warning(
         await wait_until(lambda: len(handler.subscribers("m")) == 1)
         before = await handler.publish("m", data="before")
         assert (await client.next_event()).data == "before"
-        # Written by something else: no body field, and a body that is no frame.
+        # Written by something else: no body field, and a body that is no
+        # frame, into the stream and onto the Pub/Sub channel.
         key = broker.stream_key("m")
         await raw.xadd(key, {"x": "written by another program"})
         await raw.xadd(key, {"b": "data: no blank line"})
+        await raw.publish(channel_key(broker.prefix, "m", "p"), "written by another program")
+        await raw.publish(channel_key(broker.prefix, "m", "p"), "9-9\n\ndata: no blank line")
         await handler.publish("m", data="after")
         assert (await client.next_event()).data == "after"
         assert broker.reader_healthy
-        warnings = [r for r in caplog.records if r.name == "sse_handler.redis"]
-        assert any("malformed" in r.getMessage() for r in warnings)
-        assert all(r.levelno == logging.WARNING for r in warnings)
         # A replay skips them too.
         resumed = await server.stream("/events?channel=m", {"Last-Event-ID": before})
         assert (await resumed.next_event()).data == "after"
+        warnings = [r for r in caplog.records if r.name == "sse_handler.redis"]
+        assert any("malformed" in r.getMessage() for r in warnings)
+        assert all(r.levelno == logging.WARNING for r in warnings)
+        assert broker.malformed_entries == 4
         client.close()
         resumed.close()
     await raw.aclose()
@@ -550,14 +582,21 @@ async def test_publishes_succeed_once_a_restarted_redis_answers(
         raw = aioredis.Redis.from_url(redis_server.url)
         assert await raw.ping()
         await raw.aclose()
+        # Redis lost its data: the live stream is sent to resume (and would
+        # get a reset); a new client reads what is published from now on.
+        with pytest.raises(StreamEnded):
+            await client.next_event(timeout=15)
+        fresh = await server.stream("/events?channel=r")
+        await wait_until(lambda: len(handler.subscribers("r")) == 1)
         results = await asyncio.gather(
             *(handler.publish("r", data=str(i)) for i in range(60)), return_exceptions=True
         )
         failed = [r for r in results if not isinstance(r, str)]
         assert not failed, f"{len(failed)} of 60 failed, e.g. {failed[0]!r}"
-        got = [e.data for e in await client.events(60, timeout=15)]
+        got = [e.data for e in await fresh.events(60, timeout=15)]
         assert sorted(got, key=int) == [str(i) for i in range(60)]
         client.close()
+        fresh.close()
     await broker.close()
 
 
@@ -641,17 +680,27 @@ async def test_a_key_that_is_no_stream_does_not_silence_the_other_channels(
         await broker.subscribe("bad")
         await broker.publish("good", ServerSentEvent(data="one"))
         await wait_until(lambda: len(got) == 1)
-        assert any("not a stream" in r.getMessage() for r in caplog.records)
+        # Publishing to it fails clearly; a replay over it reads the others.
+        with pytest.raises(BrokerUnavailableError, match="WRONGTYPE"):
+            await broker.publish("bad", ServerSentEvent(data="refused"))
+        await broker.publish("good", ServerSentEvent(data="one and a half"))
+        assert (
+            (await broker.replay(["good", "bad"], got[0].id))
+            .deliveries[0]
+            .frame.endswith(b"data: one and a half\n\n")
+        )
+        await wait_until(lambda: len(got) == 2)
         # Once it is a stream again, it is read again.
         await raw.delete(broker.stream_key("bad"))
         await broker.publish("bad", ServerSentEvent(data="two"))
         await broker.publish("good", ServerSentEvent(data="three"))
-        await wait_until(lambda: len(got) == 2)
-        assert got[1].channel == "good"
+        await wait_until(lambda: len(got) == 4)
+        assert [d.channel for d in got[2:]] == ["bad", "good"]
         replay = await broker.replay(["good", "bad"], got[0].id)
-        assert sorted(d.frame.split(b"data: ")[1] for d in replay.deliveries) == [
-            b"three\n\n",
+        assert [d.frame.split(b"data: ")[1] for d in replay.deliveries] == [
+            b"one and a half\n\n",
             b"two\n\n",
+            b"three\n\n",
         ]
     finally:
         await raw.aclose()

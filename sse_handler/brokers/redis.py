@@ -1,32 +1,51 @@
-"""Redis Streams broker: fan-out across processes and hosts, shared history.
+"""Redis broker: fan-out across processes and hosts, shared history.
 
 Keys, under ``prefix`` (default ``sse:``)::
 
     <prefix>c:<channel>    the channel's stream: one entry per event
     <prefix>i:<channel>    a hash: ids that publishers chose -> entry ids
-    <prefix>w:<random>     one process's wake stream
+    <prefix>s:             the sequence, a hash: ``last`` (the last id given
+                           out), ``since`` (the first id of this history: its
+                           epoch), ``c:<channel>`` (the id of its newest event)
 
-``<channel>`` is the channel name with ``%``, ``:``, ``{`` and ``}``
-percent-encoded, so a key never holds a ``:`` after its kind letter: no key of
-one prefix equals a key of a longer prefix that starts with it (``sse:`` and
-``sse:tenant2:`` on one Redis never share a key, whatever the channel names),
-and a hash tag in the prefix (``sse:{app}:``) is the only one in every key.
+and one Pub/Sub channel per channel, ``<prefix>p:<channel>``. ``<channel>`` is
+the channel name with ``%``, ``:``, ``{`` and ``}`` percent-encoded, so a key
+never holds a ``:`` after its kind letter: no key of one prefix equals a key
+of a longer prefix that starts with it (``sse:`` and ``sse:tenant2:`` on one
+Redis never share a key, whatever the channel names), and a hash tag in the
+prefix (``sse:{app}:``) is the only one in every key.
 
-``publish`` is one ``XADD`` with an approximate ``MAXLEN`` (and an ``XTRIM
-MINID`` when an age bound is set); the stream entry id (``<ms>-<seq>``) is the
-event id. Each process runs one reader task that ``XREAD BLOCK``s over the
-channels it has subscribers for, starting from the last entry it saw of each,
-so when Redis goes away and comes back, nothing published meanwhile is skipped.
-A supervisor restarts the reader after any failure (with backoff), and
-entries that sse_handler did not write are skipped with a warning.
-Replay is ``XINFO STREAM`` then ``XRANGE`` after the cursor over the client's
-channels, merged by entry id; an id that a publisher chose is found through
-the channel's id hash, never by scanning the history.
+**One sequence.** ``publish`` is one Lua script: it takes the next id of the
+broker's sequence (``<ms>-<n>``: Redis's clock, never below the last id given
+out), appends the entry to the channel's stream with that id (and the id of
+the channel's previous event), and ``PUBLISH``es it. Ids are therefore unique
+and ordered across all channels, and a client's single ``Last-Event-ID`` is
+one exact cursor over all of its channels.
 
-Works with Redis 6.2+ and Valkey. Entry ids of different streams are
-comparable because one Redis server assigns them from one clock; on Redis
-Cluster keep a client's channels on one shard with a hash tag in the prefix
-(e.g. ``prefix="sse:{app}:"``).
+**Live delivery** is Redis Pub/Sub: subscribing a channel is one
+``SUBSCRIBE`` (and one ``HGET``), whatever else the process reads, and each
+process receives the events of its channels in the order the scripts ran.
+When the Pub/Sub connection fails, the reader reconnects, subscribes again,
+and reads what it missed from the streams in one ``MULTI`` (an atomic
+snapshot), in id order, before it goes on: nothing is skipped, nothing
+delivered twice. Where the history no longer covers the gap, the local
+subscribers of the channel are told (:meth:`RedisBroker.add_gap_listener`)
+and resume by ``Last-Event-ID``, which gets them a ``reset``.
+
+**Replay** reads the streams after the cursor; the ``p`` field of the first
+entry after it says whether something between was trimmed or evicted, the
+``since`` field whether the cursor belongs to this history at all (Redis
+restarted without its data, or the sequence key was evicted): either way the
+client gets ``reset``, never a silent gap.
+
+**Redis Cluster.** Every key of one sequence must sit in one slot: put a hash
+tag in the prefix (``prefix="sse:{app}:"``, one shard holds all channels), or
+give ``shard_by`` (a channel -> group name function): each group gets its own
+sequence, hash tag and shard. Ids are exact and ordered among the channels of
+one group; across groups they are ordered by the shards' clocks only (see
+docs/channels.md).
+
+Works with Redis 6.2+ and Valkey.
 """
 
 from __future__ import annotations
@@ -34,10 +53,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import secrets
 import time
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -97,6 +114,10 @@ def _after(position: Position) -> Position | None:
     if ms < _MAX_PART:
         return (ms + 1, 0)
     return None
+
+
+def _entry_id(position: Position) -> str:
+    return f"{position[0]}-{position[1]}"
 
 
 def _redacted(url: str) -> str:
@@ -174,40 +195,83 @@ class _Pool(aioredis.BlockingConnectionPool):
         return connection
 
 
-@dataclass(frozen=True, slots=True)
-class _Stream:
-    """What replay needs of ``XINFO STREAM``."""
+#: The publish script. KEYS: the sequence hash, the channel's stream, the
+#: channel's id hash. ARGV: channel, body, history
+#: size, the publisher's id ("" for none), history age in ms ("0" for none),
+#: the Pub/Sub channel.
+_PUBLISH = """
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = 0
+local last = redis.call('HGET', KEYS[1], 'last')
+if last then
+  local lms, ln = string.match(last, '^(%d+)-(%d+)$')
+  if lms and tonumber(lms) >= ms then
+    ms = tonumber(lms)
+    n = tonumber(ln) + 1
+  end
+end
+local id = string.format('%.0f-%.0f', ms, n)
+local prev = redis.call('HGET', KEYS[1], 'c:' .. ARGV[1]) or '0-0'
+local fields = {'b', ARGV[2], 'p', prev}
+if ARGV[4] ~= '' then
+  fields[5] = 'i'
+  fields[6] = ARGV[4]
+end
+local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id, unpack(fields))
+if type(added) == 'table' and added.err then
+  -- The stream holds a newer id than the sequence (its key was evicted or
+  -- written by someone else): continue after the stream's newest entry.
+  local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  if not top[1] then return redis.error_reply(added.err) end
+  local tms, tn = string.match(top[1][1], '^(%d+)-(%d+)$')
+  id = string.format('%.0f-%.0f', tonumber(tms), tonumber(tn) + 1)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id, unpack(fields))
+end
+redis.call('HSET', KEYS[1], 'last', id, 'c:' .. ARGV[1], id)
+redis.call('HSETNX', KEYS[1], 'since', id)
+if ARGV[5] ~= '0' then
+  redis.call('XTRIM', KEYS[2], 'MINID', '~', string.format('%.0f', ms - tonumber(ARGV[5])))
+end
+local indexed = 0
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[3], ARGV[4], id)
+  indexed = redis.call('HLEN', KEYS[3])
+end
+redis.call('PUBLISH', ARGV[6], id .. '\\n' .. ARGV[4] .. '\\n' .. ARGV[2])
+return {id, indexed}
+"""
 
-    last: Position
-    first: Position | None
-    trimmed: bool
+GapListener = Callable[[str], None]
 
 
 class RedisBroker:
-    """Channels on Redis Streams.
+    """Channels on Redis: Pub/Sub for live events, Streams for history.
 
     ``url`` as redis-py takes it (``redis://host:6379/0``). ``history_size``
     entries per channel (approximate trimming, so a few more may stay) and
     ``history_age`` seconds (0 = no age bound) are kept for replay.
-    ``block`` is the longest an ``XREAD`` waits before it is re-issued;
-    ``timeout`` bounds every other command (and the reader's wait beyond
-    ``block``), so that a Redis that hangs (paused, partitioned) makes
-    ``publish`` fail with :class:`BrokerUnavailableError` instead of waiting.
+    ``block`` is the longest the reader waits for a message before it checks
+    its connection; ``timeout`` bounds every command, so that a Redis that
+    hangs (paused, partitioned) makes ``publish`` fail with
+    :class:`BrokerUnavailableError` instead of waiting.
 
     Connections: publishes use a pool of at most ``max_connections``, and
-    reads (subscribe, replay) another one of the same size; the reader has one
-    of its own. A command that finds its pool busy waits for a connection, up
-    to ``pool_timeout`` seconds (default: ``timeout``), then fails with
-    :class:`BrokerUnavailableError` (``published=False``). Reads are retried
-    ``retries`` times with backoff on a connection error or a timeout; an
-    ``XADD`` only when it certainly did not reach Redis (connecting failed),
-    so an event is never stored twice. Connections that Redis closed (a
-    restart) are replaced before a command is sent on them; a read connection
-    idle for ``health_check_interval`` seconds is checked with a ``PING``.
+    reads (subscribe, replay) another one of the same size; the Pub/Sub
+    reader has one of its own. A command that finds its pool busy waits for a
+    connection, up to ``pool_timeout`` seconds (default: ``timeout``), then
+    fails with :class:`BrokerUnavailableError` (``published=False``). Reads
+    are retried ``retries`` times with backoff on a connection error or a
+    timeout; a publish only when it certainly did not reach Redis (connecting
+    failed), so an event is never stored twice. Connections that Redis closed
+    (a restart) are replaced before a command is sent on them; a read
+    connection idle for ``health_check_interval`` seconds is checked with a
+    ``PING``.
 
-    ``reader_healthy``, ``reader_error``, ``reader_restarts`` and
-    ``malformed_entries`` tell how the reader is doing (see
-    ``docs/channels.md``).
+    ``shard_by`` (for Redis Cluster) maps a channel to its group: each group
+    has its own sequence and hash tag. ``reader_healthy``, ``reader_error``,
+    ``reader_restarts`` and ``malformed_entries`` tell how the reader is doing
+    (see ``docs/channels.md``).
     """
 
     def __init__(
@@ -224,9 +288,14 @@ class RedisBroker:
         pool_timeout: float | None = None,
         retries: int = 2,
         health_check_interval: float = 5.0,
+        shard_by: Callable[[str], str] | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if shard_by is not None and ("{" in prefix or "}" in prefix):
+            raise ValueError(
+                "shard_by gives each group its own hash tag: the prefix must not hold one"
+            )
         self.url = url
         self._where = _redacted(url)
         self.prefix = prefix
@@ -238,6 +307,7 @@ class RedisBroker:
         self.max_connections = max_connections
         self.pool_timeout = timeout if pool_timeout is None else pool_timeout
         self.retries = retries
+        self.shard_by = shard_by
         # RESP2, for the same replies from every redis-py version (>= 8
         # speaks RESP3 by default).
         common: dict[str, Any] = {
@@ -254,35 +324,44 @@ class RedisBroker:
             **common,
         )
         self._redis: Any = aioredis.Redis.from_pool(read_pool)
-        # No automatic retry for XADD: a command that failed after it was
+        # No automatic retry for a publish: a command that failed after it was
         # sent may have run, and running it again would store the event twice.
         publish_pool = _Pool.from_url(
             url, max_connections=max_connections, timeout=self.pool_timeout, **common
         )
         self._publish_redis: Any = aioredis.Redis.from_pool(publish_pool)
-        # The blocking reader gets its own connection: a pooled connection
-        # parked in XREAD BLOCK would stall the commands behind it.
+        self._script: Any = self._publish_redis.register_script(_PUBLISH)
+        # The Pub/Sub reader gets a connection of its own.
         self._reader_redis: Any = aioredis.Redis.from_url(
             url,
             socket_timeout=block + timeout,
             socket_connect_timeout=timeout,
-            single_connection_client=True,
             protocol=2,
         )
+        self._pubsub: Any = None
         self._listeners: list[Listener] = []
-        #: Last entry id seen per subscribed channel.
-        self._cursors: dict[str, str] = {}
-        #: Stream key (as Redis returns it) -> channel, for the reader.
+        self._gap_listeners: list[GapListener] = []
+        #: Subscribed channel -> its Pub/Sub channel, and back.
+        self._topics: dict[str, bytes] = {}
         self._channels: dict[bytes, str] = {}
-        #: Subscribed channels whose key holds something other than a stream.
-        self._wrong_type: set[str] = set()
-        self._wrong_type_checked = 0.0
-        #: When a malformed entry of a stream was last logged.
-        self._warned: dict[bytes, float] = {}
-        # A stream of our own in every XREAD, so that subscribe() can wake a
-        # reader parked in BLOCK with the new channel set.
-        self._wake_key = f"{prefix}w:{secrets.token_hex(8)}"
-        self._wake_bytes = self._wake_key.encode()
+        #: The sequence's last id when each channel was subscribed: a catch-up
+        #: never reads further back than that.
+        self._floors: dict[str, Position] = {}
+        #: Group of each subscribed channel ("" without shard_by).
+        self._groups: dict[str, str] = {}
+        #: The newest position delivered, per group: Pub/Sub delivers in the
+        #: sequence's order, so everything up to it has been seen.
+        self._seen: dict[str, Position] = {}
+        #: Subscriptions not confirmed yet, and what waits for them.
+        self._acks: dict[bytes, asyncio.Future[None]] = {}
+        #: While catching up after a reconnect: topics still to be confirmed
+        #: and the messages that arrived meanwhile.
+        self._resyncing = False
+        self._unconfirmed: set[bytes] = set()
+        self._held: list[tuple[str, bytes]] = []
+        self._wake = asyncio.Event()
+        #: When a malformed entry of a channel was last logged.
+        self._warned: dict[str, float] = {}
         self._reader: asyncio.Future[Any] | None = None
         self._pruning: dict[str, asyncio.Future[Any]] = {}
         self._closed = False
@@ -290,14 +369,14 @@ class RedisBroker:
         self._error: str | None = None
         #: Times the supervisor restarted the reader after an unexpected error.
         self.reader_restarts = 0
-        #: Entries skipped because sse_handler did not write them.
+        #: Entries and messages skipped because sse_handler did not write them.
         self.malformed_entries = 0
 
     # ------------------------------------------------------------ health
 
     @property
     def reader_healthy(self) -> bool:
-        """``False`` from a failed read until the next one succeeds."""
+        """``False`` from a failed read until the reader has caught up again."""
         return self._healthy
 
     @property
@@ -311,39 +390,69 @@ class RedisBroker:
 
     # ------------------------------------------------------------ keys
 
+    def group(self, channel: str) -> str:
+        """The group of ``channel``: whose sequence orders its ids."""
+        return "" if self.shard_by is None else self.shard_by(channel)
+
+    def _base(self, group: str) -> str:
+        if self.shard_by is None:
+            return self.prefix
+        return f"{self.prefix}{{{group.translate(_ESCAPES)}}}"
+
     def stream_key(self, channel: str) -> str:
         """The Redis key of ``channel``'s stream."""
-        return channel_key(self.prefix, channel)
+        return channel_key(self._base(self.group(channel)), channel)
 
     def _index_key(self, channel: str) -> str:
-        return channel_key(self.prefix, channel, "i")
+        return channel_key(self._base(self.group(channel)), channel, "i")
+
+    def _sequence_key(self, group: str) -> str:
+        return self._base(group) + "s:"
+
+    def _topic(self, channel: str) -> bytes:
+        return channel_key(self.prefix, channel, "p").encode()
 
     # ------------------------------------------------------------ publish
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
+    def add_gap_listener(self, listener: GapListener) -> None:
+        """Call ``listener(channel)`` when live events of a subscribed channel
+        were lost and the history cannot fill the gap: its local subscribers
+        should resume by ``Last-Event-ID`` (and will get a ``reset``)."""
+        self._gap_listeners.append(listener)
+
     async def publish(self, channel: str, event: ServerSentEvent) -> str:
         body = event.encode()
-        fields: dict[str, bytes | str] = {"b": body}
-        if event.id is not None:
-            fields["i"] = event.id
-        key = self.stream_key(channel)
-        entry = await self._xadd(key, fields)
-        if self.history_age or event.id is not None:
-            # The event is stored: whatever fails now must not make the
-            # caller publish it again.
-            await self._after_publish(channel, key, event.id, entry)
+        group = self.group(channel)
+        keys = [
+            self._sequence_key(group),
+            self.stream_key(channel),
+            self._index_key(channel),
+        ]
+        args = [
+            channel,
+            body,
+            self.history_size,
+            event.id or "",
+            int(self.history_age * 1000),
+            self._topic(channel),
+        ]
+        entry, indexed = await self._run_script(keys, args)
+        crowded = event.id is not None and indexed > 2 * self.history_size + 256
+        if crowded and channel not in self._pruning:
+            self._pruning[channel] = spawn(
+                self._prune_index(channel), f"pruning the id hash of {channel!r}"
+            )
         return event.id if event.id is not None else entry
 
-    async def _xadd(self, key: str, fields: dict[str, bytes | str]) -> str:
+    async def _run_script(self, keys: list[str], args: list[Any]) -> tuple[str, int]:
         backoff = 0.05
         for attempt in range(self.retries + 1):
             try:
-                entry_id = await self._publish_redis.xadd(
-                    key, fields, maxlen=self.history_size, approximate=True
-                )
-                return _text(entry_id)
+                entry, indexed = await self._script(keys=keys, args=args)
+                return _text(entry), int(indexed)
             except (RedisError, OSError) as exc:
                 # Connecting failed: the command never left. Anything else
                 # may have reached Redis, and is not sent again.
@@ -353,34 +462,6 @@ class RedisBroker:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff)
         raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _after_publish(
-        self, channel: str, key: str, caller_id: str | None, entry: str
-    ) -> None:
-        """Trim by age and index a publisher's id; a failure here is logged."""
-        try:
-            async with self._publish_redis.pipeline(transaction=False) as pipe:
-                if self.history_age:
-                    min_ms = int((time.time() - self.history_age) * 1000)
-                    pipe.xtrim(key, minid=min_ms, approximate=True)
-                if caller_id is not None:
-                    pipe.hset(self._index_key(channel), caller_id, entry)
-                    pipe.hlen(self._index_key(channel))
-                results = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            log.warning(
-                "Event %s of channel %r is stored, but trimming or indexing it failed (%s); "
-                "a client resuming from a publisher's id may get a reset",
-                entry,
-                channel,
-                exc,
-            )
-            return
-        crowded = caller_id is not None and results[-1] > 2 * self.history_size + 256
-        if crowded and channel not in self._pruning:
-            self._pruning[channel] = spawn(
-                self._prune_index(channel), f"pruning the id hash of {channel!r}"
-            )
 
     async def _prune_index(self, channel: str) -> None:
         """Drop the ids whose entries were trimmed away from the channel's stream.
@@ -408,42 +489,60 @@ class RedisBroker:
     # ------------------------------------------------------------ subscribe
 
     async def subscribe(self, channel: str) -> None:
-        if channel in self._cursors:
+        if channel in self._topics:
             return
-        key = self.stream_key(channel)
-        # Start from the newest entry that exists now: whatever is published
-        # after this call returns is delivered, however late the reader runs.
+        group = self.group(channel)
+        topic = self._topic(channel)
+        # Events up to the sequence's last id now were published before this
+        # call: a catch-up after a reconnect need not read further back.
         try:
-            newest = await self._redis.xrevrange(key, count=1)
-        except ResponseError as exc:
-            # Not a stream (another program's key): the reader reports and
-            # skips it until it is one.
-            log.warning("Redis key %r of channel %r is not a stream (%s)", key, channel, exc)
-            newest = []
+            last = await self._redis.hget(self._sequence_key(group), "last")
         except (RedisError, OSError) as exc:
             raise _unavailable(self._where, exc) from exc
-        self._cursors[channel] = _text(newest[0][0]) if newest else "0-0"
-        self._channels[key.encode()] = channel
+        self._floors[channel] = (last and _position(_text(last))) or (0, 0)
+        self._groups[channel] = group
+        self._topics[channel] = topic
+        self._channels[topic] = channel
+        ack = self._acks[topic] = asyncio.get_running_loop().create_future()
         if self._reader is None:
             self._reader = spawn(self._supervise(), f"the Redis reader of {self._where}")
-        else:
-            await self._wake()
+        try:
+            if self._pubsub is not None and self._pubsub.connection is not None:
+                await self._pubsub.subscribe(topic)
+            self._wake.set()
+            # Confirmed once Redis sends the reader its "subscribe" reply:
+            # from then on every publish reaches this process.
+            await asyncio.wait_for(asyncio.shield(ack), self.timeout + self.block)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._forget(channel)
+            raise _unavailable(self._where, exc) from exc
+        except BaseException:
+            self._forget(channel)
+            raise
 
     async def unsubscribe(self, channel: str) -> None:
-        if self._cursors.pop(channel, None) is not None:
-            key = self.stream_key(channel).encode()
-            self._channels.pop(key, None)
-            self._warned.pop(key, None)
-            self._wrong_type.discard(channel)
+        topic = self._topics.get(channel)
+        if topic is None:
+            return
+        self._forget(channel)
+        pubsub = self._pubsub
+        if pubsub is not None and pubsub.connection is not None:
+            try:
+                await pubsub.unsubscribe(topic)
+            except (RedisError, OSError):
+                pass  # a reconnect subscribes only what is still wanted
 
-    async def _wake(self) -> None:
-        try:
-            async with self._publish_redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(self._wake_key, {"w": b""}, maxlen=1)
-                pipe.expire(self._wake_key, 60)
-                await pipe.execute()
-        except (RedisError, OSError):
-            pass  # the reader is reconnecting and will see the new channel set
+    def _forget(self, channel: str) -> None:
+        topic = self._topics.pop(channel, None)
+        if topic is not None:
+            self._channels.pop(topic, None)
+            ack = self._acks.pop(topic, None)
+            if ack is not None and not ack.done():
+                ack.cancel()
+            self._unconfirmed.discard(topic)
+        self._floors.pop(channel, None)
+        self._groups.pop(channel, None)
+        self._warned.pop(channel, None)
 
     # ------------------------------------------------------------ the reader
 
@@ -466,6 +565,7 @@ class RedisBroker:
                     backoff,
                     exc_info=exc,
                 )
+                await self._drop_pubsub()
             await asyncio.sleep(backoff)
             # A reader that ran for a while starts again from the shortest wait.
             ran_long = time.monotonic() - started > 10 * self.max_backoff
@@ -473,88 +573,189 @@ class RedisBroker:
 
     async def _read_loop(self) -> None:
         backoff = 0.05
-        wake_cursor = "$"
         while not self._closed:
-            if self._wrong_type and time.monotonic() > self._wrong_type_checked + 10:
-                await self._check_types(set(self._wrong_type))
-            streams = {
-                self.stream_key(ch): cur
-                for ch, cur in self._cursors.items()
-                if ch not in self._wrong_type
-            }
-            streams[self._wake_key] = wake_cursor
-            try:
-                result = await self._reader_redis.xread(streams, block=int(self.block * 1000))
-            except ResponseError as exc:
-                # A key that is no stream fails the whole XREAD: find it, then
-                # read the others without it.
-                if not await self._check_types(set(self._cursors) - self._wrong_type):
-                    self._read_failed(exc)
-                    log.warning("Redis read failed (%s); retrying in %.2f s", exc, backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, self.max_backoff)
+            if not self._topics:
+                # Nothing to read: wait for a subscription.
+                self._wake.clear()
+                await self._wake.wait()
                 continue
+            try:
+                if self._pubsub is None:
+                    await self._open_pubsub()
+                message = await self._pubsub.get_message(timeout=self.block)
+                if message is not None:
+                    await self._on_message(message)
             except (RedisError, OSError) as exc:
                 self._read_failed(exc)
                 log.warning("Redis read failed (%s); retrying in %.2f s", exc, backoff)
+                await self._drop_pubsub()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
                 continue
             backoff = 0.05
-            self._healthy = True
-            for raw_key, entries in result or ():
-                key = raw_key if isinstance(raw_key, bytes) else str(raw_key).encode()
-                if not entries:
-                    continue
-                if key == self._wake_bytes:
-                    wake_cursor = _text(entries[-1][0])
-                    continue
-                channel = self._channels.get(key)
-                if channel is None or channel not in self._cursors:
-                    continue
-                for entry_id, fields in entries:
-                    eid = _text(entry_id)
-                    # The cursor moves first: an entry that fails is not read again.
-                    self._cursors[channel] = eid
-                    delivery = self._delivery(channel, eid, fields)
-                    if delivery is not None:
-                        self._deliver(delivery)
 
-    async def _check_types(self, channels: set[str]) -> bool:
-        """Sort ``channels`` by whether their key holds a stream (or nothing yet).
-
-        Returns whether a channel was newly found holding something else.
-        """
-        self._wrong_type_checked = time.monotonic()
-        ordered = sorted(channels)
+    async def _open_pubsub(self) -> None:
+        """A new Pub/Sub connection subscribed to every channel wanted now;
+        after a failure, what was missed is read from the streams once Redis
+        has confirmed them all."""
+        pubsub = self._reader_redis.pubsub()
+        topics = list(self._channels)
+        self._resyncing = bool(self._seen) or self._healthy is False
+        self._unconfirmed = set(topics)
+        self._held = []
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for channel in ordered:
-                    pipe.type(self.stream_key(channel))
-                types = [_text(t) for t in await pipe.execute()]
-        except (RedisError, OSError):
-            return False
-        found = False
-        for channel, kind in zip(ordered, types, strict=True):
-            wrong = kind not in ("stream", "none")
-            if wrong and channel not in self._wrong_type:
-                found = True
-                self._wrong_type.add(channel)
-                log.warning(
-                    "Redis key %r of channel %r holds a %s, not a stream: the channel "
-                    "is not read until it is one",
-                    self.stream_key(channel),
-                    channel,
-                    kind,
-                )
-            elif not wrong and channel in self._wrong_type:
-                self._wrong_type.discard(channel)
-                log.warning("Redis key %r is a stream again: reading it", self.stream_key(channel))
+            await pubsub.subscribe(*topics)
+        except BaseException:
+            await pubsub.aclose()
+            raise
+        self._pubsub = pubsub
+
+    async def _drop_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                await pubsub.aclose()
+            except (RedisError, OSError):
+                pass
+
+    async def _on_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        topic: bytes = message.get("channel", b"")
+        if kind == "subscribe":
+            ack = self._acks.pop(topic, None)
+            if ack is not None and not ack.done():
+                ack.set_result(None)
+            self._unconfirmed.discard(topic)
+            if self._resyncing and not self._unconfirmed:
+                await self._catch_up()
+            elif not self._resyncing:
+                self._healthy = True
+            return
+        if kind != "message":
+            return
+        channel = self._channels.get(topic)
+        if channel is None:
+            return  # unsubscribed meanwhile
+        data = message.get("data")
+        if not isinstance(data, bytes):
+            return
+        if self._resyncing:
+            self._held.append((channel, data))
+            return
+        delivery = self._message_delivery(channel, data)
+        if delivery is not None:
+            self._live(delivery)
+
+    def _live(self, delivery: Delivery) -> None:
+        group = self._groups.get(delivery.channel, "")
+        seen = self._seen.get(group)
+        if seen is not None and delivery.position <= seen:
+            return  # delivered already, by a catch-up
+        # The cursor moves first: an event that fails is not delivered again.
+        self._seen[group] = delivery.position
+        self._deliver(delivery)
+
+    async def _catch_up(self) -> None:
+        """Deliver, in id order, what the subscribed channels got while the
+        Pub/Sub connection was away; then what arrived during the catch-up."""
+        by_group: dict[str, list[str]] = {}
+        for channel, group in self._groups.items():
+            by_group.setdefault(group, []).append(channel)
+        found: list[Delivery] = []
+        for group, channels in by_group.items():
+            seen = self._seen.get(group, (0, 0))
+            starts = [max(seen, self._floors.get(c, (0, 0))) for c in channels]
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hget(self._sequence_key(group), "since")
+                pipe.hmget(self._sequence_key(group), [f"c:{c}" for c in channels])
+                for channel, start in zip(channels, starts, strict=True):
+                    pipe.xrange(self.stream_key(channel), min=_entry_id(_after(start) or start))
+                results = await pipe.execute(raise_on_error=False)
+            found.extend(self._caught_up(channels, starts, results))
+        found.sort(key=lambda delivery: delivery.position)
+        held, self._held = self._held, []
+        self._resyncing = False
+        for delivery in found:
+            self._live(delivery)
+        for channel, data in held:
+            if channel in self._topics:
+                message_delivery = self._message_delivery(channel, data)
+                if message_delivery is not None:
+                    self._live(message_delivery)
+        self._healthy = True
+
+    def _caught_up(
+        self, channels: list[str], starts: list[Position], results: list[Any]
+    ) -> list[Delivery]:
+        """What a catch-up read found, minus the channels whose gap the
+        history cannot fill (their subscribers are told)."""
+        if isinstance(results[0], Exception) or isinstance(results[1], Exception):
+            raise results[0] if isinstance(results[0], Exception) else results[1]
+        since = _position(_text(results[0])) if results[0] is not None else None
+        found: list[Delivery] = []
+        for channel, start, newest, entries in zip(
+            channels, starts, results[1], results[2:], strict=True
+        ):
+            if isinstance(entries, Exception):
+                self._malformed(channel, "-", f"its stream cannot be read ({entries})")
+                continue
+            deliveries = self._entries(channel, entries)
+            newest_position = _position(_text(newest)) if newest is not None else None
+            # The history restarted after what this process had seen (Redis
+            # lost its data), the entry before the first one read was trimmed,
+            # or the stream is gone although the channel had newer events.
+            lost = start != (0, 0) and (since is None or since > start)
+            lost = lost or bool(deliveries and deliveries[0][1] > start)
+            lost = lost or (
+                not deliveries and newest_position is not None and newest_position > start
+            )
+            if lost:
+                self._gap(channel)
+                continue
+            found.extend(delivery for delivery, _ in deliveries)
         return found
 
+    def _gap(self, channel: str) -> None:
+        log.warning(
+            "Events of channel %r were lost while the Redis reader of %s was away, and the "
+            "history no longer holds them: its local subscribers resume by Last-Event-ID",
+            channel,
+            self._where,
+        )
+        for listener in self._gap_listeners:
+            try:
+                listener(channel)
+            except Exception:
+                log.exception("Uncaught exception in a broker gap listener")
+
+    def _message_delivery(self, channel: str, data: bytes) -> Delivery | None:
+        """The delivery of one Pub/Sub message (``id\\ncaller id\\nbody``)."""
+        entry_id, _, rest = data.partition(b"\n")
+        caller, sep, body = rest.partition(b"\n")
+        if not sep:
+            self._malformed(channel, entry_id.decode(errors="replace"), "not our message format")
+            return None
+        fields = {b"b": body}
+        if caller:
+            fields[b"i"] = caller
+        return self._delivery(channel, entry_id.decode(errors="replace"), fields)
+
+    def _entries(self, channel: str, entries: Any) -> list[tuple[Delivery, Position]]:
+        """Stream entries as deliveries, each with the id of the channel's
+        event before it (``(0, 0)`` when it was the first)."""
+        out: list[tuple[Delivery, Position]] = []
+        for entry_id, fields in entries:
+            delivery = self._delivery(channel, _text(entry_id), fields)
+            if delivery is None:
+                continue
+            prev = fields.get(b"p") if isinstance(fields, dict) else None
+            before = (prev and _position(_text(prev))) or (0, 0)
+            out.append((delivery, before))
+        return out
+
     def _delivery(self, channel: str, entry_id: str, fields: Any) -> Delivery | None:
-        """The delivery of one stream entry; ``None`` (and a warning) for an
-        entry that sse_handler did not write."""
+        """The delivery of one entry; ``None`` (and a warning) for an entry
+        that sse_handler did not write."""
         body = fields.get(b"b") if isinstance(fields, dict) else None
         caller = fields.get(b"i") if isinstance(fields, dict) else None
         position = _position(entry_id)
@@ -574,7 +775,7 @@ class RedisBroker:
             else:
                 if any(c in event_id for c in "\r\n\0"):
                     problem = "its id field holds a line break or NUL"
-        if problem is not None or not isinstance(body, bytes):
+        if problem is not None or not isinstance(body, bytes) or position is None:
             self._malformed(channel, entry_id, problem or "no body field")
             return None
         frame = body_frame(event_id, body, caller is not None)
@@ -582,18 +783,17 @@ class RedisBroker:
 
     def _malformed(self, channel: str, entry_id: str, problem: str) -> None:
         self.malformed_entries += 1
-        key = self.stream_key(channel).encode()
         now = time.monotonic()
-        last = self._warned.get(key)
+        last = self._warned.get(channel)
         if last is None or now - last > _WARN_EVERY:
-            self._warned[key] = now
+            self._warned[channel] = now
             log.warning(
-                "Skipped malformed entry %s of Redis stream %r (channel %r): %s; "
+                "Skipped malformed entry %s of channel %r (Redis stream %r): %s; "
                 "was it written by another program? (%d malformed entries so far; "
-                "this stream is logged at most every %.0f s)",
+                "this channel is logged at most every %.0f s)",
                 entry_id,
-                key.decode(),
                 channel,
+                self.stream_key(channel),
                 problem,
                 self.malformed_entries,
                 _WARN_EVERY,
@@ -612,79 +812,78 @@ class RedisBroker:
         return _position(event_id)
 
     async def replay(self, channels: Collection[str], last_event_id: str) -> Replay:
-        channels = list(channels)
-        if not channels:
+        by_group: dict[str, list[str]] = {}
+        for channel in channels:
+            by_group.setdefault(self.group(channel), []).append(channel)
+        if not by_group:
             return Replay()
         try:
             cursor = _position(last_event_id)
             if cursor is None:
-                cursor = await self._caller_id_position(channels, last_event_id)
+                cursor = await self._caller_id_position(list(channels), last_event_id)
                 if cursor is None:
                     return Replay(reset="unknown_id")
-            streams = await self._streams(channels)
-            # Past every id Redis ever gave these channels: from another
-            # Redis, a flushed one, or made up. Its events would be skipped.
-            if cursor > max((s.last for s in streams if s), default=(0, 0)):
-                return Replay(reset="unknown_id")
-            if any(s is not None and self._trimmed_after(s, cursor) for s in streams):
-                return Replay(reset="history_exceeded")
-            start = _after(cursor)
-            reading = [c for c, s in zip(channels, streams, strict=True) if s and s.last > cursor]
-            if start is None or not reading:
-                return Replay()
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for channel in reading:
-                    pipe.xrange(self.stream_key(channel), min=f"{start[0]}-{start[1]}")
-                results = await pipe.execute()
+            found: list[Delivery] = []
+            for group, members in by_group.items():
+                replay = await self._replay_group(group, members, cursor)
+                if replay.reset is not None:
+                    return replay
+                found.extend(replay.deliveries)
         except (RedisError, OSError) as exc:
             raise _unavailable(self._where, exc) from exc
-        found = [
-            delivery
-            for channel, entries in zip(reading, results, strict=True)
-            for entry_id, fields in entries
-            if (delivery := self._delivery(channel, _text(entry_id), fields)) is not None
-        ]
-        found.sort(key=lambda delivery: delivery.position)
+        if len(by_group) > 1:
+            found.sort(key=lambda delivery: delivery.position)
         return Replay(found)
 
-    async def _streams(self, channels: Sequence[str]) -> list[_Stream | None]:
-        """``XINFO STREAM`` of each channel (``None``: no stream there)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for channel in channels:
-                pipe.xinfo_stream(self.stream_key(channel))
-            infos = await pipe.execute(raise_on_error=False)
-        streams: list[_Stream | None] = []
-        for info in infos:
-            if isinstance(info, ResponseError):
-                streams.append(None)  # no such key, or not a stream
+    async def _replay_group(self, group: str, channels: list[str], cursor: Position) -> Replay:
+        start = _after(cursor)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hmget(self._sequence_key(group), ["last", "since"])
+            pipe.hmget(self._sequence_key(group), [f"c:{c}" for c in channels])
+            if start is not None:
+                for channel in channels:
+                    pipe.xrange(self.stream_key(channel), min=_entry_id(start))
+            results = await pipe.execute(raise_on_error=False)
+        for result in results[:2]:
+            if isinstance(result, Exception):
+                raise result
+        last, since = (_position(_text(v)) if v is not None else None for v in results[0])
+        if last is None or since is None:
+            # Nothing was ever published in this history: the cursor is from
+            # another one (Redis restarted without its data, or another Redis).
+            return Replay(reset="unknown_id")
+        if cursor > last:
+            return Replay(reset="unknown_id")  # from the future: another history
+        if (0, 0) < cursor < since:
+            # From before this history (0-0 asks for all of it): the events
+            # after the cursor in the history it came from are gone.
+            return Replay(reset="history_exceeded")
+        if start is None:
+            return Replay()
+        found: list[Delivery] = []
+        for channel, newest, entries in zip(channels, results[1], results[2:], strict=True):
+            newest_position = _position(_text(newest)) if newest is not None else None
+            if newest_position is None or newest_position <= cursor:
+                continue  # nothing after the cursor
+            if isinstance(entries, ResponseError):
+                log.warning(
+                    "Redis key %r of channel %r is not a stream (%s): skipped in a replay",
+                    self.stream_key(channel),
+                    channel,
+                    entries,
+                )
                 continue
-            if isinstance(info, Exception):
-                raise info
-            last = _position(_text(info.get("last-generated-id", b"0-0"))) or (0, 0)
-            first_entry = info.get("first-entry")
-            first = _position(_text(first_entry[0])) if first_entry else None
-            added = info.get("entries-added")  # Redis 7+, Valkey
-            length = int(info.get("length", 0))
-            trimmed = int(added) > length if added is not None else length >= self.history_size
-            streams.append(_Stream(last, first, trimmed))
-        return streams
-
-    @staticmethod
-    def _trimmed_after(stream: _Stream, cursor: Position) -> bool:
-        """Were entries after ``cursor`` trimmed away from this stream?
-
-        Trimming only ever removes the oldest entries, so they all sit before
-        the stream's first entry: a cursor older than that, on a stream that
-        has lost entries, may have missed some. (A cursor exactly on the last
-        trimmed entry also counts: the client gets a reset it did not strictly
-        need, never a silent gap.) An empty stream that lost entries has
-        lost those after any cursor older than its last id.
-        """
-        if not stream.trimmed:
-            return False
-        if stream.first is None:
-            return cursor < stream.last
-        return stream.first > cursor
+            if isinstance(entries, Exception):
+                raise entries
+            deliveries = self._entries(channel, entries)
+            if not deliveries or deliveries[0][1] > cursor:
+                # The channel had events after the cursor that its stream no
+                # longer holds (trimmed, expired or evicted).
+                return Replay(reset="history_exceeded")
+            found.extend(delivery for delivery, _ in deliveries)
+        if len(channels) > 1:
+            found.sort(key=lambda delivery: delivery.position)
+        return Replay(found)
 
     async def _caller_id_position(self, channels: Sequence[str], event_id: str) -> Position | None:
         """Where an id that a publisher chose sits: one ``HGET`` per channel.
@@ -718,6 +917,7 @@ class RedisBroker:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
+        await self._drop_pubsub()
         await self._reader_redis.aclose()
         await self._redis.aclose()
         await self._publish_redis.aclose()
