@@ -66,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
         "default: an in-memory broker",
     )
     demo.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="the --redis URL is a node of a Redis Cluster; channels are grouped (and "
+        "sharded) by their name up to the first ':'",
+    )
+    demo.add_argument(
         "--tls-cert",
         default=None,
         metavar="FILE",
@@ -103,7 +109,16 @@ def _run_demo(args: argparse.Namespace) -> int:
         except _CannotStart as exc:
             print(f"{args.prog}: error: {exc}", file=sys.stderr)
             return 1
-    asyncio.run(serve(args.host, args.port, args.admin_token, args.redis, ssl_context))
+    asyncio.run(
+        serve(
+            args.host,
+            args.port,
+            args.admin_token,
+            args.redis,
+            ssl_context,
+            redis_cluster=args.redis_cluster,
+        )
+    )
     return 0
 
 

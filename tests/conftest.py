@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from hypothesis import settings
-from redis_server import ENGINES, RedisServer
+from redis_server import ENGINES, RedisCluster, RedisServer
 from tornado.testing import bind_unused_port
 
 #: The event loop of the async tests, by name (the environment's SSE_TEST_LOOP).
@@ -79,3 +79,19 @@ def redis_server(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
 # The long fuzzing run (tox -e fuzz): HYPOTHESIS_PROFILE=fuzz.
 settings.register_profile("fuzz", max_examples=100_000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(params=ENGINES)
+def redis_cluster(request: pytest.FixtureRequest) -> Iterator[RedisCluster]:
+    """A fresh 3-shard Redis Cluster on free localhost ports: Redis 6.2, then Valkey 8."""
+    ports = []
+    for _ in range(3):
+        sock, port = bind_unused_port()
+        sock.close()
+        ports.append(port)
+    cluster = RedisCluster(ports, request.param)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()

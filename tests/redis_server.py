@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ENGINES = ("redis", "valkey")
 
@@ -35,7 +36,8 @@ def redis_executable(engine: str) -> str:
 
 
 class RedisServer:
-    def __init__(self, port: int, engine: str = "redis") -> None:
+    def __init__(self, port: int, engine: str = "redis", extra: tuple[str, ...] = ()) -> None:
+        self.extra = extra
         self.engine = engine
         self.executable = redis_executable(engine)
         self.port = port
@@ -53,6 +55,7 @@ class RedisServer:
                 "--appendonly", "no",
                 "--dir", self.dir,
                 "--loglevel", "warning",
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -97,3 +100,60 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisCluster:
+    """A Redis Cluster of ``shards`` primaries on free localhost ports (no
+    replicas), its 16,384 slots split evenly, started as ``redis-cli --cluster
+    create`` would: ``CLUSTER ADDSLOTS`` on each node, then ``CLUSTER MEET``."""
+
+    def __init__(self, ports: list[int], engine: str = "redis") -> None:
+        self.engine = engine
+        self.nodes = [
+            RedisServer(
+                port,
+                engine,
+                ("--cluster-enabled", "yes", "--cluster-node-timeout", "5000"),
+            )
+            for port in ports
+        ]
+        self.url = self.nodes[0].url.removesuffix("/0")
+
+    def start(self, timeout: float = 20.0) -> None:
+        import redis
+
+        for node in self.nodes:
+            node.start()
+        count = len(self.nodes)
+        clients = [redis.Redis(port=node.port) for node in self.nodes]
+        try:
+            for i, client in enumerate(clients):
+                first, last = 16384 * i // count, 16384 * (i + 1) // count
+                client.execute_command("CLUSTER", "ADDSLOTS", *range(first, last))
+            for node in self.nodes[1:]:
+                clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
+            deadline = time.monotonic() + timeout
+            while not all(self._ready(client) for client in clients):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the cluster did not reach cluster_state:ok")
+                time.sleep(0.05)
+        finally:
+            for client in clients:
+                client.close()
+
+    def _ready(self, client: Any) -> bool:
+        info = client.execute_command("CLUSTER", "INFO").decode()
+        known = f"cluster_known_nodes:{len(self.nodes)}" in info
+        return known and "cluster_state:ok" in info
+
+    def node_of(self, key: str) -> int:
+        """The index of the node that holds ``key``'s slot."""
+        from redis.crc import key_slot
+
+        slot = key_slot(key.encode())
+        count = len(self.nodes)
+        return next(i for i in range(count) if slot < 16384 * (i + 1) // count)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()

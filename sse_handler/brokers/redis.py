@@ -55,6 +55,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -63,7 +64,7 @@ try:
     from redis.asyncio.retry import Retry
     from redis.backoff import EqualJitterBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import RedisError, ResponseError
+    from redis.exceptions import RedisError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - depends on the extra
     raise ImportError(
@@ -74,7 +75,7 @@ from ..event import ServerSentEvent
 from ..tasks import spawn
 from . import BrokerUnavailableError, Delivery, Listener, Replay, body_frame
 
-__all__ = ["RedisBroker", "channel_key"]
+__all__ = ["RedisBroker", "by_prefix", "channel_key"]
 
 log = logging.getLogger("sse_handler.redis")
 
@@ -118,6 +119,31 @@ def _after(position: Position) -> Position | None:
 
 def _entry_id(position: Position) -> str:
     return f"{position[0]}-{position[1]}"
+
+
+def _hash_tag(key: str) -> str:
+    """The part of ``key`` that Redis Cluster hashes when it has a tag (``{...}``)."""
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    return key[start + 1 : end] if start >= 0 and end > start + 1 else ""
+
+
+def by_prefix(separator: str = ":") -> Callable[[str], str]:
+    """A ``shard_by`` that groups channels by their name up to ``separator``:
+    ``room7:chat`` and ``room7:typing`` share a group (exact order between
+    them) and a shard; ``room8:chat`` may sit on another."""
+
+    def group(channel: str) -> str:
+        return channel.partition(separator)[0]
+
+    return group
+
+
+def _fields(flat: Any) -> dict[bytes, Any]:
+    """A stream entry's fields from the flat list a script returns."""
+    if isinstance(flat, dict):
+        return flat
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
 
 
 def _redacted(url: str) -> str:
@@ -242,7 +268,35 @@ redis.call('PUBLISH', ARGV[6], id .. '\\n' .. ARGV[4] .. '\\n' .. ARGV[2])
 return {id, indexed}
 """
 
+#: The read script: one atomic snapshot of a group's channels. KEYS: the
+#: sequence hash, then each channel's stream. ARGV: per channel, its name and
+#: the first entry id wanted. Returns the sequence's last and since ids, then
+#: per channel its newest id and its entries from there (or the error text
+#: when its key holds no stream).
+_READ = """
+local out = {redis.call('HGET', KEYS[1], 'last'), redis.call('HGET', KEYS[1], 'since')}
+for i = 2, #KEYS do
+  local newest = redis.call('HGET', KEYS[1], 'c:' .. ARGV[2 * i - 3])
+  local entries = redis.pcall('XRANGE', KEYS[i], ARGV[2 * i - 2], '+')
+  if type(entries) == 'table' and entries.err then entries = entries.err end
+  out[#out + 1] = newest
+  out[#out + 1] = entries
+end
+return out
+"""
+
 GapListener = Callable[[str], None]
+
+
+@dataclass(slots=True)
+class _Snapshot:
+    """What the read script returned for one group."""
+
+    last: Position | None
+    since: Position | None
+    #: Per channel: the id of its newest event, and its entries from the start
+    #: asked for (or why they could not be read).
+    channels: list[tuple[Position | None, list[Any] | str]]
 
 
 class RedisBroker:
@@ -289,9 +343,15 @@ class RedisBroker:
         retries: int = 2,
         health_check_interval: float = 5.0,
         shard_by: Callable[[str], str] | None = None,
+        cluster: bool = False,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if cluster and shard_by is None and not _hash_tag(prefix):
+            raise ValueError(
+                "On a Redis Cluster the keys of one sequence must share a slot: put a hash "
+                "tag in the prefix (prefix='sse:{app}:') or give shard_by"
+            )
         if shard_by is not None and ("{" in prefix or "}" in prefix):
             raise ValueError(
                 "shard_by gives each group its own hash tag: the prefix must not hold one"
@@ -315,23 +375,37 @@ class RedisBroker:
             "socket_connect_timeout": timeout,
             "protocol": 2,
         }
-        read_pool = _Pool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=self.pool_timeout,
-            health_check_interval=health_check_interval,
-            retry=Retry(EqualJitterBackoff(cap=max_backoff, base=0.05), retries),
-            **common,
-        )
-        self._redis: Any = aioredis.Redis.from_pool(read_pool)
-        # No automatic retry for a publish: a command that failed after it was
-        # sent may have run, and running it again would store the event twice.
-        publish_pool = _Pool.from_url(
-            url, max_connections=max_connections, timeout=self.pool_timeout, **common
-        )
-        self._publish_redis: Any = aioredis.Redis.from_pool(publish_pool)
+        self.cluster = cluster
+        if cluster:
+            # redis-py routes each command (and each script, by its first
+            # key) to the shard of its slot, with a pool per node.
+            self._redis: Any = aioredis.RedisCluster.from_url(
+                url, max_connections=max_connections, **common
+            )
+            self._publish_redis: Any = aioredis.RedisCluster.from_url(
+                url, max_connections=max_connections, **common
+            )
+        else:
+            read_pool = _Pool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=self.pool_timeout,
+                health_check_interval=health_check_interval,
+                retry=Retry(EqualJitterBackoff(cap=max_backoff, base=0.05), retries),
+                **common,
+            )
+            self._redis = aioredis.Redis.from_pool(read_pool)
+            # No automatic retry for a publish: a command that failed after it
+            # was sent may have run, and running it again would store the
+            # event twice.
+            publish_pool = _Pool.from_url(
+                url, max_connections=max_connections, timeout=self.pool_timeout, **common
+            )
+            self._publish_redis = aioredis.Redis.from_pool(publish_pool)
         self._script: Any = self._publish_redis.register_script(_PUBLISH)
-        # The Pub/Sub reader gets a connection of its own.
+        self._read_script: Any = self._redis.register_script(_READ)
+        # The Pub/Sub reader gets a connection of its own; on a cluster, to
+        # the node of the URL: a PUBLISH reaches the subscribers of every node.
         self._reader_redis: Any = aioredis.Redis.from_url(
             url,
             socket_timeout=block + timeout,
@@ -397,7 +471,9 @@ class RedisBroker:
     def _base(self, group: str) -> str:
         if self.shard_by is None:
             return self.prefix
-        return f"{self.prefix}{{{group.translate(_ESCAPES)}}}"
+        # An empty tag ("{}") would hash the whole key: "%" stands for the
+        # empty group (a "%" of a name is always escaped, so nothing clashes).
+        return f"{self.prefix}{{{group.translate(_ESCAPES) or '%'}}}"
 
     def stream_key(self, channel: str) -> str:
         """The Redis key of ``channel``'s stream."""
@@ -665,13 +741,8 @@ class RedisBroker:
         for group, channels in by_group.items():
             seen = self._seen.get(group, (0, 0))
             starts = [max(seen, self._floors.get(c, (0, 0))) for c in channels]
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hget(self._sequence_key(group), "since")
-                pipe.hmget(self._sequence_key(group), [f"c:{c}" for c in channels])
-                for channel, start in zip(channels, starts, strict=True):
-                    pipe.xrange(self.stream_key(channel), min=_entry_id(_after(start) or start))
-                results = await pipe.execute(raise_on_error=False)
-            found.extend(self._caught_up(channels, starts, results))
+            snapshot = await self._read(group, channels, [_after(p) or p for p in starts])
+            found.extend(self._caught_up(channels, starts, snapshot))
         found.sort(key=lambda delivery: delivery.position)
         held, self._held = self._held, []
         self._resyncing = False
@@ -685,35 +756,47 @@ class RedisBroker:
         self._healthy = True
 
     def _caught_up(
-        self, channels: list[str], starts: list[Position], results: list[Any]
+        self, channels: list[str], starts: list[Position], snapshot: _Snapshot
     ) -> list[Delivery]:
         """What a catch-up read found, minus the channels whose gap the
         history cannot fill (their subscribers are told)."""
-        if isinstance(results[0], Exception) or isinstance(results[1], Exception):
-            raise results[0] if isinstance(results[0], Exception) else results[1]
-        since = _position(_text(results[0])) if results[0] is not None else None
+        since = snapshot.since
         found: list[Delivery] = []
-        for channel, start, newest, entries in zip(
-            channels, starts, results[1], results[2:], strict=True
+        for channel, start, (newest, entries) in zip(
+            channels, starts, snapshot.channels, strict=True
         ):
-            if isinstance(entries, Exception):
+            if isinstance(entries, str):
                 self._malformed(channel, "-", f"its stream cannot be read ({entries})")
                 continue
             deliveries = self._entries(channel, entries)
-            newest_position = _position(_text(newest)) if newest is not None else None
             # The history restarted after what this process had seen (Redis
             # lost its data), the entry before the first one read was trimmed,
             # or the stream is gone although the channel had newer events.
             lost = start != (0, 0) and (since is None or since > start)
             lost = lost or bool(deliveries and deliveries[0][1] > start)
-            lost = lost or (
-                not deliveries and newest_position is not None and newest_position > start
-            )
+            lost = lost or (not deliveries and newest is not None and newest > start)
             if lost:
                 self._gap(channel)
                 continue
             found.extend(delivery for delivery, _ in deliveries)
         return found
+
+    async def _read(self, group: str, channels: list[str], firsts: list[Position]) -> _Snapshot:
+        """The read script over ``channels`` of ``group``, from ``firsts`` on."""
+        keys = [self._sequence_key(group), *(self.stream_key(c) for c in channels)]
+        args: list[str] = []
+        for channel, first in zip(channels, firsts, strict=True):
+            args += [channel, _entry_id(first)]
+        reply = await self._read_script(keys=keys, args=args)
+        last, since = (_position(_text(v)) if v is not None else None for v in reply[:2])
+        out: list[tuple[Position | None, list[Any] | str]] = []
+        for newest, entries in zip(reply[2::2], reply[3::2], strict=True):
+            if isinstance(entries, bytes | str):
+                out.append((_position(_text(newest)) if newest else None, _text(entries)))
+                continue
+            pairs = [(entry_id, _fields(flat)) for entry_id, flat in entries]
+            out.append((_position(_text(newest)) if newest else None, pairs))
+        return _Snapshot(last, since, out)
 
     def _gap(self, channel: str) -> None:
         log.warning(
@@ -836,36 +919,25 @@ class RedisBroker:
         return Replay(found)
 
     async def _replay_group(self, group: str, channels: list[str], cursor: Position) -> Replay:
-        start = _after(cursor)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hmget(self._sequence_key(group), ["last", "since"])
-            pipe.hmget(self._sequence_key(group), [f"c:{c}" for c in channels])
-            if start is not None:
-                for channel in channels:
-                    pipe.xrange(self.stream_key(channel), min=_entry_id(start))
-            results = await pipe.execute(raise_on_error=False)
-        for result in results[:2]:
-            if isinstance(result, Exception):
-                raise result
-        last, since = (_position(_text(v)) if v is not None else None for v in results[0])
-        if last is None or since is None:
+        first = _after(cursor)
+        if first is None:
+            return Replay(reset="unknown_id")  # past the largest id there can be
+        snapshot = await self._read(group, channels, [first] * len(channels))
+        if snapshot.last is None or snapshot.since is None:
             # Nothing was ever published in this history: the cursor is from
             # another one (Redis restarted without its data, or another Redis).
             return Replay(reset="unknown_id")
-        if cursor > last:
+        if cursor > snapshot.last:
             return Replay(reset="unknown_id")  # from the future: another history
-        if (0, 0) < cursor < since:
+        if (0, 0) < cursor < snapshot.since:
             # From before this history (0-0 asks for all of it): the events
             # after the cursor in the history it came from are gone.
             return Replay(reset="history_exceeded")
-        if start is None:
-            return Replay()
         found: list[Delivery] = []
-        for channel, newest, entries in zip(channels, results[1], results[2:], strict=True):
-            newest_position = _position(_text(newest)) if newest is not None else None
-            if newest_position is None or newest_position <= cursor:
+        for channel, (newest, entries) in zip(channels, snapshot.channels, strict=True):
+            if newest is None or newest <= cursor:
                 continue  # nothing after the cursor
-            if isinstance(entries, ResponseError):
+            if isinstance(entries, str):
                 log.warning(
                     "Redis key %r of channel %r is not a stream (%s): skipped in a replay",
                     self.stream_key(channel),
@@ -873,8 +945,6 @@ class RedisBroker:
                     entries,
                 )
                 continue
-            if isinstance(entries, Exception):
-                raise entries
             deliveries = self._entries(channel, entries)
             if not deliveries or deliveries[0][1] > cursor:
                 # The channel had events after the cursor that its stream no

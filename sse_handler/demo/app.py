@@ -242,19 +242,26 @@ async def serve(
     admin_token: str | None = None,
     redis_url: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    redis_cluster: bool = False,
 ) -> None:
     """Serve the demo until SIGINT or SIGTERM, then close the streams (grace 2 s).
 
     ``port`` 0 picks a free port; the URL logged names the real one. With
     ``redis_url`` the channels go through Redis Streams, so several demo
     processes share events and history. With ``ssl_context`` (a server
-    context holding a certificate) every route is served over HTTPS.
+    context holding a certificate) every route is served over HTTPS. With
+    ``redis_cluster`` the URL names a node of a Redis Cluster, and channels are
+    grouped by their name up to the first ``:`` (``room7:chat`` and
+    ``room7:news`` share a shard and an exact order).
     """
     broker: Broker | None = None
     if redis_url is not None:
-        from ..brokers.redis import RedisBroker
+        from ..brokers.redis import RedisBroker, by_prefix
 
-        broker = RedisBroker(redis_url)
+        if redis_cluster:
+            broker = RedisBroker(redis_url, cluster=True, shard_by=by_prefix(":"))
+        else:
+            broker = RedisBroker(redis_url)
     app, handler = make_app(admin_token, broker)
     # Long-lived servers: move what start-up made out of the collector's
     # reach, and collect less often; measured on the 9,000-connection accept

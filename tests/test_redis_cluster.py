@@ -1,0 +1,128 @@
+"""RedisBroker on a real 3-shard Redis Cluster: fan-out, replay and reset
+across two demo processes, with channels spread over the shards."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+
+import pytest
+from redis_server import RedisCluster
+from support import DemoProcess
+
+from sse_handler import ServerSentEvent
+from sse_handler.brokers.redis import RedisBroker, by_prefix
+from sse_handler.testing import EventStreamClient
+
+#: Channel groups (the name up to ":") whose keys sit on three different shards.
+GROUPS = ("room0", "room1", "room2")
+
+
+def test_the_groups_sit_on_three_shards(redis_cluster: RedisCluster) -> None:
+    broker_keys = {g: f"sse:{{{g}}}s:" for g in GROUPS}
+    assert sorted(redis_cluster.node_of(k) for k in broker_keys.values()) == [0, 1, 2]
+
+
+def test_a_cluster_needs_one_slot_per_sequence() -> None:
+    with pytest.raises(ValueError, match="hash tag"):
+        RedisBroker("redis://127.0.0.1:1", cluster=True)
+    with pytest.raises(ValueError, match="must not hold one"):
+        RedisBroker("redis://127.0.0.1:1", prefix="sse:{a}:", shard_by=by_prefix())
+
+
+async def _publish(demo: DemoProcess, channel: str, data: str) -> str:
+    status, body = await demo.publish(data, channel=channel)
+    assert status == 200, body
+    event_id: str = body["id"]
+    return event_id
+
+
+@pytest.mark.timeout(90)
+async def test_fan_out_replay_and_reset_across_two_processes(
+    redis_cluster: RedisCluster,
+) -> None:
+    one = DemoProcess("--redis", redis_cluster.url, "--redis-cluster")
+    two = DemoProcess("--redis", redis_cluster.url, "--redis-cluster")
+    await asyncio.gather(one.start(), two.start())
+    try:
+        # One client per shard on process two, and one reading two channels
+        # of one group (one hash tag: one sequence, exact order).
+        clients = {}
+        for group in GROUPS:
+            clients[group] = await EventStreamClient.connect(
+                f"{two.url}/events?channel={group}:chat"
+            )
+        pair = await EventStreamClient.connect(
+            f"{two.url}/events?channel=room1:chat&channel=room1:news"
+        )
+        for client in [*clients.values(), pair]:
+            assert (await client.next_event()).event == "welcome"
+        # Fan-out: published through process one, delivered by process two.
+        sent: dict[str, list[str]] = {g: [] for g in GROUPS}
+        pair_sent: list[str] = []
+        for i in range(20):
+            for group in GROUPS:
+                event_id = await _publish(one, f"{group}:chat", f"{group} {i}")
+                sent[group].append(event_id)
+                if group == "room1":
+                    pair_sent.append(event_id)
+            pair_sent.append(await _publish(one, "room1:news", f"news {i}"))
+        for group, client in clients.items():
+            events = await client.events(20, timeout=15)
+            assert [e.data for e in events] == [f"{group} {i}" for i in range(20)]
+            assert [e.id for e in events] == sent[group]
+        pair_events = await pair.events(40, timeout=15)
+        assert [e.id for e in pair_events] == pair_sent
+        positions = [tuple(int(p) for p in (e.id or "").split("-")) for e in pair_events]
+        assert all(a < b for a, b in itertools.pairwise(positions))
+        # Replay on the other process, from the middle: exactly what followed.
+        for group in GROUPS:
+            resumed = await EventStreamClient.connect(
+                f"{one.url}/events?channel={group}:chat", {"Last-Event-ID": sent[group][9]}
+            )
+            replayed = await resumed.events(10, timeout=15)
+            assert [e.id for e in replayed] == sent[group][10:]
+            assert (await resumed.next_event(timeout=15)).event == "welcome"
+            resumed.close()
+        resumed = await EventStreamClient.connect(
+            f"{one.url}/events?channel=room1:chat&channel=room1:news",
+            {"Last-Event-ID": pair_sent[24]},
+        )
+        assert [e.id for e in await resumed.events(15, timeout=15)] == pair_sent[25:]
+        resumed.close()
+        # A cursor this history never gave: a reset, on every shard.
+        for group in GROUPS:
+            ms = int(sent[group][-1].split("-")[0])
+            future = await EventStreamClient.connect(
+                f"{one.url}/events?channel={group}:chat", {"Last-Event-ID": f"{ms + 60_000}-0"}
+            )
+            reset = await future.next_event(timeout=15)
+            assert (reset.event, json.loads(reset.data)) == ("reset", {"reason": "unknown_id"})
+            future.close()
+        for client in [*clients.values(), pair]:
+            client.close()
+    finally:
+        codes = await asyncio.gather(one.stop(), two.stop())
+    assert codes == [0, 0]
+
+
+async def test_a_reset_when_a_shard_lost_its_history(redis_cluster: RedisCluster) -> None:
+    broker = RedisBroker(redis_cluster.url, cluster=True, shard_by=by_prefix(), block=0.3)
+    try:
+        first = await broker.publish("room2:chat", ServerSentEvent(data="1"))
+        kept = await broker.publish("room0:chat", ServerSentEvent(data="2"))
+        # The shard of room2 loses everything (as a restart without persistence).
+        import redis
+
+        node = redis_cluster.nodes[redis_cluster.node_of("sse:{room2}s:")]
+        with redis.Redis(port=node.port) as raw:
+            raw.flushall()
+        await broker.publish("room2:chat", ServerSentEvent(data="3"))
+        assert (await broker.replay(["room2:chat"], first)).reset == "history_exceeded"
+        # The other shards are untouched.
+        after = await broker.publish("room0:chat", ServerSentEvent(data="4"))
+        replay = await broker.replay(["room0:chat"], kept)
+        assert (replay.reset, [d.id for d in replay.deliveries]) == (None, [after])
+    finally:
+        await broker.close()
