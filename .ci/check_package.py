@@ -3,7 +3,7 @@
 1. ``python -m build``: the sdist, then the wheel built from that sdist.
 2. ``twine check --strict`` on both.
 3. Their contents: the sdist holds every tracked file of tests/, docs/,
-   examples/ and bench/ and LICENSE, CHANGELOG.md, README.md, tox.ini; the
+   examples/ and bench/, .ci/, LICENSE, CHANGELOG.md, README.md, tox.ini; the
    wheel holds the package with ``py.typed``, the demo page and LICENSE, and
    no tests.
 4. The wheel alone in a fresh virtualenv: ``import sse_handler`` from there,
@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Shipped whole in the sdist: every file git tracks under these.
 SHIPPED_TREES = ("tests", "docs", "examples", "bench")
 SHIPPED_FILES = (
+    ".ci/run",
+    ".ci/check_package.py",
     "LICENSE",
     "CHANGELOG.md",
     "README.md",
