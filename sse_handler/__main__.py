@@ -9,16 +9,28 @@ Commands:
     ``--tls-cert`` and ``--tls-key`` (PEM files, as
     :meth:`ssl.SSLContext.load_cert_chain` takes them; both or neither)
     everything is served over HTTPS.
+
+``--version`` prints ``sse-handler <version>``.
+
+What a user gets wrong is one line on stderr, never a traceback: exit status
+2 for a usage error (argparse's usage line comes first), 1 when the command
+cannot start (the port is taken, TLS files that do not load, ``--redis``
+without the ``redis`` extra installed or with no Redis answering at the URL).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
+import importlib.metadata
 import logging
+import socket
 import ssl
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from .demo.app import serve
 
@@ -27,7 +39,7 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the command, return the exit status."""
-    args = _parser().parse_args(argv)
+    args = _parser(_prog()).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -35,10 +47,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m sse_handler", description="Server-Sent Events for Tornado."
-    )
+def _prog() -> str:
+    """The command's name as the user typed it: ``python -m sse_handler`` runs
+    this file as ``__main__``, the ``sse-handler`` script calls :func:`main`."""
+    return "python -m sse_handler" if Path(sys.argv[0]).name == "__main__.py" else "sse-handler"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("sse_handler")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path
+        return "unknown (not installed)"
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Server-Sent Events for Tornado.")
+    parser.add_argument("--version", action="version", version=f"sse-handler {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",
@@ -109,17 +133,98 @@ def _run_demo(args: argparse.Namespace) -> int:
         except _CannotStart as exc:
             print(f"{args.prog}: error: {exc}", file=sys.stderr)
             return 1
-    asyncio.run(
-        serve(
-            args.host,
-            args.port,
-            args.admin_token,
-            args.redis,
-            ssl_context,
-            redis_cluster=args.redis_cluster,
+    if args.redis is not None:
+        try:
+            scheme = urlsplit(args.redis).scheme
+        except ValueError:
+            scheme = ""
+        if scheme not in _REDIS_SCHEMES:
+            args.usage_error(
+                f"--redis {_redacted(args.redis)}: not a Redis URL "
+                "(redis://, rediss:// or unix://)"
+            )
+    try:
+        asyncio.run(_demo(args, ssl_context))
+    except _CannotStart as exc:
+        print(f"{args.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if not _cannot_listen(exc):
+            raise
+        address = f"[{args.host}]" if ":" in args.host else args.host
+        print(
+            f"{args.prog}: error: cannot listen on {address}:{args.port}: {exc.strerror or exc}",
+            file=sys.stderr,
         )
-    )
+        return 1
     return 0
+
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _cannot_listen(exc: OSError) -> bool:
+    """Is ``exc`` a failure to bind the listening socket (address taken, not
+    local, privileged port, unknown host name)? Nothing else the demo does
+    raises these."""
+    return isinstance(exc, socket.gaierror) or exc.errno in (
+        errno.EADDRINUSE,
+        errno.EADDRNOTAVAIL,
+        errno.EACCES,
+    )
+
+
+async def _demo(args: argparse.Namespace, ssl_context: ssl.SSLContext | None) -> None:
+    if args.redis is not None:
+        await _check_redis(args.redis)
+    await serve(
+        args.host,
+        args.port,
+        args.admin_token,
+        args.redis,
+        ssl_context,
+        redis_cluster=args.redis_cluster,
+    )
+
+
+async def _check_redis(url: str) -> None:
+    """Fail at start, not at the first publish, when the ``redis`` extra is
+    missing or nothing answers ``PING`` at ``url``. Later outages are the
+    broker's to ride out."""
+    try:
+        from redis import asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
+    except ImportError:
+        raise _CannotStart(
+            "--redis needs the redis extra: pip install 'sse_handler[redis]'"
+        ) from None
+    try:
+        client = aioredis.from_url(
+            url, socket_connect_timeout=5, socket_timeout=5, retry=Retry(NoBackoff(), 0)
+        )
+    except ValueError as exc:
+        raise _CannotStart(f"--redis {_redacted(url)}: {exc}") from None
+    try:
+        await client.ping()
+    except (RedisError, OSError) as exc:
+        raise _CannotStart(f"no Redis answers at --redis {_redacted(url)}: {exc}") from None
+    finally:
+        await client.aclose()
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its password, fit for stderr and logs."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
 
 
 class _EncryptedKey(Exception):
