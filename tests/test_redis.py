@@ -211,7 +211,7 @@ async def test_fan_out_and_redis_restart_across_processes(redis_server: RedisSer
     assert codes == [0, 0]
 
 
-async def test_the_engines_are_redis_6_2_and_valkey(redis_server: RedisServer) -> None:
+async def test_the_engines_are_redis_6_2_redis_7_and_valkey(redis_server: RedisServer) -> None:
     client = aioredis.Redis.from_url(redis_server.url)
     info = await client.info("server")
     await client.aclose()
@@ -219,6 +219,8 @@ async def test_the_engines_are_redis_6_2_and_valkey(redis_server: RedisServer) -
         return  # one engine of the runner's choice, whatever it is
     if redis_server.engine == "valkey":
         assert str(info.get("server_name", "")).lower() == "valkey"
+    elif redis_server.engine == "redis7":
+        assert str(info["redis_version"]).startswith("7.")
     else:
         assert str(info["redis_version"]).startswith("6.2.")
 
