@@ -93,6 +93,8 @@ def judge(scenario: Scenario, result: dict[str, Any], log: list[dict[str, Any]])
     """The table's cell: ``ok`` or what went otherwise, from the run and the server's log."""
     events = result["events"]
     end = result["end"]
+    if not log:
+        return f"fails: {_error_type(result)}"  # it never made a request
     if scenario.name == "stop-204":
         if len(log) > 1:
             return "retries after 204"
@@ -132,13 +134,13 @@ def judge_id_only(scenario: Scenario, result: dict[str, Any], log: list[dict[str
     """
     events = result["events"]
     empty = any(e["type"] == "message" and e["data"] == "" for e in events)
-    after = [e for e in events if e["type"] == "after"]
-    if not after or after[0]["data"] != "x":
+    after = [i for i, e in enumerate(events) if e["type"] == "after"]
+    if not after or events[after[0]]["data"] != "x":
         return f"fails: {_error_type(result)}" if result["end"] == "error" else "fails"
     if len(log) > 1:
         kept = log[1]["last_event_id"] == "7"
-    else:
-        kept = after[0]["id"] == "7"
+    else:  # the application must have been shown 7 (as an event's id) by then
+        kept = any(e["id"] == "7" for e in events[: after[0] + 1])
     notes = ["ok" if kept else "id lost"]
     if empty:
         notes.append("empty `message`")
@@ -156,6 +158,8 @@ class Client:
     package: str  #: what to read the version of (npm alias, distribution name)
     version: str = ""
     results: dict[str, str] = field(default_factory=dict)
+    #: per scenario: the Last-Event-ID of each request the server saw, the error if any
+    details: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 CLIENTS = [
@@ -164,7 +168,9 @@ CLIENTS = [
     Client("npm `eventsource` 3", "npm", "eventsource3", "eventsource3"),
     Client("npm `eventsource` 4", "npm", "eventsource4", "eventsource4"),
     Client("npm `eventsource` 5", "npm", "eventsource5", "eventsource5"),
-    Client("npm `eventsource-parser` + `fetch`", "npm", "eventsource-parser", "eventsource-parser"),
+    Client(
+        "npm `eventsource-parser` + `fetch`", "npm", "eventsource-parser", "eventsource-parser"
+    ),
     Client(
         "npm `@microsoft/fetch-event-source`, as is",
         "npm",
@@ -227,8 +233,10 @@ def install(cache: Path) -> None:
     target = cache / f"sseclient-{SSECLIENT}"
     if not (target / "sseclient.py").exists():
         subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"]
-            + ["--target", str(target), f"sseclient=={SSECLIENT}"],
+            [
+                *(sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"),
+                *("--target", str(target), f"sseclient=={SSECLIENT}"),
+            ],
             check=True,
             timeout=300,
         )
@@ -335,9 +343,15 @@ def run_one(
     except subprocess.TimeoutExpired:
         result, extra = {"events": [], "end": "error", "error": "driver overran"}, {}
     time.sleep(0.3)  # let a last reconnection reach the log
-    label = judge(scenario, result, server.log(token))
+    log = server.log(token)
+    label = judge(scenario, result, log)
     if "version" in extra:
         client.version = extra["version"]
+    ids = [r["last_event_id"] for r in log]
+    detail: dict[str, Any] = {"requests": len(ids), "last_event_ids": ids[:3]}
+    if result.get("error"):
+        detail["error"] = re.sub(r"https?://\S+", "URL", str(result["error"]))[:200]
+    client.details[scenario.name] = detail
     return label, result
 
 
@@ -370,7 +384,9 @@ def run(clients: list[Client], *, workers: int = 3, progress: Callable[[str], No
 
 
 def to_json(clients: list[Client]) -> dict[str, Any]:
+    node = subprocess.run(["node", "--version"], capture_output=True, text=True, check=True)
     return {
+        "runtime": {"node": node.stdout.strip(), "python": sys.version.split()[0]},
         "scenarios": [{"name": s.name, "title": s.title} for s in SCENARIOS],
         "clients": [
             {
@@ -378,6 +394,8 @@ def to_json(clients: list[Client]) -> dict[str, Any]:
                 "driver": c.driver,
                 "version": c.version,
                 "results": {s.name: c.results.get(s.name, "not run") for s in SCENARIOS},
+                # not compared (timing varies); what the page's prose is written from
+                "details": {s.name: c.details.get(s.name, {}) for s in SCENARIOS},
             }
             for c in clients
         ],

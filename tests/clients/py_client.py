@@ -34,9 +34,7 @@ def finish(end: str, error: BaseException | str | None = None) -> None:
         _done = True
         out: dict[str, Any] = {"events": list(_events), "end": end}
         if error is not None:
-            out["error"] = (
-                error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-            )
+            out["error"] = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         sys.stdout.write(json.dumps(out) + "\n")
         sys.stdout.flush()
     os._exit(0)  # whatever the client is blocked in

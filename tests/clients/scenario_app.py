@@ -145,7 +145,7 @@ def make_app() -> tornado.web.Application:
         for name, settings in HANDLERS.items()
     ]
     routes += [(r"/log/([^/]+)", LogHandler), (r"/blank", BlankHandler)]
-    return tornado.web.Application(routes)
+    return tornado.web.Application(routes, log_function=lambda handler: None)
 
 
 async def main(port: int) -> None:
