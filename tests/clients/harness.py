@@ -287,7 +287,7 @@ class ScenarioServer:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # "listening on ..." once bound
         if "listening" not in line:
-            self.proc.kill()
+            self.stop()
             raise RuntimeError(f"scenario server did not start: {line!r}")
 
     def log(self, token: str) -> list[dict[str, Any]]:
@@ -301,6 +301,8 @@ class ScenarioServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 def parse_output(stdout: str) -> tuple[dict[str, Any], dict[str, Any]]:
