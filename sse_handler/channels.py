@@ -81,11 +81,14 @@ class ChannelRouter:
         for conn in tuple(self._subscribers.get(channel, ())):
             conn.stop(None, None, reason=CloseReason.BROKER_ERROR)
 
-    async def subscribe(self, conn: ServerSentEventConnection, channel: str) -> None:
+    async def subscribe(self, conn: ServerSentEventConnection, channel: str) -> bool:
+        """Subscribe ``conn``; returns whether the broker was asked (and answered)."""
         # The first local subscriber subscribes the process; the others wait
         # for that to finish, so none counts as live before the broker is.
         pending = self._subscribing.get(channel)
+        asked = False
         if channel not in self._subscribers and pending is None:
+            asked = True
             pending = self._subscribing[channel] = asyncio.ensure_future(
                 self.broker.subscribe(channel)
             )
@@ -100,9 +103,10 @@ class ChannelRouter:
             # stay subscribed, nor keep the process subscribed for nobody.
             if channel not in self._subscribers:
                 spawn(self._unsubscribe_process(channel), f"unsubscribing {channel!r}")
-            return
+            return asked
         self._subscribers.setdefault(channel, set()).add(conn)
         conn.channels.add(channel)
+        return asked
 
     def unsubscribe(self, conn: ServerSentEventConnection, channel: str) -> None:
         conn.channels.discard(channel)

@@ -29,6 +29,7 @@ from .cors import CorsPolicy
 from .errors import ConnectionClosedError, UnknownConnectionError
 from .event import EventFields, ServerSentEvent, as_event, comment_line, encode_retry, event_frame
 from .lifecycle import CloseReason, OverflowPolicy
+from .outage import BrokerOutage
 from .routing import EventStreamRoute
 from .stats import EndpointStats, Snapshot
 from .tasks import log, spawn
@@ -193,6 +194,8 @@ class ServerSentEventHandler:
             self.broker = MemoryBroker()
         #: Channel subscriptions of this handler's connections, over its broker.
         self.router = ChannelRouter(self.broker)
+        #: Logs a broker outage once, with summaries, not once per stream.
+        self.broker_outage = BrokerOutage(type(self).__name__)
         self._cid_prefix = secrets.token_urlsafe(6)
         self._cid_counter = itertools.count()
         self._housekeeping_timer: asyncio.TimerHandle | None = None
@@ -284,9 +287,10 @@ class ServerSentEventHandler:
                 replay = await self.router.replay(conn, last_event_id)
             except BrokerUnavailableError as exc:
                 # Neither a replay nor a reset can be told: come back later.
-                log.warning("Could not replay for connection %s: %s", conn.cid, exc)
+                self.broker_outage.failed("a replay", exc)
                 conn.stop(None, self.jittered_retry(), reason=CloseReason.BROKER_ERROR)
                 return
+            self.broker_outage.succeeded()
         if replay.reset is not None:
             self.counters.resets[replay.reset] += 1
             conn.send(event="reset", data={"reason": replay.reset})
@@ -496,15 +500,23 @@ class ServerSentEventHandler:
         are held by the router until the head (and the replay, if any) has gone out.
         """
         self.router.hold(conn)
+        asked = False
         try:
             for channel in channels:
-                await self.router.subscribe(conn, channel)
+                asked = await self.router.subscribe(conn, channel) or asked
+        except BrokerUnavailableError as exc:
+            # An outage is logged once (and summed up), not per stream.
+            self.broker_outage.failed("subscribing", exc)
+            self._turn_away(conn, head, CloseReason.BROKER_ERROR)
+            return
         except Exception:
-            # BrokerUnavailableError, or a broker's own bug: either way this
-            # connection is turned away, not left holding its socket.
+            # A broker's own bug: this connection is turned away, not left
+            # holding its socket.
             log.exception("Could not subscribe connection %s", conn.cid)
             self._turn_away(conn, head, CloseReason.BROKER_ERROR)
             return
+        if asked:
+            self.broker_outage.succeeded()
         if conn.close_reason is not None:
             return  # the client left while the channels were subscribed
         if self._shutting_down:

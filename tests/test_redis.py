@@ -740,3 +740,49 @@ async def test_errors_do_not_show_the_password_of_the_url() -> None:
         assert f"redis://app:***@127.0.0.1:{port}/0" in str(failed.value)
     finally:
         await broker.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_broker_outage_is_logged_once_with_summaries_not_per_stream(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Issue "Ready for PyPI": while Redis was down every turned-away stream
+    # logged a ~60-line traceback.
+    broker = RedisBroker(redis_server.url, block=0.3, max_backoff=0.2, timeout=0.5, retries=0)
+    handler = ServerSentEventHandler(broker=broker, reconnect_retry=(1000, 2000))
+    handler.broker_outage.summary_every = 0.3
+    caplog.set_level(logging.WARNING)
+    async with serve([handler.route("/events")], handler) as server:
+        watcher = await server.stream("/events?channel=watched")
+        await wait_until(lambda: len(handler.subscribers("watched")) == 1)
+        redis_server.kill()
+        loop = asyncio.get_running_loop()
+        turned_away = 0
+        deadline = loop.time() + 20
+
+        def summaries() -> int:
+            return sum("still unavailable" in r.getMessage() for r in caplog.records)
+
+        while turned_away < 20 or summaries() == 0:
+            assert loop.time() < deadline
+            client = await server.stream(f"/events?channel=user{turned_away}")
+            with pytest.raises(StreamEnded):
+                await client.next_event(timeout=10)
+            assert client.parser.retry is not None  # a retry hint, then the close
+            client.close()
+            turned_away += 1
+        redis_server.start()
+        back = await server.stream("/events?channel=after")
+        await wait_until(lambda: len(handler.subscribers("after")) == 1, timeout=10)
+        await wait_until(lambda: broker.reader_healthy, timeout=10)
+        back.close()
+        watcher.close()
+    await broker.close()
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("sse_handler")]
+    # The reader, retrying every 0.2 s meanwhile, said it once too.
+    assert sum("reader of" in m and "lost Redis" in m for m in messages) == 1
+    assert sum("reader of" in m and "is back" in m for m in messages) == 1
+    assert sum("the broker is unavailable" in m for m in messages) == 1
+    assert summaries() >= 1
+    assert sum("the broker is back" in m for m in messages) == 1
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]

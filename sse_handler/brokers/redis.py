@@ -441,6 +441,9 @@ class RedisBroker:
         self._closed = False
         self._healthy = True
         self._error: str | None = None
+        #: While the reader cannot reach Redis: since when, and when it last said so.
+        self._down_since: float | None = None
+        self._down_logged = 0.0
         #: Times the supervisor restarted the reader after an unexpected error.
         self.reader_restarts = 0
         #: Entries and messages skipped because sse_handler did not write them.
@@ -461,6 +464,37 @@ class RedisBroker:
     def _read_failed(self, exc: BaseException) -> None:
         self._healthy = False
         self._error = f"{type(exc).__name__}: {exc}"
+
+    def _log_read_failure(self, exc: BaseException) -> None:
+        """One WARNING when the reader loses Redis, a summary a minute while it
+        stays away (it retries every ``max_backoff`` seconds at most)."""
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = self._down_logged = now
+            log.warning(
+                "The Redis reader of %s lost Redis (%s); retrying, with backoff up to %.1f s",
+                self._where,
+                exc,
+                self.max_backoff,
+            )
+        elif now - self._down_logged >= _WARN_EVERY:
+            self._down_logged = now
+            log.warning(
+                "The Redis reader of %s still cannot reach Redis after %.0f s (%s)",
+                self._where,
+                now - self._down_since,
+                exc,
+            )
+
+    def _read_recovered(self) -> None:
+        self._healthy = True
+        if self._down_since is not None:
+            log.warning(
+                "The Redis reader of %s is back after %.0f s",
+                self._where,
+                time.monotonic() - self._down_since,
+            )
+            self._down_since = None
 
     # ------------------------------------------------------------ keys
 
@@ -663,7 +697,7 @@ class RedisBroker:
                     await self._on_message(message)
             except (RedisError, OSError) as exc:
                 self._read_failed(exc)
-                log.warning("Redis read failed (%s); retrying in %.2f s", exc, backoff)
+                self._log_read_failure(exc)
                 await self._drop_pubsub()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
@@ -705,7 +739,7 @@ class RedisBroker:
             if self._resyncing and not self._unconfirmed:
                 await self._catch_up()
             elif not self._resyncing:
-                self._healthy = True
+                self._read_recovered()
             return
         if kind != "message":
             return
@@ -753,7 +787,7 @@ class RedisBroker:
                 message_delivery = self._message_delivery(channel, data)
                 if message_delivery is not None:
                     self._live(message_delivery)
-        self._healthy = True
+        self._read_recovered()
 
     def _caught_up(
         self, channels: list[str], starts: list[Position], snapshot: _Snapshot
