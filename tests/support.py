@@ -318,3 +318,11 @@ class LoggedDemoProcess(DemoProcess):
         code = await asyncio.wait_for(self.proc.wait(), 10)
         self.stderr = b"".join(self._lines).decode(errors="replace")
         return code
+
+    def assert_clean_log(self) -> None:
+        """After :meth:`stop`: no traceback and no ERROR line in the log."""
+        tracebacks = self.stderr.count("Traceback")
+        first = max(0, self.stderr.find("Traceback") - 300)
+        excerpt = self.stderr[first : first + 4000]
+        assert tracebacks == 0, f"{tracebacks} tracebacks in the log, the first:\n{excerpt}"
+        assert [line for line in self.stderr.splitlines() if " ERROR " in line] == []
