@@ -154,12 +154,16 @@ async def until_no_connections(procs: list[LoggedDemoProcess], timeout: float) -
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("restarted", [False, True], ids=["same_processes", "restarted"])
 @pytest.mark.parametrize("redis_server", ["redis"], indirect=True)
 async def test_reconnect_storm_across_two_processes(
-    fd_limit: int, redis_server: RedisServer
+    fd_limit: int, redis_server: RedisServer, restarted: bool
 ) -> None:
+    """``restarted``: both processes are replaced while the clients are away (a
+    deploy), so the storm meets brokers that subscribe their first channels."""
     procs = [LoggedDemoProcess("--redis", redis_server.url) for _ in range(2)]
     await asyncio.gather(*(p.start() for p in procs))
+    stopped: list[LoggedDemoProcess] = []
     publisher = RedisBroker(redis_server.url)
     loop = asyncio.get_running_loop()
     clients = [Client(i, channel_of(i)) for i in range(N)]
@@ -175,6 +179,10 @@ async def test_reconnect_storm_across_two_processes(
             client.stream.abort()
         # Both processes have let go of every stream (and so of its channels).
         await until_no_connections(procs, timeout=STEP_TIMEOUT)
+        if restarted:
+            stopped, procs = procs, [LoggedDemoProcess("--redis", redis_server.url) for _ in procs]
+            assert await asyncio.gather(*(p.stop() for p in stopped)) == [0, 0]
+            await asyncio.gather(*(p.start() for p in procs))
 
         missed: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
         for n in range(MISSED):
@@ -212,9 +220,11 @@ async def test_reconnect_storm_across_two_processes(
         if c.trouble is None
         and c.replayed + c.live != [*missed[c.channel], during[c.channel], after[c.channel]]
     ]
-    warnings = [line for p in procs for line in p.stderr.splitlines() if " WARNING " in line]
+    logged = [p.stderr for p in [*stopped, *procs]]
+    warnings = [line for log in logged for line in log.splitlines() if " WARNING " in line]
     print(
-        f"\nreconnect storm, {N} clients on {len(channels)} channels, 2 processes: every "
+        f"\nreconnect storm, {N} clients on {len(channels)} channels, 2 "
+        f"{'restarted' if restarted else 'running'} processes: every "
         f"client back (replay and welcome) {back_in:.2f} s after the storm began; the last "
         f"replay complete at {max(replayed_in, default=float('nan')):.2f} s (median "
         f"{sorted(replayed_in)[len(replayed_in) // 2] if replayed_in else float('nan'):.2f} s); "
@@ -226,5 +236,5 @@ async def test_reconnect_storm_across_two_processes(
     assert len(wrong_replay) == 0, f"replay differs from what was missed, e.g. {examples[:3]}"
     examples = [(c.channel, c.last_event_id, c.replayed, c.live) for c in wrong]
     assert len(wrong) == 0, f"{len(wrong)} clients got other events, e.g. {examples[:3]}"
-    for proc in procs:
+    for proc in [*stopped, *procs]:
         proc.assert_clean_log()
