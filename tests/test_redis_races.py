@@ -15,6 +15,7 @@ scale-out storms of issue 11, reduced here to a few calls each).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from redis_server import RedisServer
 from support import serve, wait_until
@@ -23,13 +24,15 @@ from sse_handler import ServerSentEvent, ServerSentEventHandler
 from sse_handler.brokers import Delivery
 from sse_handler.brokers.redis import RedisBroker
 
-#: Short timeouts, so that a subscription that is never confirmed fails in
-#: about 2 s instead of the default 10 s.
-FAST = {"timeout": 1.0, "block": 1.0}
+
+def fast_broker(url: str) -> RedisBroker:
+    """Short timeouts: a subscription that is never confirmed fails in about
+    2 s instead of the default 10 s."""
+    return RedisBroker(url, timeout=1.0, block=1.0)
 
 
 async def test_concurrent_first_subscribes_are_all_confirmed(redis_server: RedisServer) -> None:
-    broker = RedisBroker(redis_server.url, **FAST)
+    broker = fast_broker(redis_server.url)
     got: list[Delivery] = []
     broker.add_listener(got.append)
     channels = [f"user-{i}" for i in range(100)]
@@ -46,12 +49,16 @@ async def test_concurrent_first_subscribes_are_all_confirmed(redis_server: Redis
         await broker.close()
 
 
+def reading(handler: ServerSentEventHandler, channel: str) -> Callable[[], bool]:
+    return lambda: len(handler.subscribers(channel)) == 1
+
+
 async def test_a_fresh_handler_takes_a_storm_of_first_subscriptions(
     redis_server: RedisServer,
 ) -> None:
     """A plain handler on a broker that has subscribed nothing yet: 100 clients
     arrive at once, each on a channel of its own (per-user channels)."""
-    broker = RedisBroker(redis_server.url, **FAST)
+    broker = fast_broker(redis_server.url)
     handler = ServerSentEventHandler(broker=broker)
     try:
         async with serve([handler.route("/events")], handler) as server:
@@ -59,19 +66,21 @@ async def test_a_fresh_handler_takes_a_storm_of_first_subscriptions(
             clients = await asyncio.gather(
                 *(server.stream(f"/events?channel={c}") for c in channels)
             )
-            for client in clients:
-                assert client.status == 200
-                assert "Content-Length" not in client.headers, "turned away"
-            subscribed = await asyncio.gather(
-                *(wait_until(lambda c=c: len(handler.subscribers(c)) == 1) for c in channels),
-                return_exceptions=True,
-            )
-            missing = [c for c, result in zip(channels, subscribed, strict=True) if result]
-            assert missing == [], f"{len(missing)} clients were never subscribed"
-            for channel, client in zip(channels, clients, strict=True):
-                await handler.publish(channel, data=channel)
-                assert (await client.next_event()).data == channel
-                client.close()
+            try:
+                for client in clients:
+                    assert client.status == 200
+                    assert "Content-Length" not in client.headers, "turned away"
+                subscribed = await asyncio.gather(
+                    *(wait_until(reading(handler, c)) for c in channels), return_exceptions=True
+                )
+                missing = [c for c, result in zip(channels, subscribed, strict=True) if result]
+                assert missing == [], f"{len(missing)} clients were never subscribed"
+                for channel, client in zip(channels, clients, strict=True):
+                    await handler.publish(channel, data=channel)
+                    assert (await client.next_event()).data == channel
+            finally:
+                for client in clients:
+                    client.close()
     finally:
         await broker.close()
 
@@ -79,7 +88,7 @@ async def test_a_fresh_handler_takes_a_storm_of_first_subscriptions(
 async def test_unsubscribes_while_the_broker_closes_end_quietly(
     redis_server: RedisServer,
 ) -> None:
-    broker = RedisBroker(redis_server.url, **FAST)
+    broker = fast_broker(redis_server.url)
     channels = [f"user-{i}" for i in range(10)]
     for channel in channels:
         await broker.subscribe(channel)

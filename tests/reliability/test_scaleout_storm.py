@@ -186,10 +186,9 @@ async def test_reconnect_storm_across_two_processes(
 
         missed: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
         for n in range(MISSED):
-            for channel, event in (
-                await publish_to_each(publisher, channels, f"missed {n}")
-            ).items():
-                missed[channel].append(event)
+            published = await publish_to_each(publisher, channels, f"missed {n}")
+            for channel, sent in published.items():
+                missed[channel].append(sent)
 
         storm_at = loop.time()
         _, during = await asyncio.gather(
