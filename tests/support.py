@@ -284,3 +284,45 @@ class DemoProcess:
             f"/publish?channel={channel}", method="POST", body=data.encode()
         )
         return response.code, json.loads(response.body) if response.body else {}
+
+
+class LoggedDemoProcess(DemoProcess):
+    """A :class:`DemoProcess` whose stderr is read while it runs, into :attr:`stderr`.
+
+    ``keep_stderr`` alone reads the pipe only at :meth:`stop`: a process that
+    logs more than the pipe holds (64 KiB on Linux) meanwhile blocks on its
+    next log line. This one drains it as it comes.
+    """
+
+    def __init__(self, *args: str) -> None:
+        super().__init__(*args, keep_stderr=True)
+        self._lines: list[bytes] = []
+        self._drain: asyncio.Task[None] | None = None
+
+    async def start(self, timeout: float = 15.0) -> DemoProcess:
+        # Starting logs one line: the pipe cannot fill before the drain begins.
+        await super().start(timeout)
+        assert self.proc is not None and self.proc.stderr is not None
+        self._drain = asyncio.ensure_future(self._read(self.proc.stderr))
+        return self
+
+    async def _read(self, stderr: asyncio.StreamReader) -> None:
+        while line := await stderr.readline():
+            self._lines.append(line)
+
+    async def stop(self) -> int:
+        assert self.proc is not None and self._drain is not None
+        if self.proc.returncode is None:
+            self.proc.terminate()
+        await asyncio.wait_for(self._drain, 10)  # EOF: the process closed its stderr
+        code = await asyncio.wait_for(self.proc.wait(), 10)
+        self.stderr = b"".join(self._lines).decode(errors="replace")
+        return code
+
+    def assert_clean_log(self) -> None:
+        """After :meth:`stop`: no traceback and no ERROR line in the log."""
+        tracebacks = self.stderr.count("Traceback")
+        first = max(0, self.stderr.find("Traceback") - 300)
+        excerpt = self.stderr[first : first + 4000]
+        assert tracebacks == 0, f"{tracebacks} tracebacks in the log, the first:\n{excerpt}"
+        assert [line for line in self.stderr.splitlines() if " ERROR " in line] == []
