@@ -617,8 +617,15 @@ class RedisBroker:
         if self._reader is None:
             self._reader = spawn(self._supervise(), f"the Redis reader of {self._where}")
         try:
-            if self._pubsub is not None and self._pubsub.connection is not None:
-                await self._pubsub.subscribe(topic)
+            pubsub = self._pubsub
+            if pubsub is not None:
+                try:
+                    await pubsub.subscribe(topic)
+                except Exception:
+                    if pubsub is self._pubsub:
+                        raise
+                    # The connection was replaced meanwhile: the new one
+                    # subscribes every channel wanted when it opens.
             self._wake.set()
             # Confirmed once Redis sends the reader its "subscribe" reply:
             # from then on every publish reaches this process.
@@ -636,11 +643,15 @@ class RedisBroker:
             return
         self._forget(channel)
         pubsub = self._pubsub
-        if pubsub is not None and pubsub.connection is not None:
-            try:
-                await pubsub.unsubscribe(topic)
-            except (RedisError, OSError):
-                pass  # a reconnect subscribes only what is still wanted
+        if pubsub is None or self._closed:
+            return
+        try:
+            await pubsub.unsubscribe(topic)
+        except Exception:
+            # Failed, or the connection was closed or replaced under it: a
+            # reconnect subscribes only what is still wanted, and a message
+            # of a channel no longer wanted is skipped. Nothing to report.
+            log.debug("UNSUBSCRIBE %r failed", topic, exc_info=True)
 
     def _forget(self, channel: str) -> None:
         topic = self._topics.pop(channel, None)
@@ -715,6 +726,14 @@ class RedisBroker:
         self._held = []
         try:
             await pubsub.subscribe(*topics)
+            # Channels subscribe() registered while that went out: it saw no
+            # connection, so they are this one's to subscribe. No await
+            # between the last check and publishing the connection.
+            sent = set(topics)
+            while missing := [t for t in self._channels if t not in sent]:
+                self._unconfirmed.update(missing)
+                await pubsub.subscribe(*missing)
+                sent.update(missing)
         except BaseException:
             await pubsub.aclose()
             raise
@@ -1014,6 +1033,9 @@ class RedisBroker:
 
     async def close(self) -> None:
         self._closed = True
+        for ack in self._acks.values():
+            if not ack.done():
+                ack.set_exception(BrokerUnavailableError("the broker is closing"))
         for task in [self._reader, *self._pruning.values()]:
             if task is not None:
                 task.cancel()
