@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
-from collections.abc import Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 from ..brokers import Broker, Delivery, Listener, Replay
@@ -70,10 +71,12 @@ class SharedBroker:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self._views_reading: collections.Counter[str] = collections.Counter()
-        # Subscribing and unsubscribing one at a time: a channel's first view
-        # must not count as live before the broker is, nor its last view's
-        # unsubscribe overtake a new subscribe.
-        self._lock = asyncio.Lock()
+        # Subscribing and unsubscribing one at a time per channel: a channel's
+        # first view must not count as live before the broker is, nor its last
+        # view's unsubscribe overtake a new subscribe. Different channels go
+        # on at once (a reconnect storm subscribes thousands).
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._lock_users: collections.Counter[str] = collections.Counter()
 
     def views_reading(self, channel: str) -> int:
         """How many views are subscribed to ``channel``."""
@@ -83,14 +86,29 @@ class SharedBroker:
         """A broker for one handler; ``transform`` rewrites what it delivers and replays."""
         return BrokerView(self, transform)
 
+    @contextlib.asynccontextmanager
+    async def _channel_lock(self, channel: str) -> AsyncIterator[None]:
+        lock = self._locks.get(channel)
+        if lock is None:
+            lock = self._locks[channel] = asyncio.Lock()
+        self._lock_users[channel] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._lock_users[channel] -= 1
+            if not self._lock_users[channel]:
+                del self._lock_users[channel]
+                del self._locks[channel]
+
     async def _subscribe(self, channel: str) -> None:
-        async with self._lock:
+        async with self._channel_lock(channel):
             if not self._views_reading[channel]:
                 await self.broker.subscribe(channel)
             self._views_reading[channel] += 1
 
     async def _unsubscribe(self, channel: str) -> None:
-        async with self._lock:
+        async with self._channel_lock(channel):
             self._views_reading[channel] -= 1
             if not self._views_reading[channel]:
                 del self._views_reading[channel]
