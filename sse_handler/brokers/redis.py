@@ -289,6 +289,13 @@ GapListener = Callable[[str], None]
 
 
 @dataclass(slots=True)
+class _ReplayBatch:
+    """A replay read not started yet, and what it will answer."""
+
+    result: asyncio.Future[Replay]
+
+
+@dataclass(slots=True)
 class _Snapshot:
     """What the read script returned for one group."""
 
@@ -428,6 +435,13 @@ class RedisBroker:
         self._seen: dict[str, Position] = {}
         #: Subscriptions not confirmed yet, and what waits for them.
         self._acks: dict[bytes, asyncio.Future[None]] = {}
+        #: Channels to send the next SUBSCRIBE for, and the task sending it.
+        self._outgoing: list[bytes] = []
+        self._sending: asyncio.Future[Any] | None = None
+        #: Replays not started yet, by (channels, cursor): a client asking for
+        #: the same joins (see replay()); and how many may read at once.
+        self._replays: dict[tuple[tuple[str, ...], str], _ReplayBatch] = {}
+        self._replay_slots = asyncio.Semaphore(max_connections)
         #: While catching up after a reconnect: topics still to be confirmed
         #: and the messages that arrived meanwhile.
         self._resyncing = False
@@ -603,13 +617,18 @@ class RedisBroker:
             return
         group = self.group(channel)
         topic = self._topic(channel)
-        # Events up to the sequence's last id now were published before this
-        # call: a catch-up after a reconnect need not read further back.
-        try:
-            last = await self._redis.hget(self._sequence_key(group), "last")
-        except (RedisError, OSError) as exc:
-            raise _unavailable(self._where, exc) from exc
-        self._floors[channel] = (last and _position(_text(last))) or (0, 0)
+        # A catch-up after a reconnect need not read further back than what
+        # was published before this call: the newest event the reader has
+        # delivered, or (when it has delivered none of the group) the
+        # sequence's last id now.
+        floor = self._seen.get(group)
+        if floor is None:
+            try:
+                last = await self._redis.hget(self._sequence_key(group), "last")
+            except (RedisError, OSError) as exc:
+                raise _unavailable(self._where, exc) from exc
+            floor = (last and _position(_text(last))) or (0, 0)
+        self._floors[channel] = floor
         self._groups[channel] = group
         self._topics[channel] = topic
         self._channels[topic] = channel
@@ -617,15 +636,10 @@ class RedisBroker:
         if self._reader is None:
             self._reader = spawn(self._supervise(), f"the Redis reader of {self._where}")
         try:
-            pubsub = self._pubsub
-            if pubsub is not None:
-                try:
-                    await pubsub.subscribe(topic)
-                except Exception:
-                    if pubsub is self._pubsub:
-                        raise
-                    # The connection was replaced meanwhile: the new one
-                    # subscribes every channel wanted when it opens.
+            if self._pubsub is not None:
+                self._outgoing.append(topic)
+                if self._sending is None:
+                    self._sending = spawn(self._send_subscribes(), "sending SUBSCRIBE")
             self._wake.set()
             # Confirmed once Redis sends the reader its "subscribe" reply:
             # from then on every publish reaches this process.
@@ -636,6 +650,30 @@ class RedisBroker:
         except BaseException:
             self._forget(channel)
             raise
+
+    async def _send_subscribes(self) -> None:
+        """One ``SUBSCRIBE`` for the channels subscribe() queued meanwhile (a
+        reconnect storm subscribes thousands in a few loop turns)."""
+        try:
+            await asyncio.sleep(0)
+            while self._outgoing:
+                batch = [t for t in self._outgoing if t in self._channels]
+                self._outgoing = []
+                pubsub = self._pubsub
+                if pubsub is None or not batch:
+                    continue  # a connection that opens subscribes every wanted channel
+                try:
+                    await pubsub.subscribe(*batch)
+                except Exception as exc:
+                    if pubsub is not self._pubsub:
+                        continue  # replaced meanwhile: the new one subscribes them
+                    failure = _unavailable(self._where, exc)
+                    for topic in batch:
+                        ack = self._acks.get(topic)
+                        if ack is not None and not ack.done():
+                            ack.set_exception(failure)
+        finally:
+            self._sending = None
 
     async def unsubscribe(self, channel: str) -> None:
         topic = self._topics.get(channel)
@@ -948,6 +986,38 @@ class RedisBroker:
         return _position(event_id)
 
     async def replay(self, channels: Collection[str], last_event_id: str) -> Replay:
+        """The events of ``channels`` after ``last_event_id``.
+
+        Reads wait for one of ``max_connections`` slots; while a read waits,
+        another client asking for the same channels and cursor joins it (a
+        reconnect storm: thousands with the same few cursors), so one read
+        answers them all. A read starts only after every client that joined
+        had subscribed: none misses what was published in between.
+        """
+        key = (tuple(sorted(set(channels))), last_event_id)
+        batch = self._replays.get(key)
+        if batch is None:
+            batch = self._replays[key] = _ReplayBatch(asyncio.get_running_loop().create_future())
+            spawn(self._run_replay(key, batch), "a replay")
+        return await asyncio.shield(batch.result)
+
+    async def _run_replay(self, key: tuple[tuple[str, ...], str], batch: _ReplayBatch) -> None:
+        try:
+            async with self._replay_slots:
+                if self._replays.get(key) is batch:
+                    del self._replays[key]  # started: later clients start their own
+                replay = await self._replay(list(key[0]), key[1])
+        except BaseException as exc:
+            self._replays.pop(key, None) if self._replays.get(key) is batch else None
+            if not batch.result.done():
+                batch.result.set_exception(exc)
+                batch.result.exception()  # retrieved, even when no one waits any more
+            if not isinstance(exc, Exception):
+                raise
+            return
+        batch.result.set_result(replay)
+
+    async def _replay(self, channels: list[str], last_event_id: str) -> Replay:
         by_group: dict[str, list[str]] = {}
         for channel in channels:
             by_group.setdefault(self.group(channel), []).append(channel)
