@@ -372,6 +372,7 @@ def figures(r: dict[str, Any]) -> dict[str, float]:
             "complete": d["complete_streams"],
             "reconnecting": d["reconnecting"],
             "disconnected": d["disconnected"],
+            "retried": d.get("retried", 0),
         }
     else:
         lat = d.get("latency_ms", {})
@@ -512,7 +513,9 @@ def section(results: dict[str, Any]) -> str:
             "first reconnect dial to the moment a client has every event (the last "
             "client: the storm's length). Lost = (events x clients) - distinct "
             "(client, event) received; duplicated = an event a client received twice "
-            "over its two connections.",
+            "over its connections. A stream that the server closes after the reconnect "
+            "comes back with its `Last-Event-ID` after the `retry` the server sent (3 s "
+            "without one), as an EventSource does.",
             "",
             "| figure | " + " | ".join(servers) + " | sse_handler ÷ nchan | paired |",
             "|---|" + "---:|" * len(servers) + "---:|---|",
@@ -535,7 +538,8 @@ def section(results: dict[str, Any]) -> str:
             ("duplicated, worst run", "duplicates"),
             ("reset events, worst run", "resets"),
             ("failed reconnects, worst run", "reconnect_failed"),
-            ("streams ended by the server, worst run", "disconnected"),
+            ("streams the server closed after the reconnect, worst run", "disconnected"),
+            ("… reopened after the retry delay, worst run", "retried"),
         ):
             cells = [_fmt(worst(sc, s, key), ".0f") for s in servers]
             out.append(f"| {label} | " + " | ".join(cells) + " | | |")

@@ -20,7 +20,10 @@ package main
 // (at most -replay-limit) until every stream has every seq: the time from the
 // reconnect to the last stream's full replay, the events lost (a seq a stream
 // never got), duplicated (a seq it got twice, over either connection), and
-// the reset events and failed reconnects.
+// the reset events and failed reconnects. A stream that the server closes
+// after the reconnect comes back (with Last-Event-ID, on the same address)
+// after the retry field the server sent, or 3 s without one, as an
+// EventSource would; "retried" counts those second reconnects.
 
 import (
 	"net"
@@ -90,8 +93,50 @@ func (s *stream) reopen() bool {
 	return true
 }
 
-// fields notes an event's id and counts reset events (storm only).
+// defaultRetry is how long a stream waits to reopen after the server closed
+// it when the server sent no retry field (browsers wait about 3 s).
+const defaultRetry = 3 * time.Second
+
+type redial struct {
+	s  *stream
+	at time.Time
+}
+
+// retryLater reopens s after its retry delay: during the storm's replay the
+// clients behave as an EventSource does when the server closes its stream.
+func (r *receiver) retryLater(s *stream) {
+	delay := defaultRetry
+	if s.retryMs > 0 {
+		delay = time.Duration(s.retryMs) * time.Millisecond
+	}
+	r.redial = append(r.redial, redial{s, time.Now().Add(delay)})
+}
+
+// redialDue reopens the streams whose retry delay has passed.
+func (r *receiver) redialDue() {
+	now := time.Now()
+	keep := r.redial[:0]
+	for _, d := range r.redial {
+		if now.Before(d.at) || !d.s.reopen() {
+			if now.Before(d.at) {
+				keep = append(keep, d)
+			}
+			continue
+		}
+		r.retried++
+		r.dial(d.s)
+	}
+	r.redial = keep
+}
+
+// fields notes an event's id and retry, and counts reset events (storm only).
 func (t *tally) fields(s *stream, line []byte) {
+	if len(line) >= 6 && string(line[:6]) == "retry:" {
+		if ms, err := strconv.ParseInt(strings.TrimSpace(string(line[6:])), 10, 64); err == nil {
+			s.retryMs = ms
+		}
+		return
+	}
 	if len(line) >= 3 && string(line[:3]) == "id:" {
 		v := line[3:]
 		if len(v) > 0 && v[0] == ' ' {
@@ -237,6 +282,8 @@ func storm(cfg config, r *receiver, connected int, connectedCh <-chan float64, s
 		"replay_done_ms":         percentiles(done),
 		"disconnected":           r.disconnect.Load(),
 		"first_disconnect_error": r.endErr,
+		"retried":                r.retried,
+		"retry_pending":          len(r.redial),
 	}
 }
 

@@ -60,6 +60,7 @@ type stream struct {
 	lastID     string // the id of the last event dispatched (Last-Event-ID)
 	got        int    // seqs received (each once)
 	wanted     bool   // open when the storm disconnected it: reconnects
+	retryMs    int64  // the last retry field (0: none)
 }
 
 // tally counts the deliveries of a set of streams: all of them in the epoll
@@ -127,6 +128,8 @@ type receiver struct {
 	cmd     chan string             // the loop's commands: disconnect, reconnect
 	ack     chan struct{}           // the loop has done a disconnect
 	wantedN int                     // streams the disconnect closed
+	redial  []redial                // storm: streams the server closed, to reopen
+	retried int                     // storm: reopened after the server closed them
 }
 
 func newReceiver(cfg config, scheduled int) (*receiver, error) {
@@ -192,6 +195,9 @@ func (r *receiver) run(connected chan<- float64) {
 				r.handle(s, events[i].Events)
 			}
 		}
+		if len(r.redial) > 0 {
+			r.redialDue()
+		}
 		if phase && time.Since(lastSweep) > 100*time.Millisecond {
 			lastSweep = time.Now()
 			r.sweepTimeouts()
@@ -217,29 +223,34 @@ func (r *receiver) dialMore() {
 		} else if !s.reopen() {
 			continue
 		}
-		r.opening++
-		fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC, 0)
-		if err != nil {
+		r.dial(s)
+	}
+}
+
+// dial opens the connection of stream s (a new one, or one to reopen).
+func (r *receiver) dial(s *stream) {
+	r.opening++
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		r.failOpen(s, err)
+		return
+	}
+	s.fd = fd
+	r.byFd[fd] = s
+	if s.frozen {
+		if err := r.frozenOptions(fd); err != nil {
 			r.failOpen(s, err)
-			continue
+			return
 		}
-		s.fd = fd
-		r.byFd[fd] = s
-		if s.frozen {
-			if err := r.frozenOptions(fd); err != nil {
-				r.failOpen(s, err)
-				continue
-			}
-		}
-		err = syscall.Connect(fd, r.addrOf(s))
-		if err != nil && err != syscall.EINPROGRESS {
-			r.failOpen(s, err)
-			continue
-		}
-		ev := syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLOUT | syscall.EPOLLRDHUP, Fd: int32(fd)}
-		if err := syscall.EpollCtl(r.epfd, syscall.EPOLL_CTL_ADD, fd, &ev); err != nil {
-			r.failOpen(s, err)
-		}
+	}
+	err = syscall.Connect(fd, r.addrOf(s))
+	if err != nil && err != syscall.EINPROGRESS {
+		r.failOpen(s, err)
+		return
+	}
+	ev := syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLOUT | syscall.EPOLLRDHUP, Fd: int32(fd)}
+	if err := syscall.EpollCtl(r.epfd, syscall.EPOLL_CTL_ADD, fd, &ev); err != nil {
+		r.failOpen(s, err)
 	}
 }
 
@@ -321,6 +332,9 @@ func (r *receiver) handle(s *stream, ev uint32) {
 			}
 		}
 		r.finish(s)
+		if r.resume && !r.stop.Load() {
+			r.retryLater(s) // the storm: back with Last-Event-ID, as a browser
+		}
 		return
 	}
 	r.now = time.Now().UnixNano()
