@@ -8,6 +8,8 @@ From the repository root::
     python -m bench --render       # the doc again, from the latest raw results of each scenario
     python -m bench --render bench/.build/results-STAMP.json ...   # ... or from these
     python -m bench --baseline main~3   # also sse_handler as of main~3, side by side
+    python -m bench --scenarios scaleout,storm,perchannel --servers sse_handler,nchan
+                                   # scale-out on Redis (bench/scaleout.py): 2 processes each
 
 The servers run on core 0 and the Go load generator on core 1 (``taskset``).
 ``--baseline REF`` adds sse_handler as it was at git ref REF (``git archive``
@@ -34,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import scaleout
 from .hotspots import hot_spots, render
 from .report import (
     Source,
@@ -185,7 +188,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--servers", help="comma-separated subset of: " + ", ".join(s.name for s in SERVERS)
     )
-    p.add_argument("--scenarios", help="comma-separated subset of the scenario names")
+    p.add_argument(
+        "--scenarios",
+        help="comma-separated subset of the scenario names; scale-out on Redis (not "
+        "with the others): " + ", ".join(scaleout.SCALEOUT),
+    )
     p.add_argument("--duration", type=float, help="seconds of publishing per run (override)")
     p.add_argument(
         "--profile",
@@ -398,25 +405,27 @@ def _write_doc(picks: Sequence[tuple[dict[str, Any], Sequence[str]]], doc: Path)
     method += METHOD_TLS if any(sc.tls for sc in scenarios) else ""
     method += METHOD_BASELINE if baseline_of else ""
     notes = BENCH / "notes.md"
-    doc.write_text(
-        render_doc(
-            sources=sources,
-            machine=picks[-1][0]["machine"],
-            scenarios=scenarios,
-            servers=servers,
-            med=med,
-            per_run=per_run,
-            errors=errors,
-            profile_md="\n".join(profiles) or None,
-            method_md=method,
-            notes_md=notes.read_text() if notes.exists() else None,
-            frozen_server=frozen_server,
-            baseline_of=baseline_of,
-            tls_plain=tls_plain,
-            negotiated=_negotiated(scenarios, raw),
-            failed=_failed(errors),
-        )
+    text = render_doc(
+        sources=sources,
+        machine=picks[-1][0]["machine"],
+        scenarios=scenarios,
+        servers=servers,
+        med=med,
+        per_run=per_run,
+        errors=errors,
+        profile_md="\n".join(profiles) or None,
+        method_md=method,
+        notes_md=notes.read_text() if notes.exists() else None,
+        frozen_server=frozen_server,
+        baseline_of=baseline_of,
+        tls_plain=tls_plain,
+        negotiated=_negotiated(scenarios, raw),
+        failed=_failed(errors),
     )
+    redis_results = scaleout.latest_results()
+    if redis_results is not None:  # the latest scale-out invocation's section
+        text = scaleout.splice(text, scaleout.section(redis_results))
+    doc.write_text(text)
     _log(f"wrote {doc}: " + "; ".join(f"{', '.join(n)} from {s.command}" for s, n in zip(
         sources, (names for _, names in picks), strict=True
     )))  # fmt: skip
@@ -458,6 +467,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv_list = list(sys.argv[1:] if argv is None else argv)
     if args.render is not None:
         return _render(args.render, args.doc or DOC)
+    asked = [n.strip() for n in (args.scenarios or "").split(",") if n.strip()]
+    if any(n in scaleout.SCALEOUT for n in asked):
+        return _scaleout(args, asked, argv_list)
     scenarios: list[Scenario] = _select(QUICK if args.quick else FULL, args.scenarios, "scenario")
     if args.duration:
         scenarios = [
@@ -586,6 +598,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     for e in errors:
         _log(f"FAILED {e}")
     return 1 if errors else 0
+
+
+def _scaleout(args: argparse.Namespace, names: list[str], argv: list[str]) -> int:
+    """The scale-out scenarios on Redis (bench/scaleout.py): their own runs, their
+    own raw results (``bench/.build/scaleout-results-*.json``) and their section of
+    the doc, spliced into it in place."""
+    other = [n for n in names if n not in scaleout.SCALEOUT]
+    if other:
+        raise SystemExit(f"the scale-out scenarios run on their own, not with: {', '.join(other)}")
+    known = ("sse_handler", "nchan")
+    servers = [s.strip() for s in (args.servers or ",".join(known)).split(",") if s.strip()]
+    if any(s not in known for s in servers):
+        raise SystemExit(f"the scale-out scenarios know the servers {', '.join(known)}")
+    nchan = next(s for s in SERVERS if s.name == "nchan")
+    why = scaleout.redis_missing() or (nchan.missing() if "nchan" in servers else None)
+    if why:
+        raise SystemExit(why)
+    _raise_fd_limit()
+    BUILD.mkdir(exist_ok=True)
+    _log("building the load generator")
+    loadgen = build_loadgen()
+    snapshot = BUILD / "snapshot"
+    _, commit = snapshot_library(list(SERVERS), snapshot)
+    _log(f"sse_handler is served from a copy of the work tree ({commit}) in {snapshot}")
+    results = scaleout.main(
+        names, servers, args.runs or 3, loadgen, snapshot,
+        {**machine_info(), "commit": commit}, argv, _log,
+    )  # fmt: skip
+    path = BUILD / f"scaleout-results-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=1))
+    _log(f"raw results: {path.relative_to(REPO)}")
+    md = scaleout.section(results)
+    print("\n" + md)
+    doc = args.doc or (None if args.no_doc else DOC)
+    if doc is not None:
+        doc.write_text(scaleout.splice(doc.read_text(), md))
+        _log(f"wrote the scale-out section of {doc}")
+    for e in results["errors"]:
+        _log(f"FAILED {e}")
+    return 1 if results["errors"] else 0
 
 
 if __name__ == "__main__":

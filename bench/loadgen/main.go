@@ -71,6 +71,16 @@ type config struct {
 	probeIdle   time.Duration
 	probeLimit  time.Duration
 	tls         bool
+
+	// Scale-out modes (scaleout.go).
+	addrs       string
+	channels    int
+	mode        string
+	pre         int
+	missed      int
+	stormShift  int
+	stormPause  time.Duration
+	replayLimit time.Duration
 }
 
 func parseFlags() config {
@@ -93,6 +103,14 @@ func parseFlags() config {
 	flag.DurationVar(&c.probeIdle, "probe-idle", 500*time.Millisecond, "reading out a frozen connection: silence that means it is still open")
 	flag.DurationVar(&c.probeLimit, "probe-limit", 10*time.Second, "reading out the frozen connections: at most this long")
 	flag.BoolVar(&c.tls, "tls", false, "streams and publishing over TLS (HTTPS), without verifying the server's certificate")
+	flag.StringVar(&c.addrs, "addrs", "", "streams over these servers, host:port,host:port (stream i: address i mod n; default -addr); events are published to -addr")
+	flag.IntVar(&c.channels, "channels", 0, "stream i subscribes ?channel=c<i mod N> (0: no channel in the query); the broadcast modes publish to c0")
+	flag.StringVar(&c.mode, "mode", "", "\"\" (publish -rate for -duration), perchannel (one event to each channel) or storm (see scaleout.go)")
+	flag.IntVar(&c.pre, "pre", 5, "storm: events published before the disconnect")
+	flag.IntVar(&c.missed, "missed", 20, "storm: events published while the clients are away")
+	flag.IntVar(&c.stormShift, "storm-shift", 0, "storm: a stream reconnects to address (i + shift) mod n")
+	flag.DurationVar(&c.stormPause, "storm-pause", 500*time.Millisecond, "storm: pause after the disconnect and before the reconnect")
+	flag.DurationVar(&c.replayLimit, "replay-limit", 60*time.Second, "storm: wait at most this long for every replay")
 	flag.Parse()
 	return c
 }
@@ -108,9 +126,24 @@ func main() {
 	if cfg.tls && cfg.frozen > 0 {
 		fail("-frozen is not supported with -tls")
 	}
+	if cfg.tls && (cfg.mode != "" || cfg.addrs != "" || cfg.channels > 0) {
+		fail("-mode, -addrs and -channels are not supported with -tls")
+	}
 	scheduled := 0
-	if cfg.rate > 0 {
-		scheduled = int(math.Round(cfg.rate * cfg.duration.Seconds()))
+	switch cfg.mode {
+	case "":
+		if cfg.rate > 0 {
+			scheduled = int(math.Round(cfg.rate * cfg.duration.Seconds()))
+		}
+	case "perchannel":
+		scheduled = 1
+	case "storm":
+		if cfg.rate <= 0 || cfg.pre < 1 || cfg.missed < 0 {
+			fail("-mode storm needs -rate > 0, -pre >= 1 and -missed >= 0")
+		}
+		scheduled = cfg.pre + cfg.missed
+	default:
+		fail("unknown -mode " + cfg.mode)
 	}
 	r, err := newReceiver(cfg, scheduled)
 	if err != nil {
@@ -146,7 +179,14 @@ func main() {
 	if cfg.wait {
 		waitLine(stdin)
 	}
-	emit(publishAndDrain(cfg, scheduled, r, cfg.conns-r.failed, stopped))
+	switch cfg.mode {
+	case "perchannel":
+		emit(perChannel(cfg, r, cfg.conns-r.failed, stopped))
+	case "storm":
+		emit(storm(cfg, r, cfg.conns-r.failed, connected, stopped))
+	default:
+		emit(publishAndDrain(cfg, scheduled, r, cfg.conns-r.failed, stopped))
+	}
 	if cfg.wait {
 		waitLine(stdin)
 	}
@@ -177,31 +217,55 @@ func emit(v any) {
 
 type publishStats struct {
 	ok, errors int
+	okAt       []bool // by index in the plan
 	firstErr   string
 	lagMs      []float64 // how late each publish left, against its schedule
 	start, end time.Time
 }
 
-// publish sends the scheduled events at a fixed rate from cfg.publishers
-// keep-alive connections. A publisher that falls behind sends late events at
-// once; nothing is sent after twice the duration (those count as unsent).
-func publish(cfg config, scheduled int) publishStats {
+// plan says what publish sends: n events, event i to url(i) with seq(i) in
+// its data, at one per interval (0: as fast as the publishers go), none
+// later than cutoff after the start (0: no cutoff).
+type plan struct {
+	n        int
+	interval time.Duration
+	cutoff   time.Duration
+	url      func(i int) string
+	seq      func(i int) int
+}
+
+// broadcast is the plan of the default mode: -rate events per second for
+// -duration to one URL, none sent after twice the duration.
+func broadcast(cfg config, scheduled int) plan {
+	url := publishURL(cfg, defaultChannel(cfg))
+	return plan{
+		n:        scheduled,
+		interval: time.Duration(float64(time.Second) / cfg.rate),
+		cutoff:   2 * cfg.duration,
+		url:      func(int) string { return url },
+		seq:      func(i int) int { return i },
+	}
+}
+
+// publish sends the plan's events from cfg.publishers keep-alive connections.
+// A publisher that falls behind sends late events at once; nothing is sent
+// after the cutoff (those count as unsent).
+func publish(cfg config, p plan) publishStats {
+	scheduled := p.n
 	transport := &http.Transport{
 		MaxIdleConnsPerHost: cfg.publishers,
 		MaxConnsPerHost:     cfg.publishers,
 		DisableCompression:  true,
 	}
-	url := "http://" + cfg.addr + cfg.publishPath
 	if cfg.tls {
 		// HTTP/1.1 (no ForceAttemptHTTP2), as the streams.
 		transport.TLSClientConfig = &tls.Config{InsecureSkipVerify: true}
-		url = "https://" + cfg.addr + cfg.publishPath
 	}
 	client := &http.Client{Transport: transport, Timeout: 30 * time.Second}
 	pad := bytes.Repeat([]byte("x"), cfg.size)
-	interval := time.Duration(float64(time.Second) / cfg.rate)
+	interval := p.interval
 	start := time.Now()
-	cutoff := start.Add(2 * cfg.duration)
+	cutoff := start.Add(p.cutoff)
 	slots := make(chan int, scheduled)
 	go func() {
 		for i := 0; i < scheduled; i++ {
@@ -213,24 +277,25 @@ func publish(cfg config, scheduled int) publishStats {
 		close(slots)
 	}()
 	var mu sync.Mutex
-	st := publishStats{start: start}
+	st := publishStats{start: start, okAt: make([]bool, scheduled)}
 	var wg sync.WaitGroup
 	for w := 0; w < cfg.publishers; w++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for seq := range slots {
+				i := seq
 				now := time.Now()
-				if now.After(cutoff) {
+				if p.cutoff > 0 && now.After(cutoff) {
 					continue
 				}
-				lag := now.Sub(start.Add(time.Duration(seq) * interval))
-				head := fmt.Sprintf("%d %d ", now.UnixNano(), seq)
+				lag := now.Sub(start.Add(time.Duration(i) * interval))
+				head := fmt.Sprintf("%d %d ", now.UnixNano(), p.seq(i))
 				body := []byte(head)
 				if len(head) < cfg.size {
 					body = append(body, pad[:cfg.size-len(head)]...)
 				}
-				err := post(client, url, body)
+				err := post(client, p.url(i), body)
 				mu.Lock()
 				st.lagMs = append(st.lagMs, float64(lag.Microseconds())/1000)
 				if err != nil {
@@ -240,6 +305,7 @@ func publish(cfg config, scheduled int) publishStats {
 					}
 				} else {
 					st.ok++
+					st.okAt[i] = true
 				}
 				mu.Unlock()
 			}
@@ -273,7 +339,7 @@ func publishAndDrain(cfg config, scheduled int, r *receiver, connected int, stop
 		r.peekFrozen(result)
 		return result
 	}
-	st := publish(cfg, scheduled)
+	st := publish(cfg, broadcast(cfg, scheduled))
 	expected := int64(st.ok) * int64(connected)
 	// Drain: until every delivery of an accepted publish has arrived, or
 	// cfg.drain has passed since the last publish.

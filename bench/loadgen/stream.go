@@ -52,6 +52,15 @@ type stream struct {
 	ts, seq   int64
 
 	seen []uint64 // bitmap of seqs received
+
+	// Scale-out modes (scaleout.go).
+	idx        int    // position in the opening order: picks address and channel
+	pendingID  string // the id field of the event being read
+	hasPending bool
+	lastID     string // the id of the last event dispatched (Last-Event-ID)
+	got        int    // seqs received (each once)
+	wanted     bool   // open when the storm disconnected it: reconnects
+	retryMs    int64  // the last retry field (0: none)
 }
 
 // tally counts the deliveries of a set of streams: all of them in the epoll
@@ -65,6 +74,10 @@ type tally struct {
 	dups      int64         // seqs received again on the same stream
 	lastRecv  int64         // unix nanos of the last delivery
 	counter   *atomic.Int64 // the receiver's received: unique, for the drain
+
+	trackIDs    bool    // note each event's id and count reset events (-mode storm)
+	resets      int64   // events named reset
+	completions []int64 // unix nanos at which a stream had every scheduled seq
 }
 
 // merge adds another tally's deliveries to this one.
@@ -107,6 +120,16 @@ type receiver struct {
 	// TLS mode (tls.go).
 	tlsConns []*tls.Conn
 	tlsState string // the first stream's protocol version and cipher suite
+
+	// Scale-out modes (scaleout.go).
+	sas     []syscall.SockaddrInet4 // -addrs: stream i connects to sas[(i+shift) % len]
+	shift   int                     // set before a reconnect (the storm moves clients)
+	resume  bool                    // requests carry Last-Event-ID (the storm's reconnect)
+	cmd     chan string             // the loop's commands: disconnect, reconnect
+	ack     chan struct{}           // the loop has done a disconnect
+	wantedN int                     // streams the disconnect closed
+	redial  []redial                // storm: streams the server closed, to reopen
+	retried int                     // storm: reopened after the server closed them
 }
 
 func newReceiver(cfg config, scheduled int) (*receiver, error) {
@@ -126,8 +149,14 @@ func newReceiver(cfg config, scheduled int) (*receiver, error) {
 	}
 	r.scheduled = scheduled
 	r.counter = &r.received
+	r.trackIDs = cfg.mode == "storm"
+	r.cmd = make(chan string, 1)
+	r.ack = make(chan struct{}, 1)
 	r.sa.Port = addr.Port
 	copy(r.sa.Addr[:], addr.IP.To4())
+	if err := r.streamAddrs(cfg.addrs); err != nil {
+		return nil, err
+	}
 	if scheduled > 0 && !cfg.tls { // in TLS mode: the streams' tallies, merged
 		r.latencies = make([]uint32, 0, scheduled*cfg.conns)
 	}
@@ -141,6 +170,18 @@ func (r *receiver) run(connected chan<- float64) {
 	phase := true
 	lastSweep := time.Now()
 	for !r.stop.Load() {
+		select {
+		case c := <-r.cmd:
+			switch c {
+			case "disconnect":
+				r.dropAll()
+				r.ack <- struct{}{}
+			case "reconnect":
+				r.nextDial, r.failed, r.firstErr, r.openMs = 0, 0, "", r.openMs[:0]
+				phase, start = true, time.Now()
+			}
+		default:
+		}
 		if phase {
 			r.dialMore()
 		}
@@ -153,6 +194,9 @@ func (r *receiver) run(connected chan<- float64) {
 			if s != nil {
 				r.handle(s, events[i].Events)
 			}
+		}
+		if len(r.redial) > 0 {
+			r.redialDue()
 		}
 		if phase && time.Since(lastSweep) > 100*time.Millisecond {
 			lastSweep = time.Now()
@@ -167,35 +211,46 @@ func (r *receiver) run(connected chan<- float64) {
 
 func (r *receiver) dialMore() {
 	for r.opening < r.cfg.dialers && r.nextDial < len(r.streams) {
-		s := &stream{started: time.Now(), firstData: true, frozen: r.isFrozen(r.nextDial)}
-		if r.scheduled > 0 && !s.frozen {
-			s.seen = make([]uint64, (r.scheduled+63)/64)
-		}
-		r.streams[r.nextDial] = s
+		i := r.nextDial
 		r.nextDial++
-		r.opening++
-		fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC, 0)
-		if err != nil {
-			r.failOpen(s, err)
-			continue
-		}
-		s.fd = fd
-		r.byFd[fd] = s
-		if s.frozen {
-			if err := r.frozenOptions(fd); err != nil {
-				r.failOpen(s, err)
-				continue
+		s := r.streams[i]
+		if s == nil {
+			s = &stream{started: time.Now(), firstData: true, frozen: r.isFrozen(i), idx: i}
+			if r.scheduled > 0 && !s.frozen {
+				s.seen = make([]uint64, (r.scheduled+63)/64)
 			}
-		}
-		err = syscall.Connect(fd, &r.sa)
-		if err != nil && err != syscall.EINPROGRESS {
-			r.failOpen(s, err)
+			r.streams[i] = s
+		} else if !s.reopen() {
 			continue
 		}
-		ev := syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLOUT | syscall.EPOLLRDHUP, Fd: int32(fd)}
-		if err := syscall.EpollCtl(r.epfd, syscall.EPOLL_CTL_ADD, fd, &ev); err != nil {
+		r.dial(s)
+	}
+}
+
+// dial opens the connection of stream s (a new one, or one to reopen).
+func (r *receiver) dial(s *stream) {
+	r.opening++
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		r.failOpen(s, err)
+		return
+	}
+	s.fd = fd
+	r.byFd[fd] = s
+	if s.frozen {
+		if err := r.frozenOptions(fd); err != nil {
 			r.failOpen(s, err)
+			return
 		}
+	}
+	err = syscall.Connect(fd, r.addrOf(s))
+	if err != nil && err != syscall.EINPROGRESS {
+		r.failOpen(s, err)
+		return
+	}
+	ev := syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLOUT | syscall.EPOLLRDHUP, Fd: int32(fd)}
+	if err := syscall.EpollCtl(r.epfd, syscall.EPOLL_CTL_ADD, fd, &ev); err != nil {
+		r.failOpen(s, err)
 	}
 }
 
@@ -243,8 +298,12 @@ func (r *receiver) handle(s *stream, ev uint32) {
 			r.failOpen(s, err)
 			return
 		}
-		req := "GET " + r.cfg.eventsPath + " HTTP/1.1\r\nHost: " + r.host +
-			"\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
+		req := "GET " + r.cfg.eventsPath + r.query(s) + " HTTP/1.1\r\nHost: " + r.host +
+			"\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n"
+		if r.resume && s.lastID != "" {
+			req += "Last-Event-ID: " + s.lastID + "\r\n"
+		}
+		req += "\r\n"
 		if n, err := syscall.Write(s.fd, []byte(req)); err != nil || n != len(req) {
 			r.failOpen(s, fmt.Errorf("writing the request: %v", err))
 			return
@@ -273,6 +332,9 @@ func (r *receiver) handle(s *stream, ev uint32) {
 			}
 		}
 		r.finish(s)
+		if r.resume && !r.stop.Load() {
+			r.retryLater(s) // the storm: back with Last-Event-ID, as a browser
+		}
 		return
 	}
 	r.now = time.Now().UnixNano()
@@ -403,12 +465,19 @@ func (t *tally) line(s *stream, line []byte) {
 		if s.stamped {
 			t.record(s)
 		}
+		if s.hasPending {
+			s.lastID, s.hasPending = s.pendingID, false
+		}
 		s.stamped, s.firstData = false, true
 		return
 	}
 	if s.firstData && bytes.HasPrefix(line, []byte("data:")) {
 		s.firstData = false
 		s.ts, s.seq, s.stamped = parseStamp(line[5:])
+		return
+	}
+	if t.trackIDs {
+		t.fields(s, line)
 	}
 }
 
@@ -424,6 +493,9 @@ func (t *tally) record(s *stream) {
 	}
 	s.seen[word] |= bit
 	t.unique++
+	if s.got++; s.got == t.scheduled {
+		t.completions = append(t.completions, t.now)
+	}
 	lat := (t.now - s.ts) / 1000
 	if lat < 0 {
 		lat = 0
