@@ -14,7 +14,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from redis_server import RedisServer
-from support import serve
+from support import free_port, serve
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.httputil import HTTPServerRequest
 from tornado.web import Application, RequestHandler
@@ -126,6 +126,7 @@ BAD_TOKENS = {
     "alg none": lambda: jwt.encode(
         {"sub": "a", "exp": int(time.time()) + 60, "channels": ["x"]}, None, algorithm="none"
     ),
+    "not yet valid": lambda: token(nbf=int(time.time()) + 60),
     "garbage": lambda: "not.a.token",
     "empty": lambda: "",
 }
@@ -195,6 +196,14 @@ async def test_jwks_url() -> None:
         )
         with pytest.raises(InvalidToken):
             await verifier.verify(unknown_kid)
+
+
+async def test_a_jwks_that_cannot_be_read_answers_503() -> None:
+    verifier = JWTVerifier(jwks_url=f"http://127.0.0.1:{free_port()}/jwks", algorithms=["ES256"])
+    events = Events(StreamAuth(jwt=verifier))
+    async with serve([events.route(r"/events")], events) as server:
+        headers = {"Authorization": f"Bearer {token()}"}
+        assert (await get(server.url + "/events?channel=room:1", headers)).code == 503
 
 
 def test_the_package_imports_without_pyjwt() -> None:
@@ -345,6 +354,16 @@ async def test_memory_tickets_forget_the_unspent() -> None:
     assert len(store) == 1
 
 
+async def redis_keys(url: str) -> list[bytes]:
+    from redis import asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        return [key async for key in client.scan_iter("app:ticket:*")]
+    finally:
+        await client.aclose()
+
+
 def broker_tickets(server: RedisServer) -> tuple[RedisBroker, TicketStore]:
     broker = RedisBroker(server.url, prefix="app:")
     return broker, tickets_for(broker)
@@ -361,6 +380,10 @@ async def test_redis_tickets_are_shared_and_taken_once(redis_server: RedisServer
             serve([b.route(r"/events")], b) as server_b,
         ):
             ticket = await a.auth.issue_ticket("gus", ["room:*"])
+            assert len(ticket) >= 43  # 32 random bytes
+            keys = await redis_keys(redis_server.url)
+            assert len(keys) == 1 and keys[0].startswith(b"app:ticket:")
+            assert ticket.encode() not in keys[0]
             query = f"/events?channel=room:9&ticket={ticket}"
             client = await server_b.stream(query)
             async with client:

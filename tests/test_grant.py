@@ -149,3 +149,12 @@ async def test_many_expiries_each_at_its_own_time() -> None:
         assert order == [1, 2, 0]
         for client in clients:
             client.close()
+
+
+async def test_a_route_group_channel_is_checked_against_the_grant() -> None:
+    handler = GrantHandler()
+    async with serve([handler.route(r"/events/(?P<channel>[^/]+)")], handler) as server:
+        fetch = AsyncHTTPClient().fetch
+        assert (await fetch(server.url + "/events/room:1", method="HEAD")).code == 200
+        response = await fetch(server.url + "/events/news", method="HEAD", raise_error=False)
+        assert response.code == 403

@@ -84,7 +84,7 @@ class StreamAuth:
         expires_at: float | None = None,
     ) -> str:
         """A new ticket for ``subject`` and ``channels`` (patterns), valid once
-        for ``ttl`` seconds (default :attr:`ticket_ttl`, at most 300).
+        for ``ttl`` seconds (default ``ticket_ttl``, at most 300).
 
         ``expires_at`` (epoch seconds) is when the stream opened with it ends:
         the expiry of the credential the ticket was issued against.
