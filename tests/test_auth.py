@@ -402,6 +402,21 @@ async def test_redis_tickets_are_shared_and_taken_once(redis_server: RedisServer
             await broker.close()
 
 
+async def test_a_ticket_store_that_is_down_answers_503(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = RedisTickets(redis_server.url)
+    events = Events(kit(store))
+    try:
+        async with serve([events.route(r"/events")], events) as server:
+            ticket = await events.auth.issue_ticket("h", ["room:1"])
+            redis_server.kill()
+            assert (await get(server.url + f"/events?channel=room:1&ticket={ticket}")).code == 503
+    finally:
+        await store.close()
+    assert "Traceback" not in caplog.text
+
+
 def test_tickets_for_a_memory_broker_are_in_memory() -> None:
     assert isinstance(tickets_for(ServerSentEventHandler().broker), MemoryTickets)
 

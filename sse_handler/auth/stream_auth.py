@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from tornado.httputil import HTTPServerRequest
 from tornado.web import HTTPError
 
+from ..brokers import BrokerUnavailableError
 from ..cors import CorsPolicy
 from ..grant import Grant
 from .jwt import InvalidToken, JWTVerifier, TokenKeysUnavailable
@@ -99,10 +100,14 @@ class StreamAuth:
         return ticket
 
     async def redeem_ticket(self, ticket: str) -> Grant:
-        """What ``ticket`` grants, spending it; ``HTTPError(401)`` if it grants nothing."""
+        """What ``ticket`` grants, spending it; ``HTTPError(401)`` if it grants
+        nothing, ``HTTPError(503)`` if the ticket store cannot be reached."""
         if self.tickets is None or not ticket or len(ticket) > 256:
             raise HTTPError(401, reason="Invalid ticket")
-        value = await self.tickets.take(ticket_key(ticket))
+        try:
+            value = await self.tickets.take(ticket_key(ticket))
+        except BrokerUnavailableError:
+            raise HTTPError(503, reason="Ticket store unavailable") from None
         if value is None:
             raise HTTPError(401, reason="Invalid ticket")
         return self._expiring(decode_grant(value))

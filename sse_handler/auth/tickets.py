@@ -23,6 +23,7 @@ import json
 import time
 from typing import Any, Protocol
 
+from ..brokers import BrokerUnavailableError
 from ..grant import Grant
 
 __all__ = [
@@ -41,7 +42,11 @@ MAX_TICKET_TTL = 300.0
 
 
 class TicketStore(Protocol):
-    """Where tickets wait to be taken. ``take`` must be atomic: one taker only."""
+    """Where tickets wait to be taken. ``take`` must be atomic: one taker only.
+
+    A store that cannot be reached raises
+    :class:`~sse_handler.brokers.BrokerUnavailableError` (the stream gets 503).
+    """
 
     async def put(self, key: str, value: bytes, ttl: float) -> None:
         """Keep ``value`` under ``key`` for ``ttl`` seconds."""
@@ -132,16 +137,28 @@ class RedisTickets:
         return self._client
 
     async def put(self, key: str, value: bytes, ttl: float) -> None:
-        await self._redis().set(self.prefix + key, value, px=max(1, round(ttl * 1000)))
+        try:
+            await self._redis().set(self.prefix + key, value, px=max(1, round(ttl * 1000)))
+        except (OSError, _redis_error()) as exc:
+            raise BrokerUnavailableError(f"cannot store a ticket: {exc}") from None
 
     async def take(self, key: str) -> bytes | None:
-        value: bytes | None = await self._redis().getdel(self.prefix + key)
+        try:
+            value: bytes | None = await self._redis().getdel(self.prefix + key)
+        except (OSError, _redis_error()) as exc:
+            raise BrokerUnavailableError(f"cannot take a ticket: {exc}") from None
         return value
 
     async def close(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
+
+
+def _redis_error() -> type[Exception]:
+    from redis.exceptions import RedisError
+
+    return RedisError
 
 
 def tickets_for(broker: object) -> TicketStore:

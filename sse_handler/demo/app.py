@@ -209,9 +209,13 @@ class TicketsHandler(_JSONHandler):
         if not all(grant.may_read(channel) for channel in asked):
             self._answer(403, {"error": "a channel the token does not cover"})
             return
-        ticket = await auth.issue_ticket(
-            grant.subject, asked or grant.read.patterns, expires_at=grant.expires_at
-        )
+        try:
+            ticket = await auth.issue_ticket(
+                grant.subject, asked or grant.read.patterns, expires_at=grant.expires_at
+            )
+        except BrokerUnavailableError as exc:
+            self._answer(503, {"error": str(exc)})
+            return
         self.set_header("Cache-Control", "no-store")
         self._answer(200, {"ticket": ticket, "expires_in": auth.ticket_ttl})
 
