@@ -11,9 +11,11 @@ from .connection import ConnectionStats, ServerSentEventConnection
 from .endpoint import FunctionEndpoint, with_sse
 from .errors import ConnectionClosedError, SSEHandlerError, UnknownConnectionError
 from .event import EventFields, ServerSentEvent, encode_comment, encode_retry
+from .grant import Grant
 from .handler import HandlerSettings, ServerSentEventHandler
 from .lifecycle import CloseReason, OverflowPolicy, State
 from .parser import EventStreamParser, MessageEvent
+from .patterns import ChannelPatterns
 from .routing import EventStreamRoute
 
 __version__ = "0.1.0"
@@ -21,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Broker",
     "BrokerUnavailableError",
+    "ChannelPatterns",
     "CloseReason",
     "ConnectionClosedError",
     "ConnectionStats",
@@ -28,6 +31,7 @@ __all__ = [
     "EventStreamParser",
     "EventStreamRoute",
     "FunctionEndpoint",
+    "Grant",
     "HandlerSettings",
     "MemoryBroker",
     "MessageEvent",

@@ -8,7 +8,9 @@ Commands:
     (:mod:`sse_handler.admin`) is mounted only with ``--admin-token``. With
     ``--tls-cert`` and ``--tls-key`` (PEM files, as
     :meth:`ssl.SSLContext.load_cert_chain` takes them; both or neither)
-    everything is served over HTTPS.
+    everything is served over HTTPS. With ``--jwt-secret`` (HS256, at least
+    32 bytes) the streams and ``/publish`` require a JWT, and ``/tickets``
+    issues single-use stream tickets (docs/authentication.md).
 
 ``--version`` prints ``sse-handler <version>``.
 
@@ -109,6 +111,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         help="the certificate's private key (PEM, unencrypted; may be the --tls-cert file); "
         "needs --tls-cert",
     )
+    demo.add_argument(
+        "--jwt-secret",
+        type=_jwt_secret,
+        default=None,
+        metavar="SECRET",
+        help="require a JWT (HS256 with this secret; sub, exp and a channels claim) on the "
+        "streams and /publish, and issue stream tickets at POST /tickets",
+    )
     demo.set_defaults(run=_run_demo, usage_error=demo.error, prog=demo.prog)
     return parser
 
@@ -116,6 +126,21 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 def _token(value: str) -> str:
     if not value:
         raise argparse.ArgumentTypeError("the admin token must not be empty")
+    return value
+
+
+def _jwt_secret(value: str) -> str:
+    if len(value.encode("utf-8")) < 32:
+        raise argparse.ArgumentTypeError(
+            "the secret must be at least 32 bytes long (RFC 7518, section 3.2); e.g. "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    try:
+        import jwt  # noqa: F401
+    except ImportError:
+        raise argparse.ArgumentTypeError(
+            "--jwt-secret needs the jwt extra: pip install 'sse_handler[jwt]'"
+        ) from None
     return value
 
 
@@ -184,6 +209,7 @@ async def _demo(args: argparse.Namespace, ssl_context: ssl.SSLContext | None) ->
         args.redis,
         ssl_context,
         redis_cluster=args.redis_cluster,
+        jwt_secret=args.jwt_secret,
     )
 
 

@@ -96,7 +96,9 @@ class ServerSentEventConnection:
     Attributes: ``cid`` (unique, short, ASCII), ``handler``, ``path``,
     ``query_arguments``, ``headers`` (the request's headers; after
     registration only those named in the handler's ``kept_headers``),
-    ``remote_ip``, ``last_event_id`` (from the ``Last-Event-ID`` header or the
+    ``remote_ip``, ``subject`` and ``auth_expires_at`` (from the
+    :class:`~sse_handler.grant.Grant` ``authorize()`` returned, else ``None``),
+    ``last_event_id`` (from the ``Last-Event-ID`` header or the
     ``last_event_id`` query parameter, else ``None``), ``connected_at`` (epoch
     seconds), ``channels``, ``close_reason`` (``None`` while open), ``writer``
     (the write path), and the stats: ``events_sent`` (events accepted and not
@@ -110,6 +112,7 @@ class ServerSentEventConnection:
     __slots__ = (
         "__dict__",  # subclasses may add attributes freely
         "_source_task",
+        "auth_expires_at",
         "channels",
         "cid",
         "connected_at",
@@ -120,6 +123,7 @@ class ServerSentEventConnection:
         "path",
         "query_arguments",
         "remote_ip",
+        "subject",
         "writer",
     )
 
@@ -144,6 +148,12 @@ class ServerSentEventConnection:
         self.channels: set[str] = set()
         #: Monotonic time at which the handler stops it (max_connection_age).
         self.expires_at: float | None = None
+        #: Who the credential that opened the stream names (a user id), when
+        #: ``authorize()`` returned a :class:`~sse_handler.grant.Grant`; else ``None``.
+        self.subject: str | None = None
+        #: Epoch seconds at which that credential expires and the handler
+        #: stops the stream with ``event: auth_expired`` (``None``: never).
+        self.auth_expires_at: float | None = None
         self.connected_at = time.time()
         self._source_task: asyncio.Future[None] | None = None
         self.writer = FrameWriter(

@@ -26,8 +26,10 @@ from .brokers.memory import MemoryBroker
 from .channels import ChannelRouter
 from .connection import ServerSentEventConnection
 from .cors import CorsPolicy
+from .deadlines import Deadlines
 from .errors import ConnectionClosedError, UnknownConnectionError
 from .event import EventFields, ServerSentEvent, as_event, comment_line, encode_retry, event_frame
+from .grant import Grant
 from .lifecycle import CloseReason, OverflowPolicy
 from .outage import BrokerOutage
 from .routing import EventStreamRoute
@@ -55,6 +57,7 @@ class HandlerSettings(TypedDict, total=False):
     kernel_buffer: int
     retry: int | None
     shutdown_farewell: ServerSentEvent | None
+    auth_expired_farewell: ServerSentEvent | None
     reconnect_retry: tuple[int, int]
     broker: Broker | None
     default_channel: str
@@ -103,6 +106,11 @@ class ServerSentEventHandler:
     retry: int | None = None
     #: Sent by :meth:`shutdown` before closing, with a jittered retry hint.
     shutdown_farewell: ServerSentEvent | None = ServerSentEvent(event="shutdown", data="")
+    #: Sent, with a jittered retry hint, to a stream whose credential expired
+    #: (a :class:`~sse_handler.grant.Grant` with ``expires_at``) before it is
+    #: closed with reason ``auth_expired``: the page renews its credential and
+    #: resumes from its last event id (docs/authentication.md).
+    auth_expired_farewell: ServerSentEvent | None = ServerSentEvent(event="auth_expired", data="")
     #: "Come back later" hints (shutdown, shedding over a limit, the maximum
     #: age, a broker that is down) are ``retry:`` values drawn from this range
     #: (ms), so that clients do not all reconnect in the same instant.
@@ -199,6 +207,8 @@ class ServerSentEventHandler:
         self._cid_prefix = secrets.token_urlsafe(6)
         self._cid_counter = itertools.count()
         self._housekeeping_timer: asyncio.TimerHandle | None = None
+        # Streams to stop when their credential expires (conn.auth_expires_at).
+        self._auth_deadlines = Deadlines(self._auth_expired, self._connections.keys)
         self._shutting_down = False
 
     # ----------------------------------------------------------------- mount
@@ -214,12 +224,16 @@ class ServerSentEventHandler:
 
     def authorize(
         self, request: HTTPServerRequest
-    ) -> Awaitable[bool | Collection[str] | None] | bool | Collection[str] | None:
+    ) -> Awaitable[bool | Collection[str] | Grant | None] | bool | Collection[str] | Grant | None:
         """Decide whether this request may open a stream (may be ``async``).
 
         Return ``None`` or ``True`` to allow with the channels of
         :meth:`channels_for`, a collection of channel names to allow with exactly
-        those channels, ``False`` to answer 403, or raise
+        those channels, a :class:`~sse_handler.grant.Grant` to allow the channels
+        of :meth:`channels_for` if it covers them all (else 403; the connection
+        gets the grant's ``subject``, and is stopped with
+        :attr:`auth_expired_farewell` at its ``expires_at``), ``False`` to
+        answer 403, or raise
         ``tornado.web.HTTPError(401)`` / ``(403)`` / ``(204)``; 204 tells an
         ``EventSource`` to stop reconnecting. Runs before any byte of the stream.
         """
@@ -398,6 +412,7 @@ class ServerSentEventHandler:
         closed when the grace time is up is closed at once.
         """
         self._shutting_down = True
+        self._auth_deadlines.cancel()
         if self._housekeeping_timer is not None:
             self._housekeeping_timer.cancel()
             self._housekeeping_timer = None
@@ -469,9 +484,12 @@ class ServerSentEventHandler:
         channels: Iterable[str],
         head: bytes,
         last_event_id: str | None,
+        grant: Grant | None = None,
     ) -> None:
         """Turn an authorized request into a connection (the accept path's one
-        entry point). Its slot (:meth:`reserve`) now belongs to the connection.
+        entry point). Its slot (:meth:`reserve`) now belongs to the connection,
+        and the ``grant`` ``authorize()`` returned gives it its ``subject`` and
+        ``auth_expires_at``.
 
         Registration runs in a task of its own, apart from Tornado's
         connection: awaited inside the request, a hook that waits (an async
@@ -484,6 +502,9 @@ class ServerSentEventHandler:
             _refuse(transport, b"500 Internal Server Error")
             self.release(request.remote_ip)
             return
+        if grant is not None:
+            conn.subject = grant.subject
+            conn.auth_expires_at = grant.expires_at
         if isinstance(transport, ClosedTransport):
             conn.close(CloseReason.CLIENT_CLOSED)  # left during authorize()
             return
@@ -530,6 +551,10 @@ class ServerSentEventHandler:
         self._connections[conn.cid] = conn
         if self.max_connection_age:
             conn.expires_at = time.monotonic() + self.max_connection_age * random.uniform(0.9, 1.1)
+        if conn.auth_expires_at is not None:
+            # A wall-clock expiry (a JWT's exp) as a time of the loop's clock.
+            loop = asyncio.get_running_loop()
+            self._auth_deadlines.add(loop.time() + conn.auth_expires_at - time.time(), conn.cid)
         self.counters.opened += 1
         self._ensure_housekeeping()
         if conn.last_event_id:
@@ -585,6 +610,15 @@ class ServerSentEventHandler:
             self.on_connection_deregistered(conn)
         except Exception:
             log.exception("Uncaught exception in on_connection_deregistered for %s", conn.cid)
+
+    def _auth_expired(self, cid: str) -> None:
+        """A stream's credential has expired: farewell, retry hint, close."""
+        conn = self._connections.get(cid)
+        if conn is None or not conn.is_active:
+            return
+        conn.stop(
+            self.auth_expired_farewell, self.jittered_retry(), reason=CloseReason.AUTH_EXPIRED
+        )
 
     def _ensure_housekeeping(self) -> None:
         """One timer per handler, not per connection: keep-alives and ages."""

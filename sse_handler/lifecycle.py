@@ -64,6 +64,7 @@ class CloseReason(StrEnum):
     BROKER_ERROR = "broker_error"  # the broker could not subscribe the channels or replay
     SOURCE_DONE = "source_done"  # an overridden poll_data() returned None
     MAX_AGE = "max_age"  # max_connection_age reached (the client gets a retry hint)
+    AUTH_EXPIRED = "auth_expired"  # the credential expired (event: auth_expired, a retry hint)
 
 
 class OverflowPolicy(StrEnum):

@@ -34,6 +34,7 @@ from tornado.log import access_log
 from tornado.web import HTTPError
 
 from .event import comment_line, encode_retry
+from .grant import Grant
 from .tasks import log
 from .transport import take_transport
 from .writer import LAST_CHUNK, chunk, chunked_for
@@ -70,7 +71,7 @@ async def accept_stream(
         return _shed(request, handler, handler.over_limit_status)
     handed_over = False
     try:
-        channels = await _authorized_channels(request, path_kwargs, handler)
+        channels, grant = await _authorized_channels(request, path_kwargs, handler)
         # An empty Last-Event-ID means "no cursor" (a browser omits it then).
         last_event_id = request.headers.get("Last-Event-ID") or _query_argument(
             request, "last_event_id"
@@ -78,7 +79,7 @@ async def accept_stream(
         head = _head(request, handler)
         transport = take_transport(request, handler.dead_peer_timeout, handler.kernel_buffer)
         handed_over = True
-        handler.open_stream(request, transport, channels, head, last_event_id)
+        handler.open_stream(request, transport, channels, head, last_event_id, grant=grant)
     except HTTPError as exc:
         return Answer(exc.status_code, reason=exc.reason)
     except Exception:
@@ -112,9 +113,9 @@ async def answer_head(
 
 async def _authorized_channels(
     request: HTTPServerRequest, path_kwargs: dict[str, str], handler: ServerSentEventHandler
-) -> list[str]:
-    """``channels_for()`` then ``authorize()``: the channels the stream gets,
-    or ``HTTPError`` (401, 403, 204)."""
+) -> tuple[list[str], Grant | None]:
+    """``channels_for()`` then ``authorize()``: the channels the stream gets
+    and the grant that allowed them, or ``HTTPError`` (401, 403, 204)."""
     channels = handler.channels_for(request, path_kwargs)
     allowed = handler.authorize(request)
     if inspect.isawaitable(allowed):
@@ -122,13 +123,17 @@ async def _authorized_channels(
     if allowed is False:
         raise HTTPError(403)
     if allowed is None or allowed is True:
-        return list(channels)
+        return list(channels), None
+    if isinstance(allowed, Grant):
+        if not all(allowed.may_read(channel) for channel in channels):
+            raise HTTPError(403, reason="Channel not allowed")
+        return list(channels), allowed
     if isinstance(allowed, str | bytes):
         raise TypeError(
             "authorize() returned a string; return a collection of channel names "
-            "(e.g. a list), True/None to allow, or False to refuse"
+            "(e.g. a list), a Grant, True/None to allow, or False to refuse"
         )
-    return list(allowed)
+    return list(allowed), None
 
 
 @dataclass(frozen=True, slots=True)

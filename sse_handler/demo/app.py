@@ -23,8 +23,21 @@ Routes:
     with NUL, ...) answers ``400`` with ``{"error": "<message naming the
     field>"}`` and nothing is sent.
     ``curl --data-binary @file`` keeps line breaks; ``curl -d`` strips them.
+``POST /tickets[?channel=NAME...]`` (with ``--jwt-secret``)
+    For a valid JWT (as ``/events`` takes it): ``{"ticket": "...",
+    "expires_in": 30}``, a single-use ticket for ``/events?ticket=...`` or
+    ``/page/events?ticket=...`` with the channels asked for (each covered by
+    the token's ``channels`` claim, else 403) or, if none, the token's
+    patterns; the stream ends when the token does.
 ``GET /metrics``
     Prometheus metrics of ``/events``, when ``sse_handler[metrics]`` is installed.
+With ``--jwt-secret`` both streams (and ``/tickets``) require a JWT (HS256,
+with ``sub``, ``exp`` and a ``channels`` claim of patterns, ``*`` matching
+any run of characters) as ``Authorization: Bearer``, the cookie
+``sse_token`` or ``?token=``, or a ticket; 401 without a valid one, 403 for a
+channel its patterns do not cover, and ``event: auth_expired`` then a close
+when the token expires. ``/publish`` then requires a token whose
+``publish`` claim covers the channel (401, 403).
 ``/admin/connections[/<cid>]``
     :mod:`sse_handler.admin`, mounted only when an admin token is given; it
     lists and stops the connections of both streams.
@@ -39,19 +52,23 @@ import logging
 import signal
 import socket
 import ssl
+from collections.abc import Awaitable
 from functools import cache
 from typing import Any, Unpack
 
 import tornado.web
+from tornado.httputil import HTTPServerRequest
 from tornado.log import access_log
 from tornado.netutil import bind_sockets
 
 from ..admin import admin_routes
+from ..auth import JWTVerifier, StreamAuth, tickets_for
 from ..brokers import Broker, BrokerUnavailableError
 from ..brokers.memory import MemoryBroker
 from ..connection import ServerSentEventConnection
 from ..errors import UnknownConnectionError
 from ..event import ServerSentEvent
+from ..grant import Grant
 from ..handler import HandlerSettings, ServerSentEventHandler
 from ..server import make_server
 from .page_stream import SharedBroker, envelope
@@ -62,6 +79,7 @@ __all__ = [
     "DemoConnections",
     "DemoHandler",
     "PageStreamHandler",
+    "TicketsHandler",
     "make_app",
     "serve",
 ]
@@ -79,13 +97,26 @@ class DemoConnection(ServerSentEventConnection):
         self.send(event="welcome", data={"connection_id": self.cid})
 
 
-class PageStreamHandler(ServerSentEventHandler):
+class AuthenticatedStream(ServerSentEventHandler):
+    """A stream that, given a :class:`~sse_handler.auth.StreamAuth` (``auth``),
+    opens only for a ticket or token that covers its channels."""
+
+    #: Set by :func:`make_app` with ``jwt_secret``; ``None``: no authentication.
+    auth: StreamAuth | None = None
+
+    def authorize(self, request: HTTPServerRequest) -> Awaitable[Grant] | None:
+        if self.auth is None:
+            return None
+        return self.auth.authorize(request, self.cors)
+
+
+class PageStreamHandler(AuthenticatedStream):
     """``/page/events``: connections that say welcome, over an enveloping broker view."""
 
     connection_class = DemoConnection
 
 
-class DemoHandler(ServerSentEventHandler):
+class DemoHandler(AuthenticatedStream):
     """The demo's endpoint ``/events``: a plain handler whose connections say welcome.
 
     Its :attr:`page_stream` serves the page's stream over the same broker
@@ -144,13 +175,60 @@ class PageHandler(tornado.web.RequestHandler):
         self.write(page())
 
 
-class PublishHandler(tornado.web.RequestHandler):
-    """``POST /publish``: the body becomes one event for every connection."""
-
+class _JSONHandler(tornado.web.RequestHandler):
     def initialize(self, sse_handler: DemoHandler) -> None:
         self.sse_handler = sse_handler
 
+    def _answer(self, status: int, body: dict[str, Any]) -> None:
+        self.set_status(status)
+        self.finish(body)
+
+    async def _grant(self) -> Grant | None:
+        """The request's token as a grant, or ``None`` once a 401/403/503 is answered."""
+        auth = self.sse_handler.auth
+        assert auth is not None
+        try:
+            return await auth.authenticate(self.request, self.sse_handler.cors)
+        except tornado.web.HTTPError as exc:
+            self._answer(exc.status_code, {"error": exc.reason or "not allowed"})
+            return None
+
+
+class TicketsHandler(_JSONHandler):
+    """``POST /tickets``: a single-use ticket for the holder of a valid token."""
+
     async def post(self) -> None:
+        auth = self.sse_handler.auth
+        assert auth is not None
+        grant = await self._grant()
+        if grant is None:
+            return
+        asked = [
+            v.decode("utf-8", "replace") for v in self.request.query_arguments.get("channel", [])
+        ]
+        if not all(grant.may_read(channel) for channel in asked):
+            self._answer(403, {"error": "a channel the token does not cover"})
+            return
+        try:
+            ticket = await auth.issue_ticket(
+                grant.subject, asked or grant.read.patterns, expires_at=grant.expires_at
+            )
+        except BrokerUnavailableError as exc:
+            self._answer(503, {"error": str(exc)})
+            return
+        self.set_header("Cache-Control", "no-store")
+        self._answer(200, {"ticket": ticket, "expires_in": auth.ticket_ttl})
+
+
+class PublishHandler(_JSONHandler):
+    """``POST /publish``: the body becomes one event for every connection."""
+
+    async def post(self) -> None:
+        grant = None
+        if self.sse_handler.auth is not None:
+            grant = await self._grant()
+            if grant is None:
+                return
         if len(self.request.body) > MAX_PUBLISH_BYTES:
             self._answer(413, {"error": f"data must be at most {MAX_PUBLISH_BYTES} bytes"})
             return
@@ -165,6 +243,9 @@ class PublishHandler(tornado.web.RequestHandler):
             return
         except ValueError as exc:
             self._answer(400, {"error": str(exc)})
+            return
+        if grant is not None and not grant.may_publish(channel):
+            self._answer(403, {"error": "the token may not publish to this channel"})
             return
         handler = self.sse_handler
         try:
@@ -188,18 +269,15 @@ class PublishHandler(tornado.web.RequestHandler):
         except UnicodeDecodeError:
             raise ValueError(f"{name} must be valid UTF-8") from None
 
-    def _answer(self, status: int, body: dict[str, Any]) -> None:
-        self.set_status(status)
-        self.finish(body)
-
 
 def make_app(
-    admin_token: str | None = None, broker: Broker | None = None
+    admin_token: str | None = None, broker: Broker | None = None, jwt_secret: str | None = None
 ) -> tuple[tornado.web.Application, DemoHandler]:
     """The demo application and its handler; the admin API only with a token.
 
     ``broker`` defaults to an in-memory one; pass a RedisBroker to fan out
-    across processes.
+    across processes (and share tickets). With ``jwt_secret`` (HS256) the
+    streams and ``/publish`` require a token, and ``/tickets`` issues tickets.
     """
     handler = DemoHandler(broker=broker)
     routes: list[Any] = [
@@ -208,6 +286,15 @@ def make_app(
         handler.page_stream.route(r"/page/events"),
         (r"/publish", PublishHandler, {"sse_handler": handler}),
     ]
+    if jwt_secret is not None:
+        auth = StreamAuth(
+            jwt=JWTVerifier(key=jwt_secret),
+            tickets=tickets_for(broker),
+            cookie="sse_token",
+            query="token",
+        )
+        handler.auth = handler.page_stream.auth = auth
+        routes.append((r"/tickets", TicketsHandler, {"sse_handler": handler}))
     if admin_token is not None:
         routes += admin_routes(DemoConnections(handler, handler.page_stream), admin_token)
     routes += _metrics_routes(handler)
@@ -243,6 +330,7 @@ async def serve(
     redis_url: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     redis_cluster: bool = False,
+    jwt_secret: str | None = None,
 ) -> None:
     """Serve the demo until SIGINT or SIGTERM, then close the streams (grace 2 s).
 
@@ -252,7 +340,8 @@ async def serve(
     context holding a certificate) every route is served over HTTPS. With
     ``redis_cluster`` the URL names a node of a Redis Cluster, and channels are
     grouped by their name up to the first ``:`` (``room7:chat`` and
-    ``room7:news`` share a shard and an exact order).
+    ``room7:news`` share a shard and an exact order). With ``jwt_secret``
+    the streams and ``/publish`` require a JWT (see the module).
     """
     broker: Broker | None = None
     if redis_url is not None:
@@ -262,7 +351,7 @@ async def serve(
             broker = RedisBroker(redis_url, cluster=True, shard_by=by_prefix(":"))
         else:
             broker = RedisBroker(redis_url)
-    app, handler = make_app(admin_token, broker)
+    app, handler = make_app(admin_token, broker, jwt_secret)
     # Long-lived servers: move what start-up made out of the collector's
     # reach, and collect less often; measured on the 9,000-connection accept
     # (bench/notes.md), about 10 % less CPU per accepted stream.
@@ -281,6 +370,8 @@ async def serve(
         server.stop()
         await handler.shutdown(grace=2)
         await server.close_all_connections()
+        if handler.auth is not None and handler.auth.tickets is not None:
+            await handler.auth.tickets.close()
         if broker is not None:
             await broker.close()
 

@@ -1,0 +1,173 @@
+"""`python -m sse_handler demo --jwt-secret`: the demo contract of issue #13, real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import jwt
+import pytest
+from redis_server import RedisServer
+from support import DemoProcess
+from test_cli import run
+
+from sse_handler.testing import EventStreamClient
+
+SECRET = "demo-secret-of-at-least-32-bytes-long"
+
+
+def token(ttl: float = 60, secret: str = SECRET, **claims: Any) -> str:
+    payload = {"sub": "alice", "exp": int(time.time() + ttl), "channels": ["room:*"], **claims}
+    encoded: str = jwt.encode(payload, secret, algorithm="HS256")
+    return encoded
+
+
+def bearer(value: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {value}"}
+
+
+@asynccontextmanager
+async def demo(*args: str) -> AsyncIterator[DemoProcess]:
+    process = await DemoProcess("--jwt-secret", SECRET, *args, keep_stderr=True).start()
+    try:
+        yield process
+    finally:
+        await process.stop()
+        assert "Traceback" not in process.stderr, process.stderr
+
+
+async def status(process: DemoProcess, path: str, headers: dict[str, str] | None = None) -> int:
+    # HEAD: the answer a GET gets, without keeping a stream open.
+    return (await process.fetch(path, "HEAD", headers=headers)).code
+
+
+async def ticket_of(process: DemoProcess, value: str, query: str = "") -> str:
+    response = await process.fetch("/tickets" + query, "POST", b"", bearer(value))
+    assert response.code == 200, response.body
+    body = json.loads(response.body)
+    assert body["expires_in"] == 30
+    assert response.headers["Cache-Control"] == "no-store"
+    ticket: str = body["ticket"]
+    return ticket
+
+
+async def test_streams_require_a_valid_token() -> None:
+    async with demo() as process:
+        for path in ("/events?channel=room:1", "/page/events?channel=room:1"):
+            assert await status(process, path) == 401
+            assert await status(process, path, bearer(token(secret="x" * 40))) == 401
+            assert await status(process, path, bearer(token(ttl=-5))) == 401
+            assert await status(process, path, bearer("garbage")) == 401
+            good = token()
+            assert await status(process, path, bearer(good)) == 200
+            assert await status(process, path, {"Cookie": f"sse_token={good}"}) == 200
+            assert await status(process, path + f"&token={good}") == 200
+            cross = {"Cookie": f"sse_token={good}", "Origin": "https://evil.example"}
+            assert await status(process, path, cross) == 403
+            assert await status(process, path.replace("room:1", "news"), bearer(good)) == 403
+        # No channel asked: the default channel, which room:* does not cover.
+        assert await status(process, "/events", bearer(token())) == 403
+        client = await EventStreamClient.connect(
+            process.url + "/events?channel=room:1", bearer(token(sub="bob"))
+        )
+        async with client:
+            welcome = await client.next_event()
+            assert welcome.event == "welcome"
+
+
+async def test_a_ticket_works_once_within_the_tokens_channels() -> None:
+    async with demo() as process:
+        assert (await process.fetch("/tickets", "POST", b"")).code == 401
+        outside = await process.fetch("/tickets?channel=news", "POST", b"", bearer(token()))
+        assert outside.code == 403
+        ticket = await ticket_of(process, token())
+        assert await status(process, f"/events?channel=news&ticket={ticket}") == 403
+        ticket = await ticket_of(process, token())
+        client = await EventStreamClient.connect(
+            process.url + f"/events?channel=room:1&ticket={ticket}"
+        )
+        async with client:
+            assert client.status == 200
+            assert (await client.next_event()).event == "welcome"
+            assert await status(process, f"/events?channel=room:1&ticket={ticket}") == 401
+        # A ticket for one channel covers that channel only.
+        narrow = await ticket_of(process, token(), "?channel=room:2")
+        assert await status(process, f"/page/events?channel=room:3&ticket={narrow}") == 403
+        narrow = await ticket_of(process, token(), "?channel=room:2")
+        assert await status(process, f"/page/events?channel=room:2&ticket={narrow}") == 200
+        assert await status(process, "/events?channel=room:2&ticket=forged") == 401
+
+
+async def test_publish_requires_a_publish_claim() -> None:
+    async with demo() as process:
+        path = "/publish?channel=room:1"
+        assert (await process.fetch(path, "POST", b"hi")).code == 401
+        reader = token()
+        assert (await process.fetch(path, "POST", b"hi", bearer(reader))).code == 403
+        writer = token(publish=["room:*"])
+        assert (await process.fetch("/publish", "POST", b"hi", bearer(writer))).code == 403
+        client = await EventStreamClient.connect(
+            process.url + "/events?channel=room:1", bearer(reader)
+        )
+        async with client:
+            await client.next_event()
+            response = await process.fetch(path, "POST", b"hi", bearer(writer))
+            assert response.code == 200, response.body
+            event = await client.next_event()
+            assert event.data == "hi"
+        cross = {"Cookie": f"sse_token={writer}", "Origin": "https://evil.example"}
+        assert (await process.fetch(path, "POST", b"hi", cross)).code == 403
+
+
+@pytest.mark.timeout(20)
+async def test_a_stream_ends_with_auth_expired_when_its_token_does() -> None:
+    async with demo() as process:
+        client = await EventStreamClient.connect(
+            process.url + "/events?channel=room:1", bearer(token(ttl=3))
+        )
+        async with client:
+            await client.next_event()
+            opened = time.monotonic()
+            events = await client.wait_closed(timeout=8)
+            assert [event.event for event in events] == ["auth_expired"]
+            assert client.parser.retry is not None
+            assert time.monotonic() - opened > 1
+
+
+async def test_a_ticket_issued_by_one_process_is_accepted_once_by_another(
+    redis_server: RedisServer,
+) -> None:
+    async with demo("--redis", redis_server.url) as a, demo("--redis", redis_server.url) as b:
+        ticket = await ticket_of(a, token())
+        client = await EventStreamClient.connect(b.url + f"/events?channel=room:1&ticket={ticket}")
+        async with client:
+            assert client.status == 200
+            assert (await client.next_event()).event == "welcome"
+        for process in (a, b):
+            assert await status(process, f"/events?channel=room:1&ticket={ticket}") == 401
+        ticket = await ticket_of(b, token())
+        codes = await asyncio.gather(
+            *(status(p, f"/events?channel=room:1&ticket={ticket}") for p in (a, b, a, b))
+        )
+        assert sorted(codes) == [200, 401, 401, 401]
+
+
+async def test_without_jwt_secret_there_are_no_tickets_and_no_auth() -> None:
+    process = await DemoProcess().start()
+    try:
+        assert await status(process, "/events") == 200
+        assert (await process.fetch("/tickets", "POST", b"")).code == 404
+        assert (await process.publish("hi"))[0] == 200
+    finally:
+        await process.stop()
+
+
+def test_a_short_secret_is_a_usage_error() -> None:
+    result = run("demo", "--jwt-secret", "short")
+    assert result.returncode == 2
+    assert "at least 32 bytes" in result.stderr
+    assert "Traceback" not in result.stderr
