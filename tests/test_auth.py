@@ -160,6 +160,7 @@ def test_verifier_refuses_unsafe_configurations() -> None:
         JWTVerifier(key=SECRET, algorithms=["none"])
     with pytest.raises(ValueError, match="32 bytes"):
         JWTVerifier(key="short")
+    assert JWTVerifier(key="short", weak_key=True).weak_key
     with pytest.raises(ValueError, match="one of them"):
         JWTVerifier()
     with pytest.raises(ValueError, match="public-key"):

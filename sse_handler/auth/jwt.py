@@ -21,6 +21,7 @@ HMAC secret (algorithm confusion).
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,7 +64,8 @@ class JWTVerifier:
     ``channels_claim`` (default ``channels``) is required: a token without it
     is invalid. ``publish_claim`` (default ``publish``) is optional; without it
     the token may publish nowhere. ``required`` lists further claims a token
-    must carry (default ``exp`` and ``sub``).
+    must carry (default ``exp`` and ``sub``). An HMAC key shorter than 32
+    bytes is refused unless ``weak_key`` is true.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class JWTVerifier:
         channels_claim: str = "channels",
         publish_claim: str = "publish",
         required: Sequence[str] = ("exp", "sub"),
+        weak_key: bool = False,
     ) -> None:
         self._jwt = _pyjwt()
         if (key is None) == (jwks_url is None):
@@ -91,8 +94,12 @@ class JWTVerifier:
             raise ValueError("mixing HMAC and public-key algorithms allows algorithm confusion")
         if jwks_url is not None and set(algorithms) & _HMAC:
             raise ValueError("a JWKS holds public keys: give public-key algorithms (RS256, ES256)")
-        if set(algorithms) & _HMAC and len(_key_bytes(key)) < 32:
-            raise ValueError("an HMAC key must be at least 32 bytes long (RFC 7518, section 3.2)")
+        if set(algorithms) & _HMAC and len(_key_bytes(key)) < 32 and not weak_key:
+            raise ValueError(
+                "an HMAC key must be at least 32 bytes long (RFC 7518, section 3.2); "
+                "weak_key=True accepts a shorter one (tests, demos)"
+            )
+        self.weak_key = weak_key
         if leeway < 0:
             raise ValueError("leeway must not be negative")
         self.key = key
@@ -113,15 +120,19 @@ class JWTVerifier:
         try:
             if self.jwks is not None:
                 key = await asyncio.to_thread(self.jwks.get_signing_key_from_jwt, token)
-            claims = jwt.decode(
-                token,
-                key,
-                algorithms=self.algorithms,
-                audience=self.audience,
-                issuer=self.issuer,
-                leeway=self.leeway,
-                options={"require": self.required},
-            )
+            with warnings.catch_warnings():
+                if self.weak_key:
+                    # Chosen knowingly: PyJWT's warning would repeat per token.
+                    warnings.simplefilter("ignore", jwt.InsecureKeyLengthWarning)
+                claims = jwt.decode(
+                    token,
+                    key,
+                    algorithms=self.algorithms,
+                    audience=self.audience,
+                    issuer=self.issuer,
+                    leeway=self.leeway,
+                    options={"require": self.required},
+                )
         except jwt.PyJWKClientConnectionError as exc:
             raise TokenKeysUnavailable(str(exc)) from None
         except (jwt.PyJWTError, ValueError, TypeError) as exc:

@@ -288,7 +288,8 @@ def make_app(
     ]
     if jwt_secret is not None:
         auth = StreamAuth(
-            jwt=JWTVerifier(key=jwt_secret),
+            # A short secret is the demo user's choice; the CLI warned.
+            jwt=JWTVerifier(key=jwt_secret, weak_key=True),
             tickets=tickets_for(broker),
             cookie="sse_token",
             query="token",
