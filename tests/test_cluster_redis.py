@@ -10,15 +10,18 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 from redis import asyncio as aioredis
 from redis_server import RedisServer
 from support import DemoProcess, serve, wait_until
 from test_cluster import SubjectHandler
+from test_metrics import scrape
 
 from sse_handler import ServerSentEvent
 from sse_handler.brokers.redis import RedisBroker
 from sse_handler.brokers.redis_control import RedisControlPlane
 from sse_handler.cluster import SubjectPresence
+from sse_handler.metrics import register_cluster_metrics
 from sse_handler.parser import MessageEvent
 from sse_handler.testing import EventStreamClient
 
@@ -111,6 +114,12 @@ async def test_operations_reach_the_other_process(redis_server: RedisServer) -> 
         assert await eventually(nobody_present, 1.0) < 1.0
         assert pb.served["stop_subject"] == 0 and pa.served["stop_subject"] == 1
         assert pa.unanswered == pb.unanswered == 0
+        registry = CollectorRegistry()
+        register_cluster_metrics(pa, registry)
+        values = scrape(registry)
+        assert values[("sse_cluster_processes", ())] == 2
+        assert values[("sse_cluster_requests_served_total", (("operation", "stop_subject"),))] == 1
+        assert values[("sse_cluster_operations_total", (("operation", "send"),))] == 2
     # A clean shutdown takes the process out at once.
     assert pa.closed and pb.closed
     reader = RedisControlPlane(redis_server.url)

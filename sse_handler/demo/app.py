@@ -28,7 +28,8 @@ Routes:
     field>"}`` and nothing is sent.
     ``curl --data-binary @file`` keeps line breaks; ``curl -d`` strips them.
 ``GET /metrics``
-    Prometheus metrics of ``/events``, when ``sse_handler[metrics]`` is installed.
+    Prometheus metrics of ``/events`` and of the control plane, when
+    ``sse_handler[metrics]`` is installed.
 ``/admin/connections[/<cid>]``, ``/admin/presence/<channel>``, ``/admin/subjects/<subject>``
     :mod:`sse_handler.admin`, mounted only when an admin token is given; it
     lists and stops the connections of both streams of every demo process on
@@ -256,11 +257,12 @@ def _metrics_routes(handler: DemoHandler) -> list[Any]:
     try:
         from prometheus_client import CollectorRegistry
 
-        from ..metrics import metrics_route, register_metrics
+        from ..metrics import metrics_route, register_cluster_metrics, register_metrics
     except ImportError:
         return []
     registry = CollectorRegistry()  # one per app: tests build several
     register_metrics(handler, "events", registry)
+    register_cluster_metrics(handler.cluster, registry)
     return [metrics_route("/metrics", registry)]
 
 
