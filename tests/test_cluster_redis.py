@@ -17,7 +17,7 @@ from support import DemoProcess, serve, wait_until
 from test_cluster import SubjectHandler
 from test_metrics import scrape
 
-from sse_handler import ServerSentEvent
+from sse_handler import BrokerUnavailableError, ServerSentEvent
 from sse_handler.brokers.redis import RedisBroker
 from sse_handler.brokers.redis_control import RedisControlPlane
 from sse_handler.cluster import SubjectPresence
@@ -268,3 +268,37 @@ async def test_admin_api_over_three_demo_processes(redis_server: RedisServer) ->
     finally:
         codes = await asyncio.gather(*(p.stop() for p in procs))
     assert codes[:2] == [0, 0] and codes[3] == 0
+
+
+@pytest.mark.timeout(60)
+async def test_presence_survives_a_redis_restart_and_changes_made_meanwhile(
+    redis_server: RedisServer,
+) -> None:
+    a = handler_on(redis_server.url)
+    pa = plane_of(a)
+    async with serve([a.route("/a")], a) as sa:
+        leaving = await sa.stream("/a?channel=room&subject=leaving")
+        staying = await sa.stream("/a?channel=room&subject=staying")
+
+        async def subjects_present(expected: list[str]) -> bool:
+            try:
+                return sorted(e.subject or "" for e in await pa.presence("room")) == expected
+            except BrokerUnavailableError:
+                return False
+
+        await eventually(lambda: subjects_present(["leaving", "staying"]), 1.0)
+        client = aioredis.Redis.from_url(redis_server.url)
+        # The channel's hash expires by itself unless heartbeats renew it.
+        assert 0 < await client.pttl("sse:r:room") <= 2 * TTL * 1000
+        await client.aclose()
+
+        redis_server.kill()
+        leaving.close()
+        await wait_until(lambda: len(a) == 1)
+        with pytest.raises(BrokerUnavailableError):
+            await pa.presence("room")
+        redis_server.start()  # without its data: heartbeats write presence again
+        await eventually(lambda: subjects_present(["staying"]), 2 * TTL)
+        staying.close()
+    assert a.broker is not None
+    await a.broker.close()

@@ -22,13 +22,13 @@ presence entries are not listed (and are deleted by the next reader), and its
 heartbeat is dropped. So a crashed process's connections leave presence at
 most ``presence_ttl`` seconds after it died. A process that ends cleanly
 (:meth:`RedisControlPlane.close`, which the last handler's ``shutdown()``
-calls) removes its entries and its heartbeat at once. A process that was
-taken for dead while alive (a pause longer than ``presence_ttl``) notices at
-its next heartbeat and writes its presence again.
+calls) removes its entries and its heartbeat at once. A process whose
+heartbeat Redis lost (a restart without its data) or took for dead (a pause
+longer than ``presence_ttl``) writes its presence again at its next heartbeat.
 
 **Presence** changes are written by one background task, coalesced
 (``HSET`` for a join, ``HDEL`` for a leave), right after they happen; while
-Redis is away they wait and are retried. Each heartbeat also renews the
+Redis is away they are retried, with backoff. Each heartbeat also renews the
 expiry of the hashes of the channels the process is present in (twice
 ``presence_ttl``), so the hash of a channel whose readers all died goes away
 by itself.
@@ -43,9 +43,8 @@ operation first looks in its own process and asks nobody when it finds its
 target there. When Redis cannot be reached an operation raises
 :class:`~sse_handler.brokers.BrokerUnavailableError`.
 
-The requests and answers are Redis Pub/Sub messages, so they reach every
-node's subscribers on a Redis Cluster too (``cluster=True``: each command
-touches one key).
+Tested on one Redis (6.2, 7) and Valkey 8; ``cluster=True`` sends the
+commands through a Redis Cluster client, but no test covers a Cluster yet.
 """
 
 from __future__ import annotations
