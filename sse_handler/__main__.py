@@ -5,7 +5,10 @@ Commands:
 ``demo [--host H] [--port P] [--admin-token T] [--redis URL] [--tls-cert F --tls-key F]``
     Serve the demo page, its stream and the publish endpoint
     (:mod:`sse_handler.demo`) until SIGINT or SIGTERM. The admin API
-    (:mod:`sse_handler.admin`) is mounted only with ``--admin-token``. With
+    (:mod:`sse_handler.admin`) is mounted only with ``--admin-token``; with
+    ``--redis`` it reaches every demo process on that Redis, and
+    ``--presence-ttl SECONDS`` bounds how long a crashed process stays in
+    presence (default 15). With
     ``--tls-cert`` and ``--tls-key`` (PEM files, as
     :meth:`ssl.SSLContext.load_cert_chain` takes them; both or neither)
     everything is served over HTTPS. With ``--jwt-secret`` (HS256, at least
@@ -98,6 +101,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "sharded) by their name up to the first ':'",
     )
     demo.add_argument(
+        "--presence-ttl",
+        type=_positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="with --redis: a crashed process leaves presence within SECONDS (default: 15)",
+    )
+    demo.add_argument(
         "--tls-cert",
         default=None,
         metavar="FILE",
@@ -121,6 +131,16 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     demo.set_defaults(run=_run_demo, usage_error=demo.error, prog=demo.prog)
     return parser
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {value!r}")
+    return seconds
 
 
 def _token(value: str) -> str:
@@ -162,6 +182,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         except _CannotStart as exc:
             print(f"{args.prog}: error: {exc}", file=sys.stderr)
             return 1
+    if args.presence_ttl is not None and args.redis is None:
+        args.usage_error("--presence-ttl needs --redis")
     if args.redis is not None:
         try:
             scheme = urlsplit(args.redis).scheme
@@ -214,6 +236,7 @@ async def _demo(args: argparse.Namespace, ssl_context: ssl.SSLContext | None) ->
         ssl_context,
         redis_cluster=args.redis_cluster,
         jwt_secret=args.jwt_secret,
+        presence_ttl=args.presence_ttl,
     )
 
 

@@ -8,20 +8,39 @@ with a ``WWW-Authenticate: Bearer`` challenge (RFC 6750 section 3). The token is
 compared in constant time, as bytes, so its length and content do not leak
 through timing.
 
-Routes, under ``prefix`` (default ``/admin``):
+Routes, under ``prefix`` (default ``/admin``), over the whole deployment: they
+go through a :class:`~sse_handler.cluster.ControlPlane` (``cluster``, by
+default ``handler.cluster``), so behind several processes on Redis they see
+and reach the connections of every process (see :mod:`sse_handler.cluster`):
 
 ``GET {prefix}/connections``
-    ``200`` and a JSON list with one :meth:`ServerSentEventConnection.stats`
-    dict per registered connection (cid, path, remote_ip, connected_at,
-    queue_depth, events_sent, ...).
+    ``200`` and a JSON list with one dict per connection of every process
+    that answered in time: the :meth:`ServerSentEventConnection.stats` fields
+    (cid, path, remote_ip, connected_at, channels, queue_depth, events_sent,
+    ...) plus ``process`` (which process holds it) and ``subject`` (its
+    authenticated user, or ``null``).
 
 ``GET {prefix}/connections/<cid>``
-    ``200`` and that connection's stats dict.
+    ``200`` and that connection's dict, wherever it lives.
 
 ``DELETE {prefix}/connections/<cid>``
-    Stops that connection after a farewell ``event: close`` (so a page can
-    call ``EventSource.close()`` instead of reconnecting: ``close`` means
-    "stop for good", and carries no ``retry:`` hint); ``204``.
+    Stops that connection, wherever it lives, after a farewell ``event:
+    close`` (so a page can call ``EventSource.close()`` instead of
+    reconnecting: ``close`` means "stop for good", and carries no ``retry:``
+    hint); ``204``, or ``404`` when no process has it.
+
+``GET {prefix}/presence/<channel>``
+    ``200`` and ``{"channel": ..., "connections": [{"cid", "subject",
+    "process", "since"}, ...], "subjects": [{"subject", "connections",
+    "processes", "since"}, ...]}``: who reads the channel now, and the same
+    per subject.
+
+``DELETE {prefix}/subjects/<subject>``
+    Stops every connection of that subject on every process, each after
+    ``event: close``; ``200`` and ``{"stopped": N}`` (``N`` may be 0).
+
+Path segments are percent-decoded (``/admin/presence/room%2F7`` is channel
+``room/7``). When the broker cannot be reached, an answer is ``503``.
 
 Every other answer is JSON too, ``{"error": "<message>"}`` with
 ``Content-Type: application/json``: an unknown cid and any other path under
@@ -32,7 +51,9 @@ checked before the token, as Tornado does for every handler.
 
 ``handler`` is anything with the :class:`AdminTarget` methods: a
 :class:`~sse_handler.handler.ServerSentEventHandler`, or an object that joins
-several (the demo's page and ``/events`` streams are two handlers).
+several (the demo's page and ``/events`` streams are two handlers). Without a
+``cluster`` argument nor a ``cluster`` attribute on ``handler``, the API
+serves ``handler``'s connections alone, through a plane of its own.
 
 ::
 
@@ -49,8 +70,9 @@ from typing import Any, Protocol
 
 from tornado.web import HTTPError, RequestHandler
 
+from .brokers import BrokerUnavailableError
+from .cluster import ControlPlane, roll_up
 from .connection import ServerSentEventConnection
-from .errors import UnknownConnectionError
 from .event import ServerSentEvent
 
 __all__ = ["CLOSE_FAREWELL", "AdminTarget", "admin_routes"]
@@ -73,8 +95,17 @@ class AdminTarget(Protocol):
         ...
 
 
-def admin_routes(handler: AdminTarget, token: str, prefix: str = "/admin") -> list[Route]:
+def admin_routes(
+    handler: AdminTarget,
+    token: str,
+    prefix: str = "/admin",
+    *,
+    cluster: ControlPlane | None = None,
+) -> list[Route]:
     """The admin API's Tornado routes for ``handler``, guarded by ``token``.
+
+    ``cluster`` is the plane the routes go through (default:
+    ``handler.cluster``).
 
     ``prefix`` must start with ``/`` and not end with one. Raises
     ``ValueError`` for an empty token: an empty secret would open the API to
@@ -84,10 +115,16 @@ def admin_routes(handler: AdminTarget, token: str, prefix: str = "/admin") -> li
         raise ValueError("token must be a non-empty str")
     if not prefix.startswith("/") or prefix.endswith("/"):
         raise ValueError(f"prefix must start with '/' and not end with one, not {prefix!r}")
-    kwargs: dict[str, Any] = {"sse_handler": handler, "token": token.encode("utf-8")}
+    plane = cluster or getattr(handler, "cluster", None)
+    if plane is None:
+        plane = ControlPlane()
+        plane.attach(handler)
+    kwargs: dict[str, Any] = {"cluster": plane, "token": token.encode("utf-8")}
     return [
         (prefix + r"/connections", ConnectionsHandler, kwargs),
         (prefix + r"/connections/([^/]+)", ConnectionHandler, kwargs),
+        (prefix + r"/presence/([^/]+)", PresenceHandler, kwargs),
+        (prefix + r"/subjects/([^/]+)", SubjectHandler, kwargs),
         (prefix + r"(?:/.*)?", NotFoundHandler, kwargs),
     ]
 
@@ -95,8 +132,8 @@ def admin_routes(handler: AdminTarget, token: str, prefix: str = "/admin") -> li
 class _AdminRequestHandler(RequestHandler):
     """Checks the bearer token before any method runs; answers JSON."""
 
-    def initialize(self, sse_handler: AdminTarget, token: bytes) -> None:
-        self.sse_handler = sse_handler
+    def initialize(self, cluster: ControlPlane, token: bytes) -> None:
+        self.cluster = cluster
         self._token = token
 
     def prepare(self) -> None:
@@ -138,39 +175,88 @@ class _AdminRequestHandler(RequestHandler):
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(json.dumps({"error": message}, separators=(",", ":")))
 
-    def _connection(self, cid: str) -> ServerSentEventConnection | None:
-        """The connection ``cid``, or ``None`` after answering 404."""
-        try:
-            return self.sse_handler.get_connection(cid)
-        except UnknownConnectionError as exc:
-            self.write_json(404, {"error": str(exc)})
-            return None
+    def write_unavailable(self, exc: BrokerUnavailableError) -> None:
+        self.write_json(503, {"error": str(exc)})
 
 
 class ConnectionsHandler(_AdminRequestHandler):
-    """``GET {prefix}/connections``: the stats of every registered connection."""
+    """``GET {prefix}/connections``: every connection of every process."""
 
     SUPPORTED_METHODS = ("GET",)
 
-    def get(self) -> None:
-        self.write_json(200, [asdict(conn.stats()) for conn in self.sse_handler.connections()])
+    async def get(self) -> None:
+        try:
+            found = await self.cluster.connections()
+        except BrokerUnavailableError as exc:
+            self.write_unavailable(exc)
+            return
+        self.write_json(200, [asdict(conn) for conn in found])
 
 
 class ConnectionHandler(_AdminRequestHandler):
-    """``{prefix}/connections/<cid>``: one connection's stats (``GET``), or
-    stop it after ``event: close`` (``DELETE``)."""
+    """``{prefix}/connections/<cid>``: one connection (``GET``), or stop it
+    after ``event: close`` (``DELETE``), wherever it lives."""
 
     SUPPORTED_METHODS = ("GET", "DELETE")
 
-    def get(self, cid: str) -> None:
-        if (conn := self._connection(cid)) is not None:
-            self.write_json(200, asdict(conn.stats()))
+    async def get(self, cid: str) -> None:
+        try:
+            conn = await self.cluster.connection(cid)
+        except BrokerUnavailableError as exc:
+            self.write_unavailable(exc)
+            return
+        if conn is None:
+            self._unknown(cid)
+        else:
+            self.write_json(200, asdict(conn))
 
-    def delete(self, cid: str) -> None:
-        if (conn := self._connection(cid)) is not None:
-            conn.stop(CLOSE_FAREWELL)
+    async def delete(self, cid: str) -> None:
+        try:
+            found = await self.cluster.stop_one(cid, CLOSE_FAREWELL)
+        except BrokerUnavailableError as exc:
+            self.write_unavailable(exc)
+            return
+        if not found:
+            self._unknown(cid)
+        else:
             self.set_status(204)
             self.finish()
+
+    def _unknown(self, cid: str) -> None:
+        self.write_json(404, {"error": f"no connection with cid {cid!r} in any process"})
+
+
+class PresenceHandler(_AdminRequestHandler):
+    """``GET {prefix}/presence/<channel>``: who reads the channel now."""
+
+    SUPPORTED_METHODS = ("GET",)
+
+    async def get(self, channel: str) -> None:
+        try:
+            entries = await self.cluster.presence(channel)
+        except BrokerUnavailableError as exc:
+            self.write_unavailable(exc)
+            return
+        body = {
+            "channel": channel,
+            "connections": [asdict(entry) for entry in entries],
+            "subjects": [asdict(subject) for subject in roll_up(entries)],
+        }
+        self.write_json(200, body)
+
+
+class SubjectHandler(_AdminRequestHandler):
+    """``DELETE {prefix}/subjects/<subject>``: stop every connection of a subject."""
+
+    SUPPORTED_METHODS = ("DELETE",)
+
+    async def delete(self, subject: str) -> None:
+        try:
+            stopped = await self.cluster.stop_subject(subject, CLOSE_FAREWELL)
+        except BrokerUnavailableError as exc:
+            self.write_unavailable(exc)
+            return
+        self.write_json(200, {"stopped": stopped})
 
 
 class NotFoundHandler(_AdminRequestHandler):

@@ -24,6 +24,7 @@ from tornado.httputil import HTTPHeaders, HTTPServerRequest
 from .brokers import Broker, BrokerUnavailableError, Replay
 from .brokers.memory import MemoryBroker
 from .channels import ChannelRouter
+from .cluster import ControlPlane, control_plane_for
 from .connection import ServerSentEventConnection
 from .cors import CorsPolicy
 from .deadlines import Deadlines
@@ -60,6 +61,7 @@ class HandlerSettings(TypedDict, total=False):
     auth_expired_farewell: ServerSentEvent | None
     reconnect_retry: tuple[int, int]
     broker: Broker | None
+    cluster: ControlPlane | None
     default_channel: str
     max_connections: int
     max_connections_per_ip: int
@@ -136,6 +138,9 @@ class ServerSentEventHandler:
     cors_credentials: bool = False
     #: Where :meth:`publish` goes; ``None``: a :class:`MemoryBroker` of its own.
     broker: Broker | None = None
+    #: Deployment-wide operations and presence (see :mod:`sse_handler.cluster`);
+    #: ``None``: the plane of :attr:`broker` (shared by the handlers of one broker).
+    cluster: ControlPlane | None = None
     #: The channel of a request that names none (see :meth:`channels_for`).
     default_channel: str = "default"
     #: Request headers a connection keeps once registered (all of them are
@@ -202,6 +207,10 @@ class ServerSentEventHandler:
             self.broker = MemoryBroker()
         #: Channel subscriptions of this handler's connections, over its broker.
         self.router = ChannelRouter(self.broker)
+        # Never None once built (the typed copy is for the handler's own use).
+        self._cluster = self.cluster or control_plane_for(self.broker)
+        self.cluster = self._cluster
+        self._cluster.attach(self)
         #: Logs a broker outage once, with summaries, not once per stream.
         self.broker_outage = BrokerOutage(type(self).__name__)
         self._cid_prefix = secrets.token_urlsafe(6)
@@ -312,10 +321,12 @@ class ServerSentEventHandler:
     async def subscribe(self, conn: ServerSentEventConnection, channel: str) -> None:
         """Subscribe ``conn`` to ``channel`` (what ``conn.subscribe`` does)."""
         await self.router.subscribe(conn, channel)
+        self._cluster.update(conn)
 
     def unsubscribe(self, conn: ServerSentEventConnection, channel: str) -> None:
         """Unsubscribe ``conn`` from ``channel``."""
         self.router.unsubscribe(conn, channel)
+        self._cluster.update(conn)
 
     # --------------------------------------------------------------- registry
 
@@ -424,6 +435,7 @@ class ServerSentEventHandler:
             await asyncio.wait([asyncio.ensure_future(w) for w in waiting], timeout=grace)
         for conn in list(self._connections.values()):
             conn.close(CloseReason.SHUTDOWN)
+        await self._cluster.detach(self)
 
     @property
     def shutting_down(self) -> bool:
@@ -570,6 +582,7 @@ class ServerSentEventHandler:
                 return
         conn.writer.release()
         conn.headers = _kept_headers(conn.headers, self._kept)
+        self._cluster.track(conn)
         conn.start_source()
 
     def _turn_away(
@@ -605,6 +618,7 @@ class ServerSentEventHandler:
             del self._connections[conn.cid]
         self.release(conn.remote_ip)
         self.counters.connection_closed(conn, conn.close_reason or "unknown")
+        self._cluster.untrack(conn)
         self.router.forget(conn)
         try:
             self.on_connection_deregistered(conn)

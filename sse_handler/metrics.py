@@ -31,6 +31,25 @@ Everything is read at scrape time from the handlers' counters
 The ``sse_broker_*`` metrics are there when the handler's broker has a reader
 that reports on itself (:class:`~sse_handler.brokers.redis.RedisBroker`).
 Every metric has an ``endpoint`` label, so several handlers share a registry.
+
+The control plane (:mod:`sse_handler.cluster`, one per process and broker)
+has its own collector, ``register_cluster_metrics(handler.cluster)``; no label
+names a channel or a subject, so the number of series stays fixed:
+
+==================================================  ===================================
+``sse_presence_entries``                            gauge: (connection, channel) pairs
+                                                    of this process in presence now
+``sse_cluster_operations_total{operation}``         counter: deployment-wide operations
+                                                    started here (``list``, ``get``,
+                                                    ``send``, ``stop``,
+                                                    ``stop_subject``, ``presence``)
+``sse_cluster_requests_served_total{operation}``    counter: other processes' requests
+                                                    answered here
+``sse_cluster_unanswered_total``                    counter: processes that did not
+                                                    answer an operation in time
+``sse_cluster_processes``                           gauge: live processes as last seen
+                                                    (Redis only)
+==================================================  ===================================
 """
 
 from __future__ import annotations
@@ -48,9 +67,17 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from tornado.web import RequestHandler
 
+from .cluster import ControlPlane
 from .handler import ServerSentEventHandler
 
-__all__ = ["QUEUE_DEPTH_BUCKETS", "EndpointCollector", "metrics_route", "register_metrics"]
+__all__ = [
+    "QUEUE_DEPTH_BUCKETS",
+    "ClusterCollector",
+    "EndpointCollector",
+    "metrics_route",
+    "register_cluster_metrics",
+    "register_metrics",
+]
 
 #: Upper bounds of the ``sse_queue_depth`` buckets (frames).
 QUEUE_DEPTH_BUCKETS = (0, 1, 4, 16, 64, 256, 1024)
@@ -123,6 +150,58 @@ class EndpointCollector(Collector):
                 "Stream entries skipped because sse_handler did not write them.",
                 getattr(broker, "malformed_entries", 0),
             )
+
+
+class ClusterCollector(Collector):
+    """Reads one control plane's counters when Prometheus scrapes."""
+
+    def __init__(self, cluster: ControlPlane) -> None:
+        self.cluster = cluster
+
+    def collect(self) -> Iterator[Any]:
+        cluster = self.cluster
+        yield GaugeMetricFamily(
+            "sse_presence_entries",
+            "(connection, channel) pairs of this process in presence now.",
+            value=cluster.presence_count(),
+        )
+        for name, doc, counts in (
+            (
+                "sse_cluster_operations",
+                "Deployment-wide operations started here.",
+                cluster.operations,
+            ),
+            (
+                "sse_cluster_requests_served",
+                "Other processes' requests answered here.",
+                cluster.served,
+            ),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["operation"])
+            for operation, count in sorted(counts.items()):
+                family.add_metric([operation], count)
+            yield family
+        yield CounterMetricFamily(
+            "sse_cluster_unanswered",
+            "Processes that did not answer an operation in time.",
+            value=cluster.unanswered,
+        )
+        live = getattr(cluster, "live_processes", None)
+        if live is not None:
+            yield GaugeMetricFamily(
+                "sse_cluster_processes", "Live processes as last seen.", value=len(live)
+            )
+
+
+def register_cluster_metrics(
+    cluster: ControlPlane | None, registry: CollectorRegistry = REGISTRY
+) -> ClusterCollector:
+    """Expose the counters of ``cluster`` (e.g. ``handler.cluster``) in ``registry``."""
+    if cluster is None:
+        raise ValueError("no control plane to expose")
+    collector = ClusterCollector(cluster)
+    registry.register(collector)
+    return collector
 
 
 def _queue_depths(

@@ -9,7 +9,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from sse_handler import CloseReason, MemoryBroker, ServerSentEventHandler
 from sse_handler.demo.app import make_app
-from sse_handler.metrics import metrics_route, register_metrics
+from sse_handler.metrics import metrics_route, register_cluster_metrics, register_metrics
 
 
 def scrape(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -74,3 +74,31 @@ async def test_metrics_route_and_demo_exposes_metrics() -> None:
         response = await http.fetch(s.url + "/metrics")
         assert b'sse_connections_open{endpoint="events"} 1.0' in response.body
         client.close()
+
+
+async def test_cluster_metrics_count_presence_and_operations_without_channel_labels() -> None:
+    registry = CollectorRegistry()
+    handler = ServerSentEventHandler()
+    assert handler.cluster is not None
+    register_cluster_metrics(handler.cluster, registry)
+    async with serve([handler.route("/events")], handler) as server:
+        clients = [
+            await server.stream("/events?channel=a&channel=b"),
+            await server.stream("/events?channel=a"),
+        ]
+        await wait_until(lambda: len(handler) == 2)
+        await handler.cluster.connections()
+        assert await handler.cluster.stop_one("nosuchcid") is False
+        await handler.cluster.presence("a")
+        values = scrape(registry)
+        assert values[("sse_presence_entries", ())] == 3
+        assert values[("sse_cluster_operations_total", (("operation", "list"),))] == 1
+        assert values[("sse_cluster_operations_total", (("operation", "stop"),))] == 1
+        assert values[("sse_cluster_operations_total", (("operation", "presence"),))] == 1
+        assert values[("sse_cluster_unanswered_total", ())] == 0
+        labels = {name for _, pairs in values for name, _ in pairs}
+        assert labels == {"operation"}  # no channel, no subject
+        for client in clients:
+            client.close()
+        await wait_until(lambda: len(handler) == 0)
+        assert scrape(registry)[("sse_presence_entries", ())] == 0

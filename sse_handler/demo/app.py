@@ -6,10 +6,14 @@ Routes:
     ``page.html``: an ``EventSource`` on ``/page/events`` that lists every
     event of the channels the visitor picks (name, id, channel, data), and a
     form that publishes.
-``GET /events[?channel=NAME...]``
+``GET /events[?channel=NAME...][&subject=NAME]``
     The stream. Each connection first gets ``event: welcome`` with
     ``{"connection_id": "<cid>"}``, then every event published to its
-    channels (default ``default``); ``Last-Event-ID`` resumes.
+    channels (default ``default``); ``Last-Event-ID`` resumes. ``subject``
+    names the connection's user for the admin API and presence -- a demo
+    convenience, used only when no authentication set ``conn.subject``
+    (:attr:`DemoHandler.subject_from_query`): a real application takes the
+    subject from what it authenticated, never from the query.
 ``GET /page/events[?channel=NAME...]``
     The page's stream: the same, but each channel event comes as an unnamed
     ``message`` whose data is a JSON envelope with its channel, name, id and
@@ -30,7 +34,8 @@ Routes:
     the token's ``channels`` claim, else 403) or, if none, the token's
     patterns; the stream ends when the token does.
 ``GET /metrics``
-    Prometheus metrics of ``/events``, when ``sse_handler[metrics]`` is installed.
+    Prometheus metrics of ``/events`` and of the control plane, when
+    ``sse_handler[metrics]`` is installed.
 With ``--jwt-secret`` both streams (and ``/tickets``) require a JWT (HS256,
 with ``sub``, ``exp`` and a ``channels`` claim of patterns, ``*`` matching
 any run of characters) as ``Authorization: Bearer``, the cookie
@@ -38,9 +43,10 @@ any run of characters) as ``Authorization: Bearer``, the cookie
 channel its patterns do not cover, and ``event: auth_expired`` then a close
 when the token expires. ``/publish`` then requires a token whose
 ``publish`` claim covers the channel (401, 403).
-``/admin/connections[/<cid>]``
+``/admin/connections[/<cid>]``, ``/admin/presence/<channel>``, ``/admin/subjects/<subject>``
     :mod:`sse_handler.admin`, mounted only when an admin token is given; it
-    lists and stops the connections of both streams.
+    lists and stops the connections of both streams of every demo process on
+    the same Redis, and shows presence.
 """
 
 from __future__ import annotations
@@ -65,12 +71,14 @@ from ..admin import admin_routes
 from ..auth import JWTVerifier, StreamAuth, tickets_for
 from ..brokers import Broker, BrokerUnavailableError
 from ..brokers.memory import MemoryBroker
+from ..cluster import ControlPlane, control_plane_for, subject_of
 from ..connection import ServerSentEventConnection
 from ..errors import UnknownConnectionError
 from ..event import ServerSentEvent
 from ..grant import Grant
 from ..handler import HandlerSettings, ServerSentEventHandler
 from ..server import make_server
+from ..writer import Transport
 from .page_stream import SharedBroker, envelope
 
 __all__ = [
@@ -97,7 +105,30 @@ class DemoConnection(ServerSentEventConnection):
         self.send(event="welcome", data={"connection_id": self.cid})
 
 
-class AuthenticatedStream(ServerSentEventHandler):
+class _QuerySubject(ServerSentEventHandler):
+    """Takes a connection's subject from ``?subject=`` when nothing else set one."""
+
+    #: Demo only: read ``?subject=`` when no authentication set ``conn.subject``.
+    #: Whoever adds authentication to the demo turns this off with it.
+    subject_from_query: bool = True
+
+    def get_connection_impl(
+        self,
+        request: HTTPServerRequest,
+        cid: str,
+        transport: Transport,
+        last_event_id: str | None,
+    ) -> ServerSentEventConnection:
+        conn = super().get_connection_impl(request, cid, transport, last_event_id)
+        asked = request.query_arguments.get("subject")
+        if self.subject_from_query and asked and subject_of(conn) is None:
+            # setattr: the attribute is declared once authentication (issue 13) lands.
+            setattr(conn, "subject", asked[-1].decode("utf-8", "replace"))  # noqa: B010
+        return conn
+
+
+
+class AuthenticatedStream(_QuerySubject):
     """A stream that, given a :class:`~sse_handler.auth.StreamAuth` (``auth``),
     opens only for a ticket or token that covers its channels."""
 
@@ -120,7 +151,8 @@ class DemoHandler(AuthenticatedStream):
     """The demo's endpoint ``/events``: a plain handler whose connections say welcome.
 
     Its :attr:`page_stream` serves the page's stream over the same broker
-    (``broker``, default a :class:`~sse_handler.brokers.memory.MemoryBroker`);
+    (``broker``, default a :class:`~sse_handler.brokers.memory.MemoryBroker`)
+    and the same control plane (``cluster``, default the broker's);
     :meth:`shutdown` closes both.
     """
 
@@ -129,11 +161,13 @@ class DemoHandler(AuthenticatedStream):
     def __init__(self, **settings: Unpack[HandlerSettings]) -> None:
         shared = SharedBroker(settings.get("broker") or MemoryBroker())
         settings["broker"] = shared.view()
+        cluster: ControlPlane = settings.get("cluster") or control_plane_for(shared.broker)
+        settings["cluster"] = cluster
         super().__init__(**settings)
         #: The broker under both streams.
         self.shared_broker = shared
         #: ``/page/events``: the same channels and ids, every channel event in an envelope.
-        self.page_stream = PageStreamHandler(broker=shared.view(envelope))
+        self.page_stream = PageStreamHandler(broker=shared.view(envelope), cluster=cluster)
 
     async def shutdown(self, grace: float = 5.0) -> None:
         await asyncio.gather(super().shutdown(grace), self.page_stream.shutdown(grace))
@@ -144,6 +178,8 @@ class DemoConnections:
 
     def __init__(self, *handlers: ServerSentEventHandler) -> None:
         self.handlers = handlers
+        #: The plane the handlers share: the admin API goes through it.
+        self.cluster = handlers[0].cluster if handlers else None
 
     def connections(self) -> list[ServerSentEventConnection]:
         return [conn for handler in self.handlers for conn in handler.connections()]
@@ -271,15 +307,19 @@ class PublishHandler(_JSONHandler):
 
 
 def make_app(
-    admin_token: str | None = None, broker: Broker | None = None, jwt_secret: str | None = None
+    admin_token: str | None = None,
+    broker: Broker | None = None,
+    jwt_secret: str | None = None,
+    cluster: ControlPlane | None = None,
 ) -> tuple[tornado.web.Application, DemoHandler]:
     """The demo application and its handler; the admin API only with a token.
 
     ``broker`` defaults to an in-memory one; pass a RedisBroker to fan out
     across processes (and share tickets). With ``jwt_secret`` (HS256) the
     streams and ``/publish`` require a token, and ``/tickets`` issues tickets.
+    ``cluster`` defaults to the broker's control plane.
     """
-    handler = DemoHandler(broker=broker)
+    handler = DemoHandler(broker=broker, cluster=cluster)
     routes: list[Any] = [
         (r"/", PageHandler),
         handler.route(r"/events"),
@@ -295,6 +335,8 @@ def make_app(
             query="token",
         )
         handler.auth = handler.page_stream.auth = auth
+        # The subject is the token's sub, never a query parameter.
+        handler.subject_from_query = handler.page_stream.subject_from_query = False
         routes.append((r"/tickets", TicketsHandler, {"sse_handler": handler}))
     if admin_token is not None:
         routes += admin_routes(DemoConnections(handler, handler.page_stream), admin_token)
@@ -307,11 +349,12 @@ def _metrics_routes(handler: DemoHandler) -> list[Any]:
     try:
         from prometheus_client import CollectorRegistry
 
-        from ..metrics import metrics_route, register_metrics
+        from ..metrics import metrics_route, register_cluster_metrics, register_metrics
     except ImportError:
         return []
     registry = CollectorRegistry()  # one per app: tests build several
     register_metrics(handler, "events", registry)
+    register_cluster_metrics(handler.cluster, registry)
     return [metrics_route("/metrics", registry)]
 
 
@@ -332,6 +375,7 @@ async def serve(
     ssl_context: ssl.SSLContext | None = None,
     redis_cluster: bool = False,
     jwt_secret: str | None = None,
+    presence_ttl: float | None = None,
 ) -> None:
     """Serve the demo until SIGINT or SIGTERM, then close the streams (grace 2 s).
 
@@ -342,17 +386,23 @@ async def serve(
     ``redis_cluster`` the URL names a node of a Redis Cluster, and channels are
     grouped by their name up to the first ``:`` (``room7:chat`` and
     ``room7:news`` share a shard and an exact order). With ``jwt_secret``
-    the streams and ``/publish`` require a JWT (see the module).
+    the streams and ``/publish`` require a JWT (see the module). ``presence_ttl``
+    (seconds, with Redis) bounds how long a crashed process stays in
+    presence (:class:`~sse_handler.brokers.redis_control.RedisControlPlane`).
     """
     broker: Broker | None = None
+    cluster: ControlPlane | None = None
     if redis_url is not None:
         from ..brokers.redis import RedisBroker, by_prefix
+        from ..brokers.redis_control import RedisControlPlane
 
         if redis_cluster:
             broker = RedisBroker(redis_url, cluster=True, shard_by=by_prefix(":"))
         else:
             broker = RedisBroker(redis_url)
-    app, handler = make_app(admin_token, broker, jwt_secret)
+        if presence_ttl is not None:
+            cluster = RedisControlPlane.for_broker(broker, presence_ttl=presence_ttl)
+    app, handler = make_app(admin_token, broker, jwt_secret=jwt_secret, cluster=cluster)
     # Long-lived servers: move what start-up made out of the collector's
     # reach, and collect less often; measured on the 9,000-connection accept
     # (bench/notes.md), about 10 % less CPU per accepted stream.
