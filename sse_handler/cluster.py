@@ -427,6 +427,10 @@ class ControlPlane:
         """True once :meth:`close` has run."""
         return self._closed
 
+    async def start(self) -> None:
+        """Be reachable before the first connection (a server calls this when
+        it starts): in one process there is nothing to start."""
+
     async def close(self) -> None:
         """Stop background work (none here); idempotent."""
         self._closed = True

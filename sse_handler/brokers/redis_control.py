@@ -171,6 +171,20 @@ class RedisControlPlane(ControlPlane):
 
     # ------------------------------------------------------------ running
 
+    async def start(self, timeout: float | None = None) -> None:
+        """Run the heartbeat and the request listener now, and wait (up to
+        ``timeout``, default the operations' timeout) until both are in
+        place: otherwise they start with the first connection, and a request
+        sent meanwhile would not reach this process."""
+        self._ensure_running()
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(self._ready.wait(), self._beaten.wait()),
+                self.timeout if timeout is None else timeout,
+            )
+        except TimeoutError:
+            pass  # Redis is slow or away: the tasks go on retrying
+
     def _ensure_running(self) -> None:
         if not self._tasks and not self.closed:
             self._tasks = [

@@ -127,7 +127,6 @@ class _QuerySubject(ServerSentEventHandler):
         return conn
 
 
-
 class AuthenticatedStream(_QuerySubject):
     """A stream that, given a :class:`~sse_handler.auth.StreamAuth` (``auth``),
     opens only for a ticket or token that covers its channels."""
@@ -403,6 +402,9 @@ async def serve(
         if presence_ttl is not None:
             cluster = RedisControlPlane.for_broker(broker, presence_ttl=presence_ttl)
     app, handler = make_app(admin_token, broker, jwt_secret=jwt_secret, cluster=cluster)
+    # Reachable by other processes' admin requests before the first stream.
+    if handler.cluster is not None:
+        await handler.cluster.start()
     # Long-lived servers: move what start-up made out of the collector's
     # reach, and collect less often; measured on the 9,000-connection accept
     # (bench/notes.md), about 10 % less CPU per accepted stream.
