@@ -181,3 +181,20 @@ async def test_a_short_secret_works_as_written_with_a_warning() -> None:
         await process.stop()
     assert "weak" in process.stderr
     assert "Traceback" not in process.stderr
+
+
+async def test_the_subject_in_the_admin_api_is_the_tokens_sub_never_the_query() -> None:
+    # Issue 14 with issue 13's demo: with --jwt-secret the subject is `sub`;
+    # the demo-only ?subject= is ignored.
+    async with demo("--admin-token", "t0ken") as process:
+        value = token(sub="alice")
+        client = await EventStreamClient.connect(
+            process.url + "/events?channel=room:1&subject=mallory", bearer(value)
+        )
+        assert (await client.next_event()).event == "welcome"
+        admin = {"Authorization": "Bearer t0ken"}
+        listing = json.loads((await process.fetch("/admin/connections", headers=admin)).body)
+        assert [c["subject"] for c in listing] == ["alice"]
+        stopped = await process.fetch("/admin/subjects/alice", "DELETE", headers=admin)
+        assert (stopped.code, json.loads(stopped.body)) == (200, {"stopped": 1})
+        await client.wait_closed()
