@@ -17,7 +17,10 @@ Scenarios (``python -m bench --scenarios scaleout,storm,perchannel``):
     10,000 clients over the 2 processes, each on a channel of its own, then one
     event published to each of the 10,000 channels; in the same round, the
     same 10,000 clients on one channel and one event published to it: accept
-    time of both, and the time until every client has its event.
+    time of both, and the time until every client has its event. Before each
+    accept, 200 live clients (100 on each process, on channel ``live``) receive
+    20 events/s through the first process: their delivery latency over 3 s with
+    nothing else going on, then while the 10,000 are being accepted.
 
 sse_handler: ``python -m sse_handler demo --redis URL`` twice (its
 RedisBroker). nginx+nchan: two nginx instances, one worker each, storing in
@@ -75,6 +78,11 @@ PROCESSES = 2
 X = "\N{MULTIPLICATION SIGN}"
 NONE = "\N{EN DASH}"
 SECTION = "## Scale-out on Redis"
+#: perchannel: live clients opened before the accept, the events/s they receive
+#: through it, and the window measured before it with nothing else going on.
+LIVE = 200
+LIVE_RATE = 20.0
+LIVE_BASELINE_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,8 @@ class RedisScenario:
     duration: float = 0
     pre: int = 0
     missed: int = 0
+    live: int = 0  # perchannel: live clients on channel "live", opened before the accept
+    live_rate: float = 0  # ... receiving this many events/s through the accept
 
     @property
     def title(self) -> str:
@@ -107,8 +117,12 @@ SCALEOUT: dict[str, tuple[RedisScenario, ...]] = {
     "scaleout": (RedisScenario("scaleout", "", conns=5000, rate=20, duration=10),),
     "storm": (RedisScenario("storm", "storm", conns=5000, rate=50, pre=5, missed=50),),
     "perchannel": (
-        RedisScenario("perchannel", "perchannel", conns=10000, channels=10000),
-        RedisScenario("onechannel", "perchannel", conns=10000, channels=1),
+        RedisScenario(
+            "perchannel", "perchannel", conns=10000, channels=10000, live=LIVE, live_rate=LIVE_RATE
+        ),
+        RedisScenario(
+            "onechannel", "perchannel", conns=10000, channels=1, live=LIVE, live_rate=LIVE_RATE
+        ),
     ),
 }
 
@@ -256,6 +270,11 @@ def _loadgen_argv(loadgen: Path, ports: list[int], sc: RedisScenario) -> list[st
         ]  # fmt: skip
     elif sc.mode == "perchannel":
         argv += ["-mode", "perchannel", "-publishers", "8", "-drain", "30s"]
+        if sc.live:
+            argv += [
+                "-live", str(sc.live), "-live-rate", f"{sc.live_rate:g}",
+                "-live-channel", "live", "-live-baseline", f"{LIVE_BASELINE_SECONDS:g}s",
+            ]  # fmt: skip
     else:
         argv += ["-rate", f"{sc.rate:g}", "-duration", f"{sc.duration:g}s"]
     return argv
@@ -292,6 +311,11 @@ def run_scaleout(server: str, sc: RedisScenario, loadgen: Path, cwd: Path) -> di
             )  # fmt: skip
         assert gen.stdout is not None
         lines = _Lines(gen.stdout)
+        live = None
+        if sc.live:  # the live clients' baseline window is over: the accept starts
+            live = lines.next(timeout=120)
+            if live["live_connected"] == 0:
+                raise BenchError(f"no live stream opened: {live.get('first_error') or '?'}")
         start = _Cpu(pids, redis.pid, gen.pid)
         connected = lines.next(timeout=240)
         accepted = _Cpu(pids, redis.pid, gen.pid)
@@ -329,6 +353,7 @@ def run_scaleout(server: str, sc: RedisScenario, loadgen: Path, cwd: Path) -> di
         "rss_before": rss_before,
         "rss_after": rss_after,
         "accept_cpu_seconds": (accepted.servers - start.servers) + (accepted.redis - start.redis),
+        "accept_loadgen_cores": (accepted.gen - start.gen) / max(accepted.t - start.t, 1e-9),
         "server_cpu_seconds": end.servers - go.servers,
         "redis_cpu_seconds": end.redis - go.redis,
         "loadgen_cpu_seconds": end.gen - go.gen,
@@ -337,6 +362,7 @@ def run_scaleout(server: str, sc: RedisScenario, loadgen: Path, cwd: Path) -> di
         "others_connecting": accepted.others_since(start),
         "others_running": end.others_since(go),
         "connected": connected,
+        "live": live,
         "done": done,
     }
 
@@ -357,6 +383,8 @@ def figures(r: dict[str, Any]) -> dict[str, float]:
         "server_us_per_delivery": r["server_cpu_seconds"] / received * 1e6 if received else nan,
         "redis_us_per_delivery": r["redis_cpu_seconds"] / received * 1e6 if received else nan,
         "others_cores": r["others_running"],
+        "others_accept_cores": r["others_connecting"],
+        "loadgen_accept_cores": r.get("accept_loadgen_cores", nan),
         "duplicates": d.get("duplicates", 0),
         "received": received,
     }
@@ -390,6 +418,27 @@ def figures(r: dict[str, Any]) -> dict[str, float]:
         if "all_delivered_seconds" in d:
             out["all_delivered_s"] = d["all_delivered_seconds"]
             out["publish_s"] = d["publish_seconds"]
+        if "live" in d:
+            out |= live_figures(d["live"])
+    return out
+
+
+def live_figures(live: dict[str, Any]) -> dict[str, float]:
+    """The live clients' latency before and during the accept, and during ÷ before."""
+    nan = float("nan")
+    out: dict[str, float] = {}
+    for window, key in (("baseline", "base"), ("accept", "acc")):
+        w = live[window]
+        for q in ("p50", "p99"):
+            out[f"live_{key}_{q}"] = w["latency_ms"].get(q, nan)
+        out[f"live_{key}_n"] = w["received"]
+        out[f"live_{key}_lost"] = w["lost"]
+    for q in ("p50", "p99"):
+        base, acc = out[f"live_base_{q}"], out[f"live_acc_{q}"]
+        out[f"live_{q}_ratio"] = acc / base if base == base and acc == acc and base else nan
+    out["live_lost"] = out["live_base_lost"] + out["live_acc_lost"]
+    out["live_disconnected"] = live["disconnected"]
+    out["live_publish_errors"] = live["publish_errors"]
     return out
 
 
@@ -568,6 +617,20 @@ def section(results: dict[str, Any]) -> str:
             "one-channel rate, i.e. per-channel accept time at most twice one-channel's. "
             "*All delivered* = first publish to the last client's event.",
             "",
+            f"*Live clients*: before the {n:,} in each layout, {LIVE} clients (100 on "
+            f"each process) subscribe to channel `live`, and {LIVE_RATE:g} events/s are "
+            "published to it through the first process (4 keep-alive publishers, each "
+            "event stamped when its POST leaves) until the last of the "
+            f"{n:,} has its head. *No accept* = the latency of the events published in "
+            f"the {LIVE_BASELINE_SECONDS:g} s just before the accept (after 1 s of "
+            "warm-up), with nothing else going on; *during* = of the events published "
+            "from the first dial to the last response head (a late delivery counts in "
+            "the window its event was published in). Against issue 11's live latency "
+            f"during the accept ≤ 1.5{X} without; each ratio is within one run, against "
+            "that run's own window before the accept (*no accept* rows: the "
+            "own-channel runs'). The accept figures above are measured with these "
+            "live clients receiving.",
+            "",
             "| figure | " + " | ".join(servers) + " | sse_handler ÷ nchan | paired |",
             "|---|" + "---:|" * len(servers) + "---:|---|",
         ]
@@ -585,6 +648,34 @@ def section(results: dict[str, Any]) -> str:
                 f"| {label} | " + " | ".join(cells) + f" | {ratio} | "
                 + _runs(paired(scen, key)) + " |"
             )  # fmt: skip
+        for label, scen, key in (
+            ("live p50 ms, no accept", "perchannel", "live_base_p50"),
+            ("live p50 ms, during the own-channel accept", "perchannel", "live_acc_p50"),
+            ("live p50 ms, during the one-channel accept", "onechannel", "live_acc_p50"),
+            ("live p99 ms, no accept", "perchannel", "live_base_p99"),
+            ("live p99 ms, during the own-channel accept", "perchannel", "live_acc_p99"),
+            ("live p99 ms, during the one-channel accept", "onechannel", "live_acc_p99"),
+        ):
+            cells = [_fmt(med(scen, s, key), ".1f") for s in servers]
+            ratio = _ratio(med(scen, "sse_handler", key), med(scen, "nchan", key))
+            out.append(
+                f"| {label} | " + " | ".join(cells) + f" | {ratio} | "
+                + _runs(paired(scen, key)) + " |"
+            )  # fmt: skip
+        for label, scen, key in (
+            (f"live p50 during ÷ without accept, own channels (target ≤ 1.5{X})", "perchannel",
+             "live_p50_ratio"),
+            (f"live p99 during ÷ without accept, own channels (target ≤ 1.5{X})", "perchannel",
+             "live_p99_ratio"),
+            ("live p50 during ÷ without accept, one channel", "onechannel", "live_p50_ratio"),
+            ("live p99 during ÷ without accept, one channel", "onechannel", "live_p99_ratio"),
+        ):  # fmt: skip
+            cells = []
+            for s in servers:
+                values = col(scen, s, key)
+                ok = [v for v in values if v == v]
+                cells.append(f"{_fmt(_median(ok))}{X} ({_runs(values)})" if ok else NONE)
+            out.append(f"| {label} | " + " | ".join(cells) + " | | |")
         cells = []
         for s in servers:
             per = col("perchannel", s, "accept_s")
@@ -601,9 +692,34 @@ def section(results: dict[str, Any]) -> str:
             ("duplicated, worst run", "perchannel", "duplicates"),
             ("failed opens, worst run (own channels)", "perchannel", "failed_open"),
             ("publish errors, worst run", "perchannel", "publish_errors"),
+            ("live deliveries lost, worst run (own channels)", "perchannel", "live_lost"),
+            ("live deliveries lost, worst run (one channel)", "onechannel", "live_lost"),
+            ("live streams closed, worst run", "perchannel", "live_disconnected"),
         ):
             cells = [_fmt(worst(scen, s, key), ".0f") for s in servers]
             out.append(f"| {label} | " + " | ".join(cells) + " | | |")
+        out.append("")
+        for s in servers:
+            if not any(v == v for v in col("perchannel", s, "live_base_p50")):
+                continue
+            parts = []
+            for scen, where in (("perchannel", "own channels"), ("onechannel", "one channel")):
+                runs_ = [
+                    f"{_fmt(b50, '.1f')}/{_fmt(b99, '.1f')} → {_fmt(a50, '.1f')}/"
+                    f"{_fmt(a99, '.1f')} ({_fmt(n, ',.0f')} deliveries; load generator "
+                    f"{_fmt(gen)}, others {_fmt(oth)} cores during the accept)"
+                    for b50, b99, a50, a99, n, gen, oth in zip(
+                        col(scen, s, "live_base_p50"), col(scen, s, "live_base_p99"),
+                        col(scen, s, "live_acc_p50"), col(scen, s, "live_acc_p99"),
+                        col(scen, s, "live_acc_n"), col(scen, s, "loadgen_accept_cores"),
+                        col(scen, s, "others_accept_cores"), strict=True,
+                    )
+                ]  # fmt: skip
+                parts.append(f"{where} {'; '.join(runs_)}")
+            out.append(
+                f"- {s}, run by run, live p50/p99 ms no accept → during the accept: "
+                + "; ".join(parts)
+            )
         out.append("")
     if results.get("errors"):
         out += ["Runs that failed:", ""] + [f"- {e}" for e in results["errors"]] + [""]

@@ -81,6 +81,13 @@ type config struct {
 	stormShift  int
 	stormPause  time.Duration
 	replayLimit time.Duration
+
+	// Live streams beside the accept (live.go).
+	live         int
+	liveRate     float64
+	liveChannel  string
+	liveWarm     time.Duration
+	liveBaseline time.Duration
 }
 
 func parseFlags() config {
@@ -111,6 +118,11 @@ func parseFlags() config {
 	flag.IntVar(&c.stormShift, "storm-shift", 0, "storm: a stream reconnects to address (i + shift) mod n")
 	flag.DurationVar(&c.stormPause, "storm-pause", 500*time.Millisecond, "storm: pause after the disconnect and before the reconnect")
 	flag.DurationVar(&c.replayLimit, "replay-limit", 60*time.Second, "storm: wait at most this long for every replay")
+	flag.IntVar(&c.live, "live", 0, "perchannel: live streams opened first, on -live-channel, receiving -live-rate events/s through the accept (live.go)")
+	flag.Float64Var(&c.liveRate, "live-rate", 20, "live: events per second to -live-channel")
+	flag.StringVar(&c.liveChannel, "live-channel", "live", "live: the live streams' channel")
+	flag.DurationVar(&c.liveWarm, "live-warm", time.Second, "live: publishing before the baseline window")
+	flag.DurationVar(&c.liveBaseline, "live-baseline", 3*time.Second, "live: the baseline window, before the accept")
 	flag.Parse()
 	return c
 }
@@ -128,6 +140,9 @@ func main() {
 	}
 	if cfg.tls && (cfg.mode != "" || cfg.addrs != "" || cfg.channels > 0) {
 		fail("-mode, -addrs and -channels are not supported with -tls")
+	}
+	if cfg.live > 0 && (cfg.mode != "perchannel" || cfg.liveRate <= 0) {
+		fail("-live needs -mode perchannel and -live-rate > 0")
 	}
 	scheduled := 0
 	switch cfg.mode {
@@ -160,7 +175,14 @@ func main() {
 		}
 		close(stopped)
 	}()
+	var lr *liveRun
+	if cfg.live > 0 {
+		lr = startLive(cfg, r)
+	}
 	acceptSeconds := <-connected
+	if lr != nil {
+		lr.endLive()
+	}
 	sort.Float64s(r.openMs) // the loop no longer touches it once connected
 	emit(map[string]any{
 		"phase":          "connected",
@@ -181,7 +203,11 @@ func main() {
 	}
 	switch cfg.mode {
 	case "perchannel":
-		emit(perChannel(cfg, r, cfg.conns-r.failed, stopped))
+		result := perChannel(cfg, r, cfg.conns-r.failed, stopped)
+		if lr != nil {
+			result["live"] = lr.result(r)
+		}
+		emit(result)
 	case "storm":
 		emit(storm(cfg, r, cfg.conns-r.failed, connected, stopped))
 	default:
@@ -220,6 +246,7 @@ type publishStats struct {
 	okAt       []bool // by index in the plan
 	firstErr   string
 	lagMs      []float64 // how late each publish left, against its schedule
+	okNs       []int64   // unix nanos at which each accepted publish left
 	start, end time.Time
 }
 
@@ -232,6 +259,7 @@ type plan struct {
 	cutoff   time.Duration
 	url      func(i int) string
 	seq      func(i int) int
+	stop     <-chan struct{} // closed: schedule nothing more (nil: never)
 }
 
 // broadcast is the plan of the default mode: -rate events per second for
@@ -268,13 +296,22 @@ func publish(cfg config, p plan) publishStats {
 	cutoff := start.Add(p.cutoff)
 	slots := make(chan int, scheduled)
 	go func() {
+		defer close(slots)
 		for i := 0; i < scheduled; i++ {
 			if d := time.Until(start.Add(time.Duration(i) * interval)); d > 0 {
-				time.Sleep(d)
+				select {
+				case <-time.After(d):
+				case <-p.stop:
+					return
+				}
+			}
+			select {
+			case <-p.stop:
+				return
+			default:
 			}
 			slots <- i
 		}
-		close(slots)
 	}()
 	var mu sync.Mutex
 	st := publishStats{start: start, okAt: make([]bool, scheduled)}
@@ -306,6 +343,7 @@ func publish(cfg config, p plan) publishStats {
 				} else {
 					st.ok++
 					st.okAt[i] = true
+					st.okNs = append(st.okNs, now.UnixNano())
 				}
 				mu.Unlock()
 			}

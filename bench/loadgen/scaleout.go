@@ -53,6 +53,9 @@ func (r *receiver) streamAddrs(addrs string) error {
 }
 
 func (r *receiver) addrOf(s *stream) *syscall.SockaddrInet4 {
+	if s.live {
+		return &r.sas[s.idx%len(r.sas)]
+	}
 	return &r.sas[(s.idx+r.shift)%len(r.sas)]
 }
 
@@ -60,6 +63,9 @@ func channelName(i int) string { return "c" + strconv.Itoa(i) }
 
 // query is the stream's query string: its channel, if -channels is set.
 func (r *receiver) query(s *stream) string {
+	if s.live {
+		return "?channel=" + r.cfg.liveChannel
+	}
 	if r.cfg.channels <= 0 {
 		return ""
 	}

@@ -61,6 +61,7 @@ type stream struct {
 	got        int    // seqs received (each once)
 	wanted     bool   // open when the storm disconnected it: reconnects
 	retryMs    int64  // the last retry field (0: none)
+	live       bool   // one of the -live streams (live.go)
 }
 
 // tally counts the deliveries of a set of streams: all of them in the epoll
@@ -78,6 +79,9 @@ type tally struct {
 	trackIDs    bool    // note each event's id and count reset events (-mode storm)
 	resets      int64   // events named reset
 	completions []int64 // unix nanos at which a stream had every scheduled seq
+
+	keepSent bool    // keep each delivery's send time (the live streams' tally)
+	sentAt   []int64 // unix nanos each delivery's event was sent, beside latencies
 }
 
 // merge adds another tally's deliveries to this one.
@@ -130,6 +134,16 @@ type receiver struct {
 	wantedN int                     // streams the disconnect closed
 	redial  []redial                // storm: streams the server closed, to reopen
 	retried int                     // storm: reopened after the server closed them
+
+	// Live streams beside the accept (live.go): their own tally and counts.
+	liveStreams    []*stream
+	liveT          tally
+	liveReceived   atomic.Int64
+	liveReady      chan struct{} // every live stream has its head (or failed)
+	liveOpening    int
+	liveFailed     int
+	liveErr        string
+	liveDisconnect atomic.Int64
 }
 
 func newReceiver(cfg config, scheduled int) (*receiver, error) {
@@ -152,6 +166,10 @@ func newReceiver(cfg config, scheduled int) (*receiver, error) {
 	r.trackIDs = cfg.mode == "storm"
 	r.cmd = make(chan string, 1)
 	r.ack = make(chan struct{}, 1)
+	r.liveReady = make(chan struct{}, 1)
+	if cfg.live > 0 {
+		r.liveT = newLiveTally(cfg, &r.liveReceived)
+	}
 	r.sa.Port = addr.Port
 	copy(r.sa.Addr[:], addr.IP.To4())
 	if err := r.streamAddrs(cfg.addrs); err != nil {
@@ -167,7 +185,11 @@ func newReceiver(cfg config, scheduled int) (*receiver, error) {
 func (r *receiver) run(connected chan<- float64) {
 	start := time.Now()
 	events := make([]syscall.EpollEvent, 1024)
-	phase := true
+	phase := r.cfg.live == 0 // with live streams: those first, then "accept"
+	livePending := r.cfg.live > 0
+	if livePending {
+		r.dialLive()
+	}
 	lastSweep := time.Now()
 	for !r.stop.Load() {
 		select {
@@ -178,6 +200,8 @@ func (r *receiver) run(connected chan<- float64) {
 				r.ack <- struct{}{}
 			case "reconnect":
 				r.nextDial, r.failed, r.firstErr, r.openMs = 0, 0, "", r.openMs[:0]
+				phase, start = true, time.Now()
+			case "accept":
 				phase, start = true, time.Now()
 			}
 		default:
@@ -198,7 +222,11 @@ func (r *receiver) run(connected chan<- float64) {
 		if len(r.redial) > 0 {
 			r.redialDue()
 		}
-		if phase && time.Since(lastSweep) > 100*time.Millisecond {
+		if livePending && r.liveOpening == 0 {
+			livePending = false
+			r.liveReady <- struct{}{}
+		}
+		if (phase || livePending) && time.Since(lastSweep) > 100*time.Millisecond {
 			lastSweep = time.Now()
 			r.sweepTimeouts()
 		}
@@ -229,7 +257,11 @@ func (r *receiver) dialMore() {
 
 // dial opens the connection of stream s (a new one, or one to reopen).
 func (r *receiver) dial(s *stream) {
-	r.opening++
+	if s.live {
+		r.liveOpening++
+	} else {
+		r.opening++
+	}
 	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC, 0)
 	if err != nil {
 		r.failOpen(s, err)
@@ -255,6 +287,15 @@ func (r *receiver) dial(s *stream) {
 }
 
 func (r *receiver) failOpen(s *stream, err error) {
+	if s.live {
+		r.liveOpening--
+		r.liveFailed++
+		if r.liveErr == "" {
+			r.liveErr = err.Error()
+		}
+		r.finish(s)
+		return
+	}
 	r.opening--
 	if s.frozen {
 		r.frozenFailed++
@@ -278,7 +319,7 @@ func (r *receiver) finish(s *stream) {
 }
 
 func (r *receiver) sweepTimeouts() {
-	for _, s := range r.streams {
+	for _, s := range append(r.streams[:len(r.streams):len(r.streams)], r.liveStreams...) {
 		if s != nil && (s.state == stConnecting || s.state == stHead) && s.fd != -1 &&
 			time.Since(s.started) > r.cfg.headTimeout {
 			r.failOpen(s, fmt.Errorf("no response head within %v", r.cfg.headTimeout))
@@ -325,6 +366,13 @@ func (r *receiver) handle(s *stream, ev uint32) {
 			r.failOpen(s, fmt.Errorf("reading the head: %v", err))
 			return
 		}
+		if s.live {
+			if !r.stop.Load() {
+				r.liveDisconnect.Add(1)
+			}
+			r.finish(s)
+			return
+		}
 		if !r.stop.Load() {
 			r.disconnect.Add(1)
 			if r.endErr == "" {
@@ -338,6 +386,7 @@ func (r *receiver) handle(s *stream, ev uint32) {
 		return
 	}
 	r.now = time.Now().UnixNano()
+	r.liveT.now = r.now
 	data := r.buf[:n]
 	if s.state == stHead {
 		s.head = append(s.head, data...)
@@ -350,15 +399,24 @@ func (r *receiver) handle(s *stream, ev uint32) {
 			r.failOpen(s, err)
 			return
 		}
-		r.opening--
 		s.state = stBody
 		s.head = nil
+		if s.live {
+			r.liveOpening--
+			r.liveT.body(s, append([]byte(nil), rest...))
+			return
+		}
+		r.opening--
 		if s.frozen {
 			r.freeze(s)
 			return
 		}
 		r.openMs = append(r.openMs, float64(time.Since(s.started).Microseconds())/1000)
 		data = append([]byte(nil), rest...)
+	}
+	if s.live {
+		r.liveT.body(s, data)
+		return
 	}
 	r.body(s, data)
 }
@@ -504,6 +562,9 @@ func (t *tally) record(s *stream) {
 		lat = 1<<32 - 1
 	}
 	t.latencies = append(t.latencies, uint32(lat))
+	if t.keepSent {
+		t.sentAt = append(t.sentAt, s.ts)
+	}
 	t.lastRecv = t.now
 	t.counter.Add(1)
 }
@@ -546,7 +607,7 @@ func (r *receiver) closeAll() {
 		r.closeTLS()
 		return
 	}
-	for _, s := range r.streams {
+	for _, s := range append(r.streams, r.liveStreams...) {
 		if s != nil && s.fd > 0 {
 			syscall.Close(s.fd)
 		}
