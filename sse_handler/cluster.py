@@ -6,21 +6,20 @@ the clients, so the handler also has a :class:`ControlPlane`
 (``handler.cluster``), shared by every handler of one broker in a process,
 whose operations reach every process of the deployment:
 
-============================================  ==========================================
-``await cluster.connections()``               every connection of every process, as
-                                              :class:`ClusterConnection` (with ``process``)
-``await cluster.connection(cid)``             one of them, or ``None``
-``await cluster.send_one(cid, event)``        ``True`` if some process had ``cid``
-``await cluster.stop_one(cid, farewell,       ``True`` if some process had ``cid``; it
-retry)``                                      gets the farewell and hint, then closes
-``await cluster.stop_subject(subject, ...)``  how many connections of ``subject`` (a
-                                              user's tabs on every process) were stopped
-``await cluster.presence(channel)``           who reads ``channel`` now:
-                                              :class:`PresenceEntry` (cid, subject,
-                                              process, since)
-``await cluster.subjects(channel)``           the same rolled up per subject
-                                              (:class:`SubjectPresence`)
-============================================  ==========================================
+``await cluster.connections()``
+    every connection of every process, as :class:`ClusterConnection` (with ``process``)
+``await cluster.connection(cid)``
+    one of them, or ``None``
+``await cluster.send_one(cid, event)``
+    ``True`` if some process had ``cid``
+``await cluster.stop_one(cid, farewell, retry)``
+    ``True`` if some process had ``cid``; it gets the farewell and hint, then closes
+``await cluster.stop_subject(subject, ...)``
+    how many connections of ``subject`` (a user's tabs on every process) were stopped
+``await cluster.presence(channel)``
+    who reads ``channel`` now: :class:`PresenceEntry` (cid, subject, process, since)
+``await cluster.subjects(channel)``
+    the same rolled up per subject (:class:`SubjectPresence`)
 
 This module's :class:`ControlPlane` is the plane of the memory broker: one
 process, so every operation is a direct call on the attached handlers.
