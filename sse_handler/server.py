@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable
 from typing import Any
 
 from tornado import httputil
 from tornado.httpserver import HTTPServer
-from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError, UnsatisfiableReadError
 from tornado.log import access_log
 from tornado.web import Application
@@ -48,7 +47,6 @@ def make_server(
     header_timeout: float = 10.0,
     max_header_size: int = 16 * 1024,
     body_timeout: float | None = 10.0,
-    accept_batch: int = 16,
     **kwargs: Any,
 ) -> BoundedHTTPServer:
     """``HTTPServer(app)`` that bounds the request phase of every connection.
@@ -62,11 +60,6 @@ def make_server(
       It bounds every route of ``app``: serve large, slow uploads from a
       server of their own, or raise it.
 
-    ``accept_batch`` bounds how many connections one turn of the event loop
-    accepts (Tornado's own takes up to 128): during a connect storm the
-    streams already open get their events between batches instead of after
-    hundreds of requests. ``0`` keeps Tornado's.
-
     Other keywords go to ``HTTPServer``. Once a stream is accepted the
     connection leaves Tornado, so these bounds apply to the request phase only.
     """
@@ -75,7 +68,6 @@ def make_server(
         idle_connection_timeout=header_timeout,
         max_header_size=max_header_size,
         body_timeout=body_timeout,
-        accept_batch=accept_batch,
         **kwargs,
     )
 
@@ -89,47 +81,10 @@ class BoundedHTTPServer(HTTPServer):
     """
 
     body_timeout: float | None
-    accept_batch: int
 
-    def initialize(
-        self,
-        *args: Any,
-        body_timeout: float | None = None,
-        accept_batch: int = 0,
-        **kwargs: Any,
-    ) -> None:
+    def initialize(self, *args: Any, body_timeout: float | None = None, **kwargs: Any) -> None:
         super().initialize(*args, **kwargs)
         self.body_timeout = body_timeout or None
-        self.accept_batch = accept_batch
-
-    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
-        sockets = list(sockets)
-        super().add_sockets(sockets)
-        if not self.accept_batch:
-            return
-        # Tornado's accept handler takes up to 128 connections per readiness
-        # event; this one takes accept_batch. The handler is swapped on the
-        # IOLoop, so stop() (which removes the socket's handler) still works.
-        loop = IOLoop.current()
-        for sock in sockets:
-            loop.remove_handler(sock)
-            loop.add_handler(sock, self._accepting(sock), IOLoop.READ)
-
-    def _accepting(self, sock: socket.socket) -> Callable[[Any, int], None]:
-        batch = self.accept_batch
-        handle = self._handle_connection
-
-        def accept(fd: Any, events: int) -> None:
-            for _ in range(batch):
-                try:
-                    connection, address = sock.accept()
-                except BlockingIOError:
-                    return  # every waiting connection is taken
-                except ConnectionAbortedError:
-                    continue  # closed while in the accept queue
-                handle(connection, address)
-
-        return accept
 
     def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         # TCPServer builds the IOStream; a subclass of the same layout that

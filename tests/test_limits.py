@@ -374,28 +374,3 @@ async def test_authorize_runs_before_any_byte_of_the_stream() -> None:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 200 OK")
         writer.close()
-
-
-async def test_a_small_accept_batch_takes_a_burst_and_stops_with_the_server() -> None:
-    # make_server(accept_batch=N) accepts at most N connections per loop
-    # turn, so open streams get their events between batches of a connect
-    # storm; a burst larger than a batch is still taken whole.
-    handler = ServerSentEventHandler()
-    sockets = bind_sockets(0, "127.0.0.1", backlog=1024)
-    port = sockets[0].getsockname()[1]
-    server = make_server(Application([handler.route("/events")]), accept_batch=1)
-    server.add_sockets(sockets)
-    url = f"http://127.0.0.1:{port}/events"
-    clients = await asyncio.gather(*(EventStreamClient.connect(url) for _ in range(100)))
-    try:
-        assert [c.status for c in clients] == [200] * 100
-        await wait_until(lambda: len(handler) == 100)
-        assert await handler.publish(handler.default_channel, data="all") is not None
-        assert {(await c.next_event()).data for c in clients} == {"all"}
-    finally:
-        for client in clients:
-            client.close()
-        server.stop()
-    with pytest.raises(OSError):
-        await EventStreamClient.connect(url)
-    await handler.shutdown(0)
