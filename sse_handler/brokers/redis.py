@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -74,79 +73,18 @@ except ImportError as exc:  # pragma: no cover - depends on the extra
 from ..event import ServerSentEvent
 from ..tasks import spawn
 from . import BrokerUnavailableError, Delivery, Listener, Replay, body_frame
+from . import redis_wire as wire
+from .redis_wire import by_prefix, channel_key
 
-__all__ = ["RedisBroker", "by_prefix", "channel_key"]
+__all__ = ["RedisBroker", "by_prefix", "channel_key", "redacted_url"]
 
 log = logging.getLogger("sse_handler.redis")
 
-Position = tuple[int, int]
-
-#: The largest part of a stream entry id (Redis ids are two unsigned 64-bit ints).
-_MAX_PART = 2**64 - 1
-#: ASCII digits only (``str.isdigit`` also accepts ``²`` and ``٣``), at most
-#: 20 of them: the length of ``_MAX_PART``.
-_PART = re.compile(r"[0-9]{1,20}")
-_ESCAPES = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
-#: A malformed entry of one stream is logged at most this often (seconds).
+#: A malformed entry of one channel is logged at most this often (seconds).
 _WARN_EVERY = 60.0
 
 
-def channel_key(prefix: str, channel: str, kind: str = "c") -> str:
-    """The Redis key of ``channel``'s stream (``kind`` ``"c"``) or id hash (``"i"``)."""
-    return f"{prefix}{kind}:{channel.translate(_ESCAPES)}"
-
-
-def _position(entry_id: str) -> Position | None:
-    """``(ms, seq)`` of a stream entry id, or ``None`` for anything else."""
-    ms, sep, seq = entry_id.partition("-")
-    if not sep or not _PART.fullmatch(ms) or not _PART.fullmatch(seq):
-        return None
-    position = (int(ms), int(seq))
-    if position[0] > _MAX_PART or position[1] > _MAX_PART:
-        return None
-    return position
-
-
-def _after(position: Position) -> Position | None:
-    """The smallest entry id after ``position`` (``None`` after the largest)."""
-    ms, seq = position
-    if seq < _MAX_PART:
-        return (ms, seq + 1)
-    if ms < _MAX_PART:
-        return (ms + 1, 0)
-    return None
-
-
-def _entry_id(position: Position) -> str:
-    return f"{position[0]}-{position[1]}"
-
-
-def _hash_tag(key: str) -> str:
-    """The part of ``key`` that Redis Cluster hashes when it has a tag (``{...}``)."""
-    start = key.find("{")
-    end = key.find("}", start + 1)
-    return key[start + 1 : end] if start >= 0 and end > start + 1 else ""
-
-
-def by_prefix(separator: str = ":") -> Callable[[str], str]:
-    """A ``shard_by`` that groups channels by their name up to ``separator``:
-    ``room7:chat`` and ``room7:typing`` share a group (exact order between
-    them) and a shard; ``room8:chat`` may sit on another."""
-
-    def group(channel: str) -> str:
-        return channel.partition(separator)[0]
-
-    return group
-
-
-def _fields(flat: Any) -> dict[bytes, Any]:
-    """A stream entry's fields from the flat list a script returns."""
-    if isinstance(flat, dict):
-        return flat
-    return {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
-
-
-def _redacted(url: str) -> str:
+def redacted_url(url: str) -> str:
     """``url`` without its password, for messages and logs."""
     try:
         parts = urlsplit(url)
@@ -156,16 +94,6 @@ def _redacted(url: str) -> str:
         return "<the configured URL>"
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _is_frame(body: bytes) -> bool:
-    """One event frame as :meth:`ServerSentEvent.encode` writes it: LF line
-    endings, one blank line, at the end."""
-    return body.endswith(b"\n\n") and body.find(b"\n\n") == len(body) - 2 and b"\r" not in body
 
 
 def _not_sent(exc: BaseException) -> bool:
@@ -221,70 +149,6 @@ class _Pool(aioredis.BlockingConnectionPool):
         return connection
 
 
-#: The publish script. KEYS: the sequence hash, the channel's stream, the
-#: channel's id hash. ARGV: channel, body, history
-#: size, the publisher's id ("" for none), history age in ms ("0" for none),
-#: the Pub/Sub channel.
-_PUBLISH = """
-local t = redis.call('TIME')
-local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = 0
-local last = redis.call('HGET', KEYS[1], 'last')
-if last then
-  local lms, ln = string.match(last, '^(%d+)-(%d+)$')
-  if lms and tonumber(lms) >= ms then
-    ms = tonumber(lms)
-    n = tonumber(ln) + 1
-  end
-end
-local id = string.format('%.0f-%.0f', ms, n)
-local prev = redis.call('HGET', KEYS[1], 'c:' .. ARGV[1]) or '0-0'
-local fields = {'b', ARGV[2], 'p', prev}
-if ARGV[4] ~= '' then
-  fields[5] = 'i'
-  fields[6] = ARGV[4]
-end
-local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id, unpack(fields))
-if type(added) == 'table' and added.err then
-  -- The stream holds a newer id than the sequence (its key was evicted or
-  -- written by someone else): continue after the stream's newest entry.
-  local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-  if not top[1] then return redis.error_reply(added.err) end
-  local tms, tn = string.match(top[1][1], '^(%d+)-(%d+)$')
-  id = string.format('%.0f-%.0f', tonumber(tms), tonumber(tn) + 1)
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id, unpack(fields))
-end
-redis.call('HSET', KEYS[1], 'last', id, 'c:' .. ARGV[1], id)
-redis.call('HSETNX', KEYS[1], 'since', id)
-if ARGV[5] ~= '0' then
-  redis.call('XTRIM', KEYS[2], 'MINID', '~', string.format('%.0f', ms - tonumber(ARGV[5])))
-end
-local indexed = 0
-if ARGV[4] ~= '' then
-  redis.call('HSET', KEYS[3], ARGV[4], id)
-  indexed = redis.call('HLEN', KEYS[3])
-end
-redis.call('PUBLISH', ARGV[6], id .. '\\n' .. ARGV[4] .. '\\n' .. ARGV[2])
-return {id, indexed}
-"""
-
-#: The read script: one atomic snapshot of a group's channels. KEYS: the
-#: sequence hash, then each channel's stream. ARGV: per channel, its name and
-#: the first entry id wanted. Returns the sequence's last and since ids, then
-#: per channel its newest id and its entries from there (or the error text
-#: when its key holds no stream).
-_READ = """
-local out = {redis.call('HGET', KEYS[1], 'last'), redis.call('HGET', KEYS[1], 'since')}
-for i = 2, #KEYS do
-  local newest = redis.call('HGET', KEYS[1], 'c:' .. ARGV[2 * i - 3])
-  local entries = redis.pcall('XRANGE', KEYS[i], ARGV[2 * i - 2], '+')
-  if type(entries) == 'table' and entries.err then entries = entries.err end
-  out[#out + 1] = newest
-  out[#out + 1] = entries
-end
-return out
-"""
-
 GapListener = Callable[[str], None]
 
 
@@ -299,11 +163,11 @@ class _ReplayBatch:
 class _Snapshot:
     """What the read script returned for one group."""
 
-    last: Position | None
-    since: Position | None
+    last: wire.Position | None
+    since: wire.Position | None
     #: Per channel: the id of its newest event, and its entries from the start
     #: asked for (or why they could not be read).
-    channels: list[tuple[Position | None, list[Any] | str]]
+    channels: list[tuple[wire.Position | None, list[Any] | str]]
 
 
 class RedisBroker:
@@ -354,7 +218,7 @@ class RedisBroker:
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
-        if cluster and shard_by is None and not _hash_tag(prefix):
+        if cluster and shard_by is None and not wire.hash_tag(prefix):
             raise ValueError(
                 "On a Redis Cluster the keys of one sequence must share a slot: put a hash "
                 "tag in the prefix (prefix='sse:{app}:') or give shard_by"
@@ -364,7 +228,7 @@ class RedisBroker:
                 "shard_by gives each group its own hash tag: the prefix must not hold one"
             )
         self.url = url
-        self._where = _redacted(url)
+        self._where = redacted_url(url)
         self.prefix = prefix
         self.history_size = history_size
         self.history_age = history_age
@@ -409,8 +273,8 @@ class RedisBroker:
                 url, max_connections=max_connections, timeout=self.pool_timeout, **common
             )
             self._publish_redis = aioredis.Redis.from_pool(publish_pool)
-        self._script: Any = self._publish_redis.register_script(_PUBLISH)
-        self._read_script: Any = self._redis.register_script(_READ)
+        self._script: Any = self._publish_redis.register_script(wire.PUBLISH_SCRIPT)
+        self._read_script: Any = self._redis.register_script(wire.READ_SCRIPT)
         # The Pub/Sub reader gets a connection of its own; on a cluster, to
         # the node of the URL: a PUBLISH reaches the subscribers of every node.
         self._reader_redis: Any = aioredis.Redis.from_url(
@@ -427,12 +291,12 @@ class RedisBroker:
         self._channels: dict[bytes, str] = {}
         #: The sequence's last id when each channel was subscribed: a catch-up
         #: never reads further back than that.
-        self._floors: dict[str, Position] = {}
+        self._floors: dict[str, wire.Position] = {}
         #: Group of each subscribed channel ("" without shard_by).
         self._groups: dict[str, str] = {}
         #: The newest position delivered, per group: Pub/Sub delivers in the
         #: sequence's order, so everything up to it has been seen.
-        self._seen: dict[str, Position] = {}
+        self._seen: dict[str, wire.Position] = {}
         #: Subscriptions not confirmed yet, and what waits for them.
         self._acks: dict[bytes, asyncio.Future[None]] = {}
         #: Channels to send the next SUBSCRIBE for, and the task sending it.
@@ -521,7 +385,7 @@ class RedisBroker:
             return self.prefix
         # An empty tag ("{}") would hash the whole key: "%" stands for the
         # empty group (a "%" of a name is always escaped, so nothing clashes).
-        return f"{self.prefix}{{{group.translate(_ESCAPES) or '%'}}}"
+        return f"{self.prefix}{{{wire.escaped(group) or '%'}}}"
 
     def stream_key(self, channel: str) -> str:
         """The Redis key of ``channel``'s stream."""
@@ -576,7 +440,7 @@ class RedisBroker:
         for attempt in range(self.retries + 1):
             try:
                 entry, indexed = await self._script(keys=keys, args=args)
-                return _text(entry), int(indexed)
+                return wire.text(entry), int(indexed)
             except (RedisError, OSError) as exc:
                 # Connecting failed: the command never left. Anything else
                 # may have reached Redis, and is not sent again.
@@ -597,10 +461,10 @@ class RedisBroker:
         index = self._index_key(channel)
         try:
             first = await self._redis.xrange(self.stream_key(channel), count=1)
-            oldest = _position(_text(first[0][0])) if first else None
+            oldest = wire.position(wire.text(first[0][0])) if first else None
             stale: list[bytes] = []
             async for field, value in self._redis.hscan_iter(index, count=1000):
-                position = _position(_text(value))
+                position = wire.position(wire.text(value))
                 if oldest is None or position is None or position < oldest:
                     stale.append(field)
             for start in range(0, len(stale), 1000):
@@ -627,7 +491,7 @@ class RedisBroker:
                 last = await self._redis.hget(self._sequence_key(group), "last")
             except (RedisError, OSError) as exc:
                 raise _unavailable(self._where, exc) from exc
-            floor = (last and _position(_text(last))) or (0, 0)
+            floor = (last and wire.position(wire.text(last))) or (0, 0)
         self._floors[channel] = floor
         self._groups[channel] = group
         self._topics[channel] = topic
@@ -832,7 +696,7 @@ class RedisBroker:
         for group, channels in by_group.items():
             seen = self._seen.get(group, (0, 0))
             starts = [max(seen, self._floors.get(c, (0, 0))) for c in channels]
-            snapshot = await self._read(group, channels, [_after(p) or p for p in starts])
+            snapshot = await self._read(group, channels, [wire.after(p) or p for p in starts])
             found.extend(self._caught_up(channels, starts, snapshot))
         found.sort(key=lambda delivery: delivery.position)
         held, self._held = self._held, []
@@ -847,7 +711,7 @@ class RedisBroker:
         self._read_recovered()
 
     def _caught_up(
-        self, channels: list[str], starts: list[Position], snapshot: _Snapshot
+        self, channels: list[str], starts: list[wire.Position], snapshot: _Snapshot
     ) -> list[Delivery]:
         """What a catch-up read found, minus the channels whose gap the
         history cannot fill (their subscribers are told)."""
@@ -872,21 +736,25 @@ class RedisBroker:
             found.extend(delivery for delivery, _ in deliveries)
         return found
 
-    async def _read(self, group: str, channels: list[str], firsts: list[Position]) -> _Snapshot:
+    async def _read(
+        self, group: str, channels: list[str], firsts: list[wire.Position]
+    ) -> _Snapshot:
         """The read script over ``channels`` of ``group``, from ``firsts`` on."""
         keys = [self._sequence_key(group), *(self.stream_key(c) for c in channels)]
         args: list[str] = []
         for channel, first in zip(channels, firsts, strict=True):
-            args += [channel, _entry_id(first)]
+            args += [channel, wire.entry_id(first)]
         reply = await self._read_script(keys=keys, args=args)
-        last, since = (_position(_text(v)) if v is not None else None for v in reply[:2])
-        out: list[tuple[Position | None, list[Any] | str]] = []
+        last, since = (wire.position(wire.text(v)) if v is not None else None for v in reply[:2])
+        out: list[tuple[wire.Position | None, list[Any] | str]] = []
         for newest, entries in zip(reply[2::2], reply[3::2], strict=True):
             if isinstance(entries, bytes | str):
-                out.append((_position(_text(newest)) if newest else None, _text(entries)))
+                out.append(
+                    (wire.position(wire.text(newest)) if newest else None, wire.text(entries))
+                )
                 continue
-            pairs = [(entry_id, _fields(flat)) for entry_id, flat in entries]
-            out.append((_position(_text(newest)) if newest else None, pairs))
+            pairs = [(entry_id, wire.fields(flat)) for entry_id, flat in entries]
+            out.append((wire.position(wire.text(newest)) if newest else None, pairs))
         return _Snapshot(last, since, out)
 
     def _gap(self, channel: str) -> None:
@@ -914,16 +782,16 @@ class RedisBroker:
             fields[b"i"] = caller
         return self._delivery(channel, entry_id.decode(errors="replace"), fields)
 
-    def _entries(self, channel: str, entries: Any) -> list[tuple[Delivery, Position]]:
+    def _entries(self, channel: str, entries: Any) -> list[tuple[Delivery, wire.Position]]:
         """Stream entries as deliveries, each with the id of the channel's
         event before it (``(0, 0)`` when it was the first)."""
-        out: list[tuple[Delivery, Position]] = []
+        out: list[tuple[Delivery, wire.Position]] = []
         for entry_id, fields in entries:
-            delivery = self._delivery(channel, _text(entry_id), fields)
+            delivery = self._delivery(channel, wire.text(entry_id), fields)
             if delivery is None:
                 continue
             prev = fields.get(b"p") if isinstance(fields, dict) else None
-            before = (prev and _position(_text(prev))) or (0, 0)
+            before = (prev and wire.position(wire.text(prev))) or (0, 0)
             out.append((delivery, before))
         return out
 
@@ -932,12 +800,12 @@ class RedisBroker:
         that sse_handler did not write."""
         body = fields.get(b"b") if isinstance(fields, dict) else None
         caller = fields.get(b"i") if isinstance(fields, dict) else None
-        position = _position(entry_id)
+        position = wire.position(entry_id)
         event_id = entry_id
         problem = None
         if not isinstance(body, bytes):
             problem = "no body field"
-        elif not _is_frame(body):
+        elif not wire.is_frame(body):
             problem = "its body is not one event frame"
         elif position is None:
             problem = "its id is not a stream entry id"
@@ -982,8 +850,8 @@ class RedisBroker:
 
     # ------------------------------------------------------------ replay
 
-    def position(self, event_id: str) -> Position | None:
-        return _position(event_id)
+    def position(self, event_id: str) -> wire.Position | None:
+        return wire.position(event_id)
 
     async def replay(self, channels: Collection[str], last_event_id: str) -> Replay:
         """The events of ``channels`` after ``last_event_id``.
@@ -1024,7 +892,7 @@ class RedisBroker:
         if not by_group:
             return Replay()
         try:
-            cursor = _position(last_event_id)
+            cursor = wire.position(last_event_id)
             if cursor is None:
                 cursor = await self._caller_id_position(list(channels), last_event_id)
                 if cursor is None:
@@ -1041,8 +909,10 @@ class RedisBroker:
             found.sort(key=lambda delivery: delivery.position)
         return Replay(found)
 
-    async def _replay_group(self, group: str, channels: list[str], cursor: Position) -> Replay:
-        first = _after(cursor)
+    async def _replay_group(
+        self, group: str, channels: list[str], cursor: wire.Position
+    ) -> Replay:
+        first = wire.after(cursor)
         if first is None:
             return Replay(reset="unknown_id")  # past the largest id there can be
         snapshot = await self._read(group, channels, [first] * len(channels))
@@ -1078,7 +948,9 @@ class RedisBroker:
             found.sort(key=lambda delivery: delivery.position)
         return Replay(found)
 
-    async def _caller_id_position(self, channels: Sequence[str], event_id: str) -> Position | None:
+    async def _caller_id_position(
+        self, channels: Sequence[str], event_id: str
+    ) -> wire.Position | None:
         """Where an id that a publisher chose sits: one ``HGET`` per channel.
 
         When several channels have it, the oldest counts: the client may get
@@ -1095,7 +967,7 @@ class RedisBroker:
         positions = [
             position
             for entry in found
-            if isinstance(entry, bytes) and (position := _position(entry.decode())) is not None
+            if isinstance(entry, bytes) and (position := wire.position(entry.decode())) is not None
         ]
         return min(positions, default=None)
 

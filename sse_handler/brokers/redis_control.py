@@ -63,7 +63,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..cluster import ControlPlane, PresenceEntry, sorted_presence
 from ..tasks import cancel, spawn
 from . import BrokerUnavailableError
-from .redis import RedisBroker, _redacted, channel_key
+from .redis import RedisBroker, channel_key, redacted_url
 
 __all__ = ["RedisControlPlane"]
 
@@ -130,7 +130,7 @@ class RedisControlPlane(ControlPlane):
         if not timeout > 0 or not presence_ttl > 0:
             raise ValueError("timeout and presence_ttl must be positive")
         self.url = url
-        self._where = _redacted(url)
+        self._where = redacted_url(url)
         self.prefix = prefix
         self.timeout = timeout
         self.presence_ttl = presence_ttl
