@@ -974,18 +974,27 @@ class RedisBroker:
     # ------------------------------------------------------------ close
 
     async def close(self) -> None:
+        """Stop the reader and release the connections; never raises (a
+        process shutting down must get to its exit)."""
         self._closed = True
         for ack in self._acks.values():
             if not ack.done():
                 ack.set_exception(BrokerUnavailableError("the broker is closing"))
-        for task in [self._reader, *self._pruning.values()]:
+                ack.exception()  # retrieved: its subscriber may be gone already
+        for task in [self._reader, self._sending, *self._pruning.values()]:
             if task is not None:
                 task.cancel()
                 try:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
-        await self._drop_pubsub()
-        await self._reader_redis.aclose()
-        await self._redis.aclose()
-        await self._publish_redis.aclose()
+        for step in (
+            self._drop_pubsub,
+            self._reader_redis.aclose,
+            self._redis.aclose,
+            self._publish_redis.aclose,
+        ):
+            try:
+                await step()
+            except Exception as exc:
+                log.warning("Closing the Redis broker of %s: %r", self._where, exc)
