@@ -6,7 +6,9 @@ path, address, Last-Event-ID, channels), its hooks (``registered``,
 methods (``send``, ``send_encoded``, ``flush``, ``stop``). Its write path --
 state, bounded queue, fast and slow path, I/O task -- is its
 :attr:`~ServerSentEventConnection.writer`, a
-:class:`~sse_handler.writer.FrameWriter` over the detached socket's transport.
+:class:`~sse_handler.writer.FrameWriter` over the detached socket's transport
+(a :class:`~sse_handler.writer.CoalescingWriter` when the handler has a
+``coalesce_window``).
 
 It sees its handler only through :class:`ConnectionOwner` (as
 ``tornado.websocket`` sees its handler only through ``_WebSocketDelegate``) and
@@ -36,11 +38,12 @@ from typing import Protocol, Unpack
 
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
 
+from .coalesce import Coalescer
 from .errors import ConnectionClosedError
 from .event import EventFields, ServerSentEvent, encode_retry, event_frame
 from .lifecycle import CloseReason, OverflowPolicy, State  # noqa: F401
 from .tasks import cancel, log, spawn
-from .writer import FrameWriter, Transport, WriteLimits, chunked_for
+from .writer import CoalescingWriter, FrameWriter, Transport, WriteLimits, chunked_for
 
 # CloseReason and OverflowPolicy are importable from here too (they lived
 # here before sse_handler.lifecycle); they are documented there.
@@ -59,6 +62,10 @@ class ConnectionOwner(Protocol):
 
     @property
     def write_limits(self) -> WriteLimits: ...
+
+    @property
+    def coalescer(self) -> Coalescer | None:
+        """The coalescing window of the handler's streams; ``None``: off."""
 
     async def subscribe(self, conn: ServerSentEventConnection, channel: str) -> None: ...
 
@@ -156,12 +163,22 @@ class ServerSentEventConnection:
         self.auth_expires_at: float | None = None
         self.connected_at = time.time()
         self._source_task: asyncio.Future[None] | None = None
-        self.writer = FrameWriter(
-            transport,
-            handler.write_limits,
-            chunked=chunked_for(request.version),
-            name=cid,
-            on_closed=self._closed,
+        chunked = chunked_for(request.version)
+        coalescer = handler.coalescer
+        # Decided once here, so that the default write path has no check for it.
+        self.writer = (
+            FrameWriter(
+                transport, handler.write_limits, chunked=chunked, name=cid, on_closed=self._closed
+            )
+            if coalescer is None
+            else CoalescingWriter(
+                transport,
+                handler.write_limits,
+                chunked=chunked,
+                name=cid,
+                on_closed=self._closed,
+                coalescer=coalescer,
+            )
         )
         if _overrides(self, "poll_data_immediate") and not _overrides(self, "poll_data"):
             self.writer.set_extra(self._immediate_frames)

@@ -25,6 +25,7 @@ from .brokers import Broker, BrokerUnavailableError, Replay
 from .brokers.memory import MemoryBroker
 from .channels import ChannelRouter
 from .cluster import ControlPlane, control_plane_for
+from .coalesce import Coalescer
 from .connection import ServerSentEventConnection
 from .cors import CorsPolicy
 from .deadlines import Deadlines
@@ -56,6 +57,7 @@ class HandlerSettings(TypedDict, total=False):
     overflow_policy: OverflowPolicy | str
     dead_peer_timeout: float
     kernel_buffer: int
+    coalesce_window: float
     retry: int | None
     shutdown_farewell: ServerSentEvent | None
     auth_expired_farewell: ServerSentEvent | None
@@ -104,6 +106,12 @@ class ServerSentEventHandler:
     #: the kernel's autotuned buffer, megabytes). A frozen reader then holds at
     #: most ``max_queue_bytes`` plus this before the write deadline acts.
     kernel_buffer: int = 128 * 1024
+    #: Seconds an event for a live connection may wait so that the events that
+    #: reach that connection within them leave in one ``send`` (0 = off: each
+    #: event is written at once). Adds up to this much latency to every event;
+    #: saves sends only for connections that get several events per window
+    #: (docs/backpressure.md, "Coalescing"). One timer per handler.
+    coalesce_window: float = 0.0
     #: A ``retry:`` hint (ms) sent with the first comment of every stream.
     retry: int | None = None
     #: Sent by :meth:`shutdown` before closing, with a jittered retry hint.
@@ -162,6 +170,12 @@ class ServerSentEventHandler:
     )
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name == "coalesce_window":
+            value = _checked_window(value)
+            if "_coalescer" in self.__dict__:
+                # Connections that coalesce use the new window from now on;
+                # whether a connection coalesces is decided when it is accepted.
+                self._coalescer.window = value
         super().__setattr__(name, value)
         # A bound changed after construction (handler.write_timeout = 0.5):
         # connections accepted from now on get it.
@@ -192,6 +206,8 @@ class ServerSentEventHandler:
             if isinstance(getattr(self, name), str | bytes):
                 raise TypeError(f"{name} must be a collection of strings, not a single string")
         self.cors = CorsPolicy(self.cors_origins, self.cors_credentials)
+        # One window (one timer) for all the connections of this handler.
+        self._coalescer = Coalescer(_checked_window(self.coalesce_window))
         #: The bounds a connection's write path gets when it is accepted (a
         #: frozen value, rebuilt when one of these settings is assigned).
         self.write_limits = self._limits()
@@ -219,6 +235,12 @@ class ServerSentEventHandler:
         # Streams to stop when their credential expires (conn.auth_expires_at).
         self._auth_deadlines = Deadlines(self._auth_expired, self._connections.keys)
         self._shutting_down = False
+
+    @property
+    def coalescer(self) -> Coalescer | None:
+        """The coalescing window new connections join; ``None`` while
+        :attr:`coalesce_window` is 0."""
+        return self._coalescer if self._coalescer.window else None
 
     # ----------------------------------------------------------------- mount
 
@@ -430,6 +452,8 @@ class ServerSentEventHandler:
         conns = list(self._connections.values())
         for conn in conns:
             conn.stop(self.shutdown_farewell, self.jittered_retry(), reason=CloseReason.SHUTDOWN)
+        # Each stop wrote its stream's coalesced frames; no timer outlives shutdown.
+        self._coalescer.end_window()
         waiting = [c.wait_closed() for c in conns if c.close_reason is None]
         if waiting:
             await asyncio.wait([asyncio.ensure_future(w) for w in waiting], timeout=grace)
@@ -670,6 +694,15 @@ class ServerSentEventHandler:
             elif quiet_ticks:
                 conn.writer.keepalive(_KEEPALIVE, quiet_ticks)
         self._ensure_housekeeping()
+
+
+def _checked_window(window: float) -> float:
+    """``coalesce_window``, refused (``ValueError``) where it is set, not at the first event."""
+    if isinstance(window, bool) or not isinstance(window, int | float):
+        raise TypeError(f"coalesce_window must be a number of seconds, not {window!r}")
+    if not math.isfinite(window) or window < 0:
+        raise ValueError(f"coalesce_window must be finite and >= 0 (seconds), not {window!r}")
+    return float(window)
 
 
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

@@ -23,6 +23,20 @@ queue *pinned*: it must go out whole, so ``drop_oldest`` never drops it. Over
 TLS a write the socket refused (``SSLWantWriteError``) is pinned too, because
 OpenSSL must be called again with the same bytes first.
 
+The coalesced path (a handler's ``coalesce_window``, off by default) is the
+third speed, chosen once per stream when it is built: a
+:class:`CoalescingWriter` writes nothing of a live stream at once. A frame that
+would take the fast path, and every frame after it until the window ends,
+waits in the same bounded queue (same bounds, same overflow policy), and the
+stream waits once in its handler's :class:`~sse_handler.coalesce.Coalescer`;
+when the window ends, :meth:`FrameWriter.write_coalesced` writes the queue in
+one ``send``, and what the kernel does not take is left to the I/O task as on
+the fast path. While the queue waits for the window the stream is
+*coalescing*: :meth:`FrameWriter.flush` and :meth:`FrameWriter.stop` write it
+at once rather than wait, and any wake of the I/O task hands the queue to the
+task instead. A plain :class:`FrameWriter` is never coalescing, and its fast
+path has no check for it.
+
 The state (:class:`~sse_handler.lifecycle.State`) changes only in
 ``FrameWriter._enter``, against the table in ``lifecycle``.
 """
@@ -35,11 +49,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from .coalesce import Coalescer
 from .errors import ConnectionClosedError
 from .lifecycle import TRANSITIONS, CloseReason, OverflowPolicy, State
 from .tasks import cancel, log, spawn
 
 __all__ = [
+    "CoalescingWriter",
     "FrameWriter",
     "Framed",
     "Transport",
@@ -137,6 +153,7 @@ class FrameWriter:
     __slots__ = (
         "_chunked",
         "_closed_waiter",
+        "_coalescing",
         "_dropped_bytes",
         "_extra",
         "_flush_waiters",
@@ -181,6 +198,9 @@ class FrameWriter:
         self._queue: collections.deque[bytes] = collections.deque()
         self._queued_bytes = 0
         self._pinned = False
+        # The queue waits for the end of a coalescing window (CoalescingWriter
+        # only): nobody has woken the I/O task for it.
+        self._coalescing = False
         # Bytes of the batch the I/O task is writing (0: none in flight).
         self._inflight = 0
         # Bytes drop_oldest discarded after they were accepted.
@@ -242,6 +262,11 @@ class FrameWriter:
         """True while the queue's first frame is the rest of a partly written
         (or, over TLS, a refused) write: it goes out whole, never dropped."""
         return self._pinned
+
+    @property
+    def coalescing(self) -> bool:
+        """True while the queued frames wait for the end of a coalescing window."""
+        return self._coalescing
 
     @property
     def transport(self) -> Transport:
@@ -379,6 +404,61 @@ class FrameWriter:
         if self._queue:
             self._pinned = True
 
+    def write_coalesced(self) -> None:
+        """End this stream's coalescing window: every queued frame in one ``send``.
+
+        Called by the handler's :class:`~sse_handler.coalesce.Coalescer` when
+        the window ends, and by :meth:`flush` and :meth:`stop` before it does.
+        A no-op unless the stream is :attr:`coalescing` (it flushed, stopped,
+        closed or handed its queue to the I/O task meanwhile).
+        """
+        if not self._coalescing:
+            return
+        self._coalescing = False
+        queue = self._queue
+        if self._state is _CLOSED or not queue:
+            return
+        data = queue[0] if len(queue) == 1 else b"".join(queue)
+        try:
+            sent = self._send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.close(self._transport.gone_reason(exc, CloseReason.WRITE_ERROR))
+            return
+        self.bytes_sent += sent
+        self.quiet = 0
+        if sent == len(data):
+            queue.clear()
+            self._queued_bytes = 0
+        else:
+            self._keep_unsent(data, sent)
+        if self._flush_waiters:
+            self._resolve_flush_waiters()
+
+    def _keep_unsent(self, data: bytes, sent: int) -> None:
+        """The kernel took ``sent`` bytes of the queue joined as ``data``: the
+        frames it took leave the queue, the rest stays for the I/O task.
+
+        As on the fast path, the rest of a frame taken in part is pinned, and
+        so, over TLS, is a refused write -- there the whole of ``data``, which
+        OpenSSL must be offered again first.
+        """
+        queue = self._queue
+        self._queued_bytes -= sent
+        if not sent and self._transport.sticky_writes:
+            if len(queue) > 1:
+                queue.clear()
+                queue.append(data)
+            self._pinned = True
+        else:
+            while sent >= len(queue[0]):
+                sent -= len(queue.popleft())
+            if sent:
+                queue[0] = queue[0][sent:]
+            self._pinned = bool(sent)
+        self._wake()
+
     def _fits(self, size: int) -> bool:
         """Apply the queue bounds and the overflow policy to one more frame."""
         limits = self._limits
@@ -445,6 +525,9 @@ class FrameWriter:
         """
         if self._state is _HELD:
             self.release()
+        # Flushing a coalescing stream ends its window now: waiting for the
+        # window would add its latency to every flush (a paced replay flushes often).
+        self.write_coalesced()
         if self._state is _CLOSED:
             raise ConnectionClosedError(self._name, self._reason)
         if not self.pending:
@@ -488,6 +571,8 @@ class FrameWriter:
     # ---------------------------------------------------------------- I/O task
 
     def _wake(self) -> None:
+        # The I/O task takes the whole queue, coalesced frames included.
+        self._coalescing = False
         if self._state is _OPENING:
             return  # nothing may leave before the head
         if self._io_task is None:
@@ -611,6 +696,8 @@ class FrameWriter:
         self._enter(_DRAINING)
         if last:
             self._push(self.frame(last), bounded=False)
+        # A coalescing stream's queue (``last`` now at its end) leaves in one send.
+        self.write_coalesced()
         if self._state is _DRAINING and not self.pending:
             self._finish()
 
@@ -646,6 +733,7 @@ class FrameWriter:
         self._queue.clear()
         self._queued_bytes = 0
         self._pinned = False
+        self._coalescing = False
         self._resolve_flush_waiters(ConnectionClosedError(self._name, reason))
         if self._closed_waiter is not None and not self._closed_waiter.done():
             self._closed_waiter.set_result(None)
@@ -659,3 +747,56 @@ class FrameWriter:
             await asyncio.shield(self._closed_waiter)
         assert self._reason is not None
         return self._reason
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._name} {self._state.name.lower()}>"
+
+
+class CoalescingWriter(FrameWriter):
+    """The write path of a stream whose handler has a ``coalesce_window``:
+    a live stream's frames wait for the end of the window and leave together
+    (see the module docstring).
+
+    Only where a frame goes differs from :class:`FrameWriter`: a frame for a
+    LIVE stream with nothing queued and nothing in flight, and any frame while
+    the stream is coalescing, is queued for the window; every other frame
+    (registration, a queue or a batch that the I/O task has) goes as it would
+    there. ``bounded`` frames are held to the queue bounds and overflow policy
+    once the queue holds one: the first frame of a window, like a frame on the
+    fast path, is always taken.
+    """
+
+    __slots__ = ("_coalescer",)
+
+    def __init__(
+        self,
+        transport: Transport,
+        limits: WriteLimits,
+        *,
+        chunked: bool,
+        name: str,
+        on_closed: Callable[[CloseReason], None],
+        coalescer: Coalescer,
+    ) -> None:
+        super().__init__(transport, limits, chunked=chunked, name=name, on_closed=on_closed)
+        self._coalescer = coalescer
+
+    def deliver(self, frames: Framed) -> bool:
+        """One event of a fan-out: queued for the window (see the class docstring)."""
+        if self._state < _DRAINING and self._push(frames[self._chunked]):
+            self.events_sent += 1
+            return True
+        return False
+
+    def _push(self, frame: bytes, bounded: bool = True) -> bool:
+        queue = self._queue
+        if not self._coalescing and (self._state is not _LIVE or queue or self._inflight):
+            return super()._push(frame, bounded)
+        if bounded and queue and not self._fits(len(frame)):
+            return False
+        queue.append(frame)
+        self._queued_bytes += len(frame)
+        if not self._coalescing:
+            self._coalescing = True
+            self._coalescer.add(self)
+        return True
