@@ -46,8 +46,9 @@ class Coalescer:
         self._waiting: list[Coalesced] = []
         self._timer: asyncio.TimerHandle | None = None
 
-    def __len__(self) -> int:
-        """Streams waiting for the end of the current window."""
+    @property
+    def waiting(self) -> int:
+        """How many streams wait for the end of the current window."""
         return len(self._waiting)
 
     @property

@@ -20,11 +20,13 @@ from typing import Any
 
 import pytest
 
+from sse_handler.coalesce import Coalescer
 from sse_handler.errors import ConnectionClosedError
 from sse_handler.lifecycle import TRANSITIONS, CloseReason, OverflowPolicy, State
 from sse_handler.writer import (
     HOLD_LIMIT,
     LAST_CHUNK,
+    CoalescingWriter,
     FrameWriter,
     WriteLimits,
     chunk,
@@ -960,3 +962,333 @@ async def test_extra_frames_join_each_batch() -> None:
     await turns()
     assert t.offered[1] == chunk(ev(0)) + chunk(ev(8)) + chunk(ev(9))
     assert w.events_sent == 3
+
+
+# --- the coalescing window -------------------------------------------------------------
+#
+# The window is the test's: a Coalescer of a minute that the test ends with
+# end_window(), except in the one test that lets its timer fire.
+
+
+def coalescing(
+    transport: ScriptedTransport | None = None,
+    *,
+    coalescer: Coalescer | None = None,
+    chunked: bool = False,
+    live: bool = True,
+    **limits: Any,
+) -> tuple[CoalescingWriter, ScriptedTransport, list[CloseReason], Coalescer]:
+    """A CoalescingWriter over ``transport`` (LIVE unless ``live=False``)."""
+    transport = transport or ScriptedTransport()
+    coalescer = Coalescer(60.0) if coalescer is None else coalescer
+    closed: list[CloseReason] = []
+    w = CoalescingWriter(
+        transport,
+        WriteLimits(**limits),
+        chunked=chunked,
+        name="s1",
+        on_closed=closed.append,
+        coalescer=coalescer,
+    )
+    if live:
+        w.release()
+    return w, transport, closed, coalescer
+
+
+async def test_without_a_window_a_delivery_is_written_at_once() -> None:
+    w, t, _ = writer()
+    assert w.deliver(framed(ev(0)))
+    # Written before deliver() returned: no window, no task, no timer.
+    assert t.offered == [ev(0)]
+    assert not w.coalescing and not w.pending
+    assert w.deliver(framed(ev(1)))
+    assert t.offered == [ev(0), ev(1)]
+    assert [name for name, _ in t.calls] == ["watch", "send", "send"]
+
+
+async def test_events_within_the_window_leave_in_one_send() -> None:
+    w, t, closed, coalescer = coalescing()
+    for i in range(5):
+        assert w.deliver(framed(ev(i)))
+    assert w.send(ev(5))
+    assert t.offered == []
+    assert w.coalescing and w.pending
+    assert (w.queue_depth, w.queued_bytes, w.events_sent) == (6, 66, 6)
+    assert coalescer.waiting == 1 and coalescer.armed
+    coalescer.end_window()
+    assert t.offered == [b"".join(ev(i) for i in range(6))]
+    assert (w.queue_depth, w.queued_bytes, w.bytes_sent, w.events_sent) == (0, 0, 66, 6)
+    assert not w.coalescing and not w.pending
+    assert not coalescer.armed and coalescer.waiting == 0
+    # The next event opens the next window.
+    w.deliver(framed(ev(6)))
+    assert coalescer.armed and t.offered[1:] == []
+    coalescer.end_window()
+    assert t.offered[1:] == [ev(6)]
+    await turns()
+    # No I/O task was needed: nobody asked for writability.
+    assert "want_writable" not in [name for name, _ in t.calls]
+    assert closed == []
+
+
+async def test_chunked_frames_are_coalesced_in_their_chunks() -> None:
+    w, t, _, coalescer = coalescing(chunked=True)
+    w.deliver(framed(ev(0)))
+    w.send(ev(1))
+    coalescer.end_window()
+    assert t.offered == [chunk(ev(0)) + chunk(ev(1))]
+
+
+async def test_one_timer_for_all_the_streams_of_a_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    timers: list[asyncio.TimerHandle] = []
+    call_later = loop.call_later
+
+    def counted(delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        timers.append(call_later(delay, callback))
+        return timers[-1]
+
+    monkeypatch.setattr(loop, "call_later", counted)
+    coalescer = Coalescer(60.0)
+    streams = [coalescing(coalescer=coalescer) for _ in range(100)]
+    for w, _, _, _ in streams:
+        for i in range(3):
+            w.deliver(framed(ev(i)))
+    assert len(timers) == 1 and coalescer.waiting == 100
+    coalescer.end_window()
+    assert timers[0].cancelled()
+    for _, t, _, _ in streams:
+        assert t.offered == [ev(0) + ev(1) + ev(2)]
+
+
+class Signalling(ScriptedTransport):
+    """Resolves :attr:`first_send` with the loop's time of the first ``send``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first_send: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+    def send(self, data: bytes | memoryview, /) -> int:
+        if not self.first_send.done():
+            self.first_send.set_result(asyncio.get_running_loop().time())
+        return super().send(data)
+
+
+async def test_the_timer_ends_the_window_after_the_window() -> None:
+    w, t, _, coalescer = coalescing(Signalling(), coalescer=Coalescer(0.02))
+    assert isinstance(t, Signalling)
+    started = asyncio.get_running_loop().time()
+    w.deliver(framed(ev(0)))
+    w.deliver(framed(ev(1)))
+    assert t.offered == []
+    at = await asyncio.wait_for(t.first_send, 2)
+    assert at - started >= 0.019
+    assert t.offered == [ev(0) + ev(1)]
+    assert not coalescer.armed and not w.pending
+
+
+async def test_a_partly_taken_batch_leaves_the_rest_to_the_io_task_in_order() -> None:
+    w, t, _, coalescer = coalescing(ScriptedTransport(15, BLOCK))
+    for i in range(3):
+        w.deliver(framed(ev(i)))
+    coalescer.end_window()
+    # ev(0) and 4 bytes of ev(1) went: the rest of ev(1) is pinned, ev(2) is its own frame.
+    assert t.offered == [ev(0) + ev(1) + ev(2)]
+    assert (w.queue_depth, w.queued_bytes, w.bytes_sent) == (2, 18, 15)
+    assert w.pinned and not w.coalescing
+    w.deliver(framed(ev(3)))  # the I/O task has the queue: queued behind it, no window
+    assert not w.coalescing and coalescer.waiting == 0
+    await turns()
+    t.writable()
+    await asyncio.wait_for(w.flush(), 1)
+    assert bytes(t.wire) == b"".join(ev(i) for i in range(4))
+    assert not w.pending
+    # Idle again: the next event waits for a window.
+    w.deliver(framed(ev(4)))
+    assert w.coalescing
+
+
+async def test_a_refused_batch_keeps_its_frames_droppable_over_tcp() -> None:
+    w, t, _, coalescer = coalescing(
+        ScriptedTransport(0, then=BLOCK),
+        max_queue_messages=3,
+        overflow_policy=OverflowPolicy.DROP_OLDEST,
+    )
+    for i in range(3):
+        w.deliver(framed(ev(i)))
+    coalescer.end_window()
+    assert (w.queue_depth, w.pinned) == (3, False)
+    assert w.deliver(framed(ev(3)))  # drops ev(0): nothing of it was sent
+    assert w.dropped == 1
+    await turns()
+    t.writable(ALL)
+    await asyncio.wait_for(w.flush(), 1)
+    assert bytes(t.wire) == ev(1) + ev(2) + ev(3)
+
+
+async def test_over_tls_a_refused_batch_is_offered_again_whole_first() -> None:
+    w, t, _, coalescer = coalescing(ScriptedTransport(0, BLOCK, sticky=True))
+    for i in range(3):
+        w.deliver(framed(ev(i)))
+    coalescer.end_window()
+    batch = ev(0) + ev(1) + ev(2)
+    assert (w.queue_depth, w.queued_bytes, w.pinned) == (1, 33, True)
+    w.deliver(framed(ev(3)))
+    await turns()
+    t.writable()
+    await asyncio.wait_for(w.flush(), 1)
+    assert t.offered[:2] == [batch, batch + ev(3)]
+    assert bytes(t.wire) == batch + ev(3)
+
+
+async def test_flush_writes_a_coalescing_queue_at_once() -> None:
+    w, t, _, coalescer = coalescing()
+    w.deliver(framed(ev(0)))
+    w.deliver(framed(ev(1)))
+    await asyncio.wait_for(w.flush(), 1)
+    assert t.offered == [ev(0) + ev(1)]
+    assert not w.pending
+    coalescer.end_window()  # the stream has nothing left for it
+    assert t.offered == [ev(0) + ev(1)]
+
+
+@pytest.mark.parametrize("last", [b"", BYE], ids=["no farewell", "farewell"])
+async def test_stop_writes_the_coalesced_frames_and_the_farewell_in_one_send(last: bytes) -> None:
+    w, t, closed, coalescer = coalescing(chunked=True)
+    w.deliver(framed(ev(0)))
+    w.send(ev(1))
+    w.stop(CloseReason.SHUTDOWN, last)
+    batch = chunk(ev(0)) + chunk(ev(1)) + (chunk(last) if last else b"")
+    assert t.offered == [batch, LAST_CHUNK]
+    assert closed == [CloseReason.SHUTDOWN]
+    assert w.events_sent == 2
+    coalescer.end_window()  # nothing touches the closed transport (autouse fixture)
+
+
+async def test_a_drain_the_socket_takes_in_part_ends_after_the_rest() -> None:
+    w, t, closed, _ = coalescing(ScriptedTransport(5, BLOCK))
+    w.deliver(framed(ev(0)))
+    w.stop(CloseReason.STOPPED, BYE)
+    assert w.state is State.DRAINING and w.pending
+    await turns()
+    t.writable()
+    assert await asyncio.wait_for(w.wait_closed(), 1) is CloseReason.STOPPED
+    assert bytes(t.wire) == ev(0) + BYE
+    assert closed == [CloseReason.STOPPED]
+
+
+@pytest.mark.parametrize("how", ["peer closes", "close()", "write error"])
+async def test_a_stream_closed_while_coalescing_is_not_written(how: str) -> None:
+    fails: tuple[Step, ...] = (BrokenPipeError(errno.EPIPE, "broken pipe"),)
+    script = fails if how == "write error" else ()
+    w, t, closed, coalescer = coalescing(ScriptedTransport(*script))
+    w.deliver(framed(ev(0)))
+    w.deliver(framed(ev(1)))
+    if how == "peer closes":
+        t.peer_closes()
+    elif how == "close()":
+        w.close(CloseReason.STOPPED)
+    coalescer.end_window()  # no error, and no send on a closed transport
+    expected = {
+        "peer closes": CloseReason.CLIENT_CLOSED,
+        "close()": CloseReason.STOPPED,
+        "write error": CloseReason.WRITE_ERROR,
+    }[how]
+    assert closed == [expected]
+    assert t.offered == ([ev(0) + ev(1)] if how == "write error" else [])
+    assert not w.coalescing and not w.pending and t.closes == 1
+    assert not w.deliver(framed(ev(2)))
+    assert coalescer.waiting == 0 and not coalescer.armed
+
+
+async def test_no_keepalive_while_coalesced_frames_wait() -> None:
+    w, t, _, coalescer = coalescing()
+    w.deliver(framed(ev(0)))
+    w.keepalive(KEEPALIVE, 1)
+    coalescer.end_window()
+    assert t.offered == [ev(0)]
+    assert w.quiet == 0
+
+
+async def test_the_held_head_and_welcome_are_not_coalesced() -> None:
+    w, t, _, coalescer = coalescing(live=False)
+    w.hold(HEAD)
+    w.send(ev(0))
+    assert not w.coalescing and not coalescer.armed
+    w.release()
+    assert t.offered == [HEAD + ev(0)]
+    w.send(ev(1))  # LIVE now
+    assert w.coalescing
+
+
+@pytest.mark.parametrize(
+    ("policy", "wire", "dropped"),
+    [
+        (OverflowPolicy.DROP_NEWEST, [0, 1, 2], 2),
+        (OverflowPolicy.DROP_OLDEST, [2, 3, 4], 2),
+    ],
+)
+async def test_the_queue_bounds_apply_while_coalescing(
+    policy: OverflowPolicy, wire: list[int], dropped: int
+) -> None:
+    w, t, closed, coalescer = coalescing(max_queue_messages=3, overflow_policy=policy)
+    for i in range(5):
+        w.deliver(framed(ev(i)))
+    assert (w.queue_depth, w.dropped, w.events_sent) == (3, dropped, 3)
+    coalescer.end_window()
+    assert bytes(t.wire) == b"".join(ev(i) for i in wire)
+    assert closed == []
+
+
+async def test_overflow_disconnect_while_coalescing() -> None:
+    w, t, closed, coalescer = coalescing(max_queue_bytes=30)
+    assert w.deliver(framed(ev(0))) and w.deliver(framed(ev(1)))
+    assert not w.deliver(framed(ev(2)))  # 33 bytes > 30
+    assert closed == [CloseReason.OVERFLOW]
+    assert (w.dropped, w.events_sent) == (3, 0)
+    coalescer.end_window()
+    assert t.offered == []
+
+
+async def test_the_first_frame_of_a_window_is_taken_whatever_its_size() -> None:
+    # As on the fast path: the bounds are on what waits behind another frame.
+    w, t, closed, coalescer = coalescing(max_queue_bytes=5)
+    assert w.deliver(framed(ev(0)))
+    coalescer.end_window()
+    assert t.offered == [ev(0)] and closed == []
+
+
+async def test_a_paced_replay_is_coalesced_and_never_waits_for_the_window() -> None:
+    w, t, _, coalescer = coalescing(max_queue_messages=4)
+    replay = [ev(i) for i in range(10)]
+    for frame in replay:
+        await asyncio.wait_for(w.send_paced(frame), 1)
+    # Each flush of the pacing wrote the queue at once, 3 frames to a send;
+    # the tail waits for the window like any event.
+    assert t.offered == [ev(0) + ev(1) + ev(2), ev(3) + ev(4) + ev(5), ev(6) + ev(7) + ev(8)]
+    assert w.coalescing
+    coalescer.end_window()
+    assert bytes(t.wire) == b"".join(replay)
+    assert w.events_sent == 10
+
+
+async def test_a_failing_stream_does_not_stop_the_window(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        def __init__(self) -> None:
+            self.closed: list[CloseReason] = []
+
+        def write_coalesced(self) -> None:
+            raise RuntimeError("bug")
+
+        def close(self, reason: CloseReason) -> None:
+            self.closed.append(reason)
+
+    coalescer = Coalescer(60.0)
+    broken = Broken()
+    coalescer.add(broken)
+    w, t, _, _ = coalescing(coalescer=coalescer)
+    w.deliver(framed(ev(0)))
+    coalescer.end_window()
+    assert broken.closed == [CloseReason.HOOK_ERROR]
+    assert "Uncaught exception writing a coalesced batch" in caplog.text
+    assert t.offered == [ev(0)]
