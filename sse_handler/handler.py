@@ -697,7 +697,7 @@ class ServerSentEventHandler:
 
 
 def _checked_window(window: float) -> float:
-    """``coalesce_window``, refused (``ValueError``) where it is set, not at the first event."""
+    """``coalesce_window``, refused where it is set rather than at the first event."""
     if isinstance(window, bool) or not isinstance(window, int | float):
         raise TypeError(f"coalesce_window must be a number of seconds, not {window!r}")
     if not math.isfinite(window) or window < 0:

@@ -416,8 +416,8 @@ class FrameWriter:
             return
         self._coalescing = False
         queue = self._queue
-        if self._state is _CLOSED or not queue:
-            return
+        if self._state is _CLOSED or not queue or self._inflight:
+            return  # (in flight: the I/O task takes the queue after its batch)
         data = queue[0] if len(queue) == 1 else b"".join(queue)
         try:
             sent = self._send(data)
@@ -590,6 +590,9 @@ class FrameWriter:
         frame = self._queue.popleft()
         self._queued_bytes -= len(frame)
         self._pinned = False
+        # Woken for a queue that drop_oldest emptied, the task may find the
+        # first frame of a new window: taken here, it is the task's to write.
+        self._coalescing = False
         return frame
 
     def ready_frames(self) -> list[bytes]:

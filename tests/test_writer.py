@@ -1292,3 +1292,26 @@ async def test_a_failing_stream_does_not_stop_the_window(caplog: pytest.LogCaptu
     assert broken.closed == [CloseReason.HOOK_ERROR]
     assert "Uncaught exception writing a coalesced batch" in caplog.text
     assert t.offered == [ev(0)]
+
+
+async def test_a_queue_the_io_task_takes_is_no_longer_coalescing() -> None:
+    # The I/O task is woken for a refused batch that drop_oldest then empties;
+    # a new window opens before the task runs, and the task takes that queue.
+    w, t, _, coalescer = coalescing(
+        ScriptedTransport(0, BLOCK),
+        max_queue_bytes=33,
+        overflow_policy=OverflowPolicy.DROP_OLDEST,
+    )
+    w.deliver(framed(ev(0)))
+    coalescer.end_window()  # refused: ev(0) waits for the I/O task
+    assert not w.deliver(framed(b"x" * 34))  # drops ev(0), and is dropped
+    assert w.queue_depth == 0
+    w.deliver(framed(ev(1)))  # opens a window
+    await turns()  # the I/O task takes ev(1): the socket blocks, it is in flight
+    assert t.offered == [ev(0), ev(1)] and w.pending and not w.coalescing
+    w.deliver(framed(ev(2)))  # behind the batch in flight, for the I/O task
+    coalescer.end_window()
+    assert t.offered == [ev(0), ev(1)]  # nothing overtook ev(1)
+    t.writable()
+    await asyncio.wait_for(w.flush(), 1)
+    assert bytes(t.wire) == ev(1) + ev(2)
