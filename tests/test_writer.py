@@ -16,10 +16,12 @@ import asyncio
 import errno
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from sse_handler import coalesce
 from sse_handler.coalesce import Coalescer
 from sse_handler.errors import ConnectionClosedError
 from sse_handler.lifecycle import TRANSITIONS, CloseReason, OverflowPolicy, State
@@ -1039,26 +1041,37 @@ async def test_chunked_frames_are_coalesced_in_their_chunks() -> None:
     assert t.offered == [chunk(ev(0)) + chunk(ev(1))]
 
 
+class CountingLoop:
+    """Stands for the running loop in ``sse_handler.coalesce``: counts its timers.
+
+    (A proxy rather than a patched loop: uvloop's loop takes no new attributes.)
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.timers: list[asyncio.TimerHandle] = []
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        self.timers.append(self.loop.call_later(delay, callback))
+        return self.timers[-1]
+
+
 async def test_one_timer_for_all_the_streams_of_a_window(monkeypatch: pytest.MonkeyPatch) -> None:
-    loop = asyncio.get_running_loop()
-    timers: list[asyncio.TimerHandle] = []
-    call_later = loop.call_later
-
-    def counted(delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
-        timers.append(call_later(delay, callback))
-        return timers[-1]
-
-    monkeypatch.setattr(loop, "call_later", counted)
+    loop = CountingLoop(asyncio.get_running_loop())
+    monkeypatch.setattr(coalesce, "asyncio", SimpleNamespace(get_running_loop=lambda: loop))
     coalescer = Coalescer(60.0)
     streams = [coalescing(coalescer=coalescer) for _ in range(100)]
     for w, _, _, _ in streams:
         for i in range(3):
             w.deliver(framed(ev(i)))
-    assert len(timers) == 1 and coalescer.waiting == 100
+    assert len(loop.timers) == 1 and coalescer.waiting == 100
     coalescer.end_window()
-    assert timers[0].cancelled()
+    assert loop.timers[0].cancelled()
     for _, t, _, _ in streams:
         assert t.offered == [ev(0) + ev(1) + ev(2)]
+    # The next window is the next timer.
+    streams[0][0].deliver(framed(ev(3)))
+    assert len(loop.timers) == 2
 
 
 class Signalling(ScriptedTransport):
