@@ -108,6 +108,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         help="with --redis: a crashed process leaves presence within SECONDS (default: 15)",
     )
     demo.add_argument(
+        "--coalesce-window",
+        type=_window_ms,
+        default=0.0,
+        metavar="MS",
+        help="events for one stream that arrive within MS milliseconds leave in one write "
+        "(adds up to MS of latency to every event; default: 0, off)",
+    )
+    demo.add_argument(
         "--tls-cert",
         default=None,
         metavar="FILE",
@@ -141,6 +149,16 @@ def _positive_seconds(value: str) -> float:
     if not 0 < seconds < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {value!r}")
     return seconds
+
+
+def _window_ms(value: str) -> float:
+    try:
+        ms = float(value)
+    except ValueError:
+        ms = -1.0
+    if not 0 <= ms < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected milliseconds >= 0, not {value!r}")
+    return ms / 1000
 
 
 def _token(value: str) -> str:
@@ -237,6 +255,7 @@ async def _demo(args: argparse.Namespace, ssl_context: ssl.SSLContext | None) ->
         redis_cluster=args.redis_cluster,
         jwt_secret=args.jwt_secret,
         presence_ttl=args.presence_ttl,
+        coalesce_window=args.coalesce_window,
     )
 
 

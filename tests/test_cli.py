@@ -7,6 +7,7 @@ a usage error), exit status 2 for usage and 1 otherwise, never a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import os
 import socket
@@ -214,3 +215,39 @@ async def test_redis_that_answers_serves_the_demo(redis_server: RedisServer) -> 
     assert (status, published["delivered_to"]) == (200, 0)
     assert returncode == 0, demo.stderr
     assert "Traceback" not in demo.stderr
+
+
+@pytest.mark.parametrize("value", ["-5", "inf", "nan", "soon"])
+def test_a_coalesce_window_that_is_not_milliseconds_is_a_usage_error(value: str) -> None:
+    result = run("demo", "--port", str(free_port()), f"--coalesce-window={value}")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        "sse-handler demo: error: argument --coalesce-window: "
+        f"expected milliseconds >= 0, not {value!r}"
+    )
+    assert "Traceback" not in result.stderr
+
+
+async def test_the_coalesce_window_sends_events_of_one_window_together() -> None:
+    # A window long enough for two publishes: both events leave in one write,
+    # so they are in the stream's first read after the welcome.
+    demo = DemoProcess("--coalesce-window", "500", keep_stderr=True)
+    try:
+        await demo.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", demo.port)
+        try:
+            writer.write(f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{demo.port}\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"event: welcome"), 5)
+            await asyncio.wait_for(reader.readuntil(b"\n\n\r\n"), 5)
+            first = await demo.publish("one")
+            second = await demo.publish("two")
+            both = await asyncio.wait_for(reader.read(65536), 5)
+        finally:
+            writer.close()
+    finally:
+        returncode = await demo.stop()
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert (first[0], second[0]) == (200, 200)
+    assert both.count(b"data: ") == 2, both
+    assert both.index(b"data: one") < both.index(b"data: two")
+    assert returncode == 0, demo.stderr

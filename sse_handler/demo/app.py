@@ -375,6 +375,7 @@ async def serve(
     redis_cluster: bool = False,
     jwt_secret: str | None = None,
     presence_ttl: float | None = None,
+    coalesce_window: float = 0.0,
 ) -> None:
     """Serve the demo until SIGINT or SIGTERM, then close the streams (grace 2 s).
 
@@ -388,6 +389,7 @@ async def serve(
     the streams and ``/publish`` require a JWT (see the module). ``presence_ttl``
     (seconds, with Redis) bounds how long a crashed process stays in
     presence (:class:`~sse_handler.brokers.redis_control.RedisControlPlane`).
+    ``coalesce_window`` (seconds) is both stream handlers' ``coalesce_window``.
     """
     broker: Broker | None = None
     cluster: ControlPlane | None = None
@@ -402,6 +404,7 @@ async def serve(
         if presence_ttl is not None:
             cluster = RedisControlPlane.for_broker(broker, presence_ttl=presence_ttl)
     app, handler = make_app(admin_token, broker, jwt_secret=jwt_secret, cluster=cluster)
+    handler.coalesce_window = handler.page_stream.coalesce_window = coalesce_window
     # Reachable by other processes' admin requests before the first stream.
     if handler.cluster is not None:
         await handler.cluster.start()
