@@ -58,6 +58,7 @@ from .servers import (
     Cert,
     Server,
     build_loadgen,
+    coalescing,
     ensure_peers,
     machine_info,
     make_cert,
@@ -207,6 +208,14 @@ def _parser() -> argparse.ArgumentParser:
         help="also measure sse_handler as it was at git ref REF (a commit, a branch, "
         "main~3, ...), as one more server in every scenario but the frozen-readers one",
     )
+    p.add_argument(
+        "--coalesce-windows",
+        type=_milliseconds,
+        default=[],
+        metavar="MS,MS",
+        help="also measure sse_handler with each of these coalescing windows "
+        "(`demo --coalesce-window MS`), as more servers in the plain scenarios",
+    )
     p.add_argument("--doc", type=Path, help="write the Markdown report here")
     p.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
     p.add_argument(
@@ -222,6 +231,16 @@ def _parser() -> argparse.ArgumentParser:
         "the latest bench/.build/results-*.json of each scenario of the full run",
     )
     return p
+
+
+def _milliseconds(value: str) -> list[float]:
+    try:
+        windows = [float(ms) for ms in value.split(",") if ms.strip()]
+    except ValueError:
+        windows = []
+    if not windows or not all(0 < ms < float("inf") for ms in windows):
+        raise argparse.ArgumentTypeError(f"expected milliseconds > 0, comma-separated: {value!r}")
+    return windows
 
 
 def _select(all_: Sequence[Any], names: str | None, what: str) -> list[Any]:
@@ -501,6 +520,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Right after the work tree's copy in every round: the closest pairing.
         at = next((i + 1 for i, s in enumerate(servers) if s.name == "sse_handler"), 0)
         servers.insert(at, baseline)
+    library = next((s for s in servers if s.name == "sse_handler"), None)
+    for ms in reversed(args.coalesce_windows):
+        if library is None:
+            raise SystemExit("--coalesce-windows needs sse_handler among --servers")
+        # Right after the work tree's copy in every round, as the baseline is.
+        servers.insert(servers.index(library) + 1, coalescing(library, ms))
     cert: Cert | None = None
     cert_error = ""
     if any(sc.tls for sc in scenarios):

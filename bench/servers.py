@@ -293,6 +293,23 @@ def snapshot_baseline(ref: str, dest: Path) -> tuple[Server, str]:
     return server, commit
 
 
+def coalescing(library: Server, ms: float) -> Server:
+    """sse_handler's demo with ``--coalesce-window MS``, as one more server
+    (plain HTTP only: the TLS app is not the demo's command line)."""
+
+    def argv(port: int, workdir: Path, cert: Cert | None) -> list[str]:
+        return [*library.argv(port, workdir, None), "--coalesce-window", f"{ms:g}"]
+
+    return replace(
+        library,
+        name=f"sse_handler {ms:g} ms window",
+        description=f"sse_handler's demo with `--coalesce-window {ms:g}` (events for one "
+        f"stream within {ms:g} ms leave in one write)",
+        argv=argv,
+        tls=False,
+    )
+
+
 def make_cert(dest: Path) -> Cert:
     """A self-signed certificate for 127.0.0.1, made now with the ``openssl`` CLI.
 
