@@ -318,6 +318,35 @@ async def test_a_ticket_works_once_for_its_channels() -> None:
         assert (await get(server.url + "/events?ticket=" + "x" * 1000)).code == 401
 
 
+async def opened(server: Any, query: str) -> int:
+    """The status of a GET of the stream (which a ticket is spent on), then closed."""
+    client = await server.stream(query)
+    async with client:
+        status: int = client.status
+        return status
+
+
+async def head(url: str) -> HTTPResponse:
+    return await AsyncHTTPClient().fetch(url, method="HEAD", raise_error=False)
+
+
+async def test_a_head_checks_a_ticket_without_spending_it() -> None:
+    # A HEAD opens nothing, so it must not use up the one stream a ticket is for.
+    auth = kit()
+    events = Events(auth)
+    async with serve([events.route(r"/events")], events) as server:
+        ticket = await auth.issue_ticket("dora", ["room:1"])
+        query = f"/events?channel=room:1&ticket={ticket}"
+        assert (await head(server.url + query)).code == 200
+        assert (await head(server.url + f"/events?channel=news&ticket={ticket}")).code == 403
+        assert (await head(server.url + "/events?channel=room:1&ticket=nosuch")).code == 401
+        client = await server.stream(query)
+        async with client:
+            assert client.status == 200
+            assert (await client.next_event()).data == '{"subject":"dora"}'
+        assert (await head(server.url + query)).code == 401  # spent by the GET
+
+
 async def test_an_expired_ticket_gets_401() -> None:
     auth = kit()
     events = Events(auth)
@@ -394,13 +423,28 @@ async def test_redis_tickets_are_shared_and_taken_once(redis_server: RedisServer
             # Raced by both processes at once: exactly one stream.
             ticket = await b.auth.issue_ticket("gus", ["room:*"])
             query = f"/events?channel=room:9&ticket={ticket}"
-            codes = await asyncio.gather(*(get(s.url + query) for s in (server_a, server_b) * 4))
-            assert sorted(r.code for r in codes) == [200] + [401] * 7
+            codes = await asyncio.gather(*(opened(s, query) for s in (server_a, server_b) * 4))
+            assert sorted(codes) == [200] + [401] * 7
     finally:
         for store in (store_a, store_b):
             await store.close()
         for broker in (broker_a, broker_b):
             await broker.close()
+
+
+async def test_a_head_does_not_spend_a_redis_ticket(redis_server: RedisServer) -> None:
+    broker, store = broker_tickets(redis_server)
+    events = Events(kit(store), broker=broker)
+    try:
+        async with serve([events.route(r"/events")], events) as server:
+            ticket = await events.auth.issue_ticket("ida", ["room:1"])
+            query = f"/events?channel=room:1&ticket={ticket}"
+            assert (await head(server.url + query)).code == 200
+            assert await opened(server, query) == 200
+            assert (await head(server.url + query)).code == 401  # spent by the GET
+    finally:
+        await store.close()
+        await broker.close()
 
 
 async def test_a_ticket_store_that_is_down_answers_503(

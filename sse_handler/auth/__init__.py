@@ -12,12 +12,13 @@ CorsPolicy); the core knows nothing of tickets or JWTs.
 
 from .jwt import InvalidToken, JWTVerifier, TokenKeysUnavailable
 from .stream_auth import StreamAuth, same_site
-from .tickets import MemoryTickets, RedisTickets, TicketStore, tickets_for
+from .tickets import MemoryTickets, PeekableTicketStore, RedisTickets, TicketStore, tickets_for
 
 __all__ = [
     "InvalidToken",
     "JWTVerifier",
     "MemoryTickets",
+    "PeekableTicketStore",
     "RedisTickets",
     "StreamAuth",
     "TicketStore",

@@ -99,13 +99,21 @@ class StreamAuth:
         await self.tickets.put(ticket_key(ticket), encode_grant(grant), ttl)
         return ticket
 
-    async def redeem_ticket(self, ticket: str) -> Grant:
+    async def redeem_ticket(self, ticket: str, *, spend: bool = True) -> Grant:
         """What ``ticket`` grants, spending it; ``HTTPError(401)`` if it grants
-        nothing, ``HTTPError(503)`` if the ticket store cannot be reached."""
+        nothing, ``HTTPError(503)`` if the ticket store cannot be reached.
+
+        With ``spend=False`` (a ``HEAD``, which opens no stream) the ticket
+        stays valid, where the store can read one without taking it (both
+        stores here can; a store without ``peek`` answers 401).
+        """
         if self.tickets is None or not ticket or len(ticket) > 256:
             raise HTTPError(401, reason="Invalid ticket")
+        read = self.tickets.take if spend else getattr(self.tickets, "peek", None)
+        if read is None:
+            raise HTTPError(401, reason="Invalid ticket")
         try:
-            value = await self.tickets.take(ticket_key(ticket))
+            value = await read(ticket_key(ticket))
         except BrokerUnavailableError:
             raise HTTPError(503, reason="Ticket store unavailable") from None
         if value is None:
@@ -122,7 +130,8 @@ class StreamAuth:
         """
         ticket = _last(request, self.ticket_param)
         if ticket is not None:
-            return await self.redeem_ticket(ticket)
+            # A HEAD opens no stream: it must not use up the one a ticket is for.
+            return await self.redeem_ticket(ticket, spend=request.method != "HEAD")
         return await self.authenticate(request, cors)
 
     async def authenticate(

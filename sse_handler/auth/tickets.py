@@ -58,6 +58,13 @@ class TicketStore(Protocol):
         """Release what the store holds (connections)."""
 
 
+class PeekableTicketStore(TicketStore, Protocol):
+    """A store that can also read a ticket without taking it (for ``HEAD``)."""
+
+    async def peek(self, key: str) -> bytes | None:
+        """The value under ``key``, left in place; ``None`` if absent or expired."""
+
+
 def ticket_key(ticket: str) -> str:
     """The key a ticket is stored under: its SHA-256, hex."""
     return hashlib.sha256(ticket.encode("utf-8", "surrogatepass")).hexdigest()
@@ -106,6 +113,12 @@ class MemoryTickets:
             return None
         return entry[1]
 
+    async def peek(self, key: str) -> bytes | None:
+        entry = self._tickets.get(key)
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        return entry[1]
+
     async def close(self) -> None:
         self._tickets.clear()
 
@@ -147,6 +160,13 @@ class RedisTickets:
             value: bytes | None = await self._redis().getdel(self.prefix + key)
         except (OSError, _redis_error()) as exc:
             raise BrokerUnavailableError(f"cannot take a ticket: {exc}") from None
+        return value
+
+    async def peek(self, key: str) -> bytes | None:
+        try:
+            value: bytes | None = await self._redis().get(self.prefix + key)
+        except (OSError, _redis_error()) as exc:
+            raise BrokerUnavailableError(f"cannot read a ticket: {exc}") from None
         return value
 
     async def close(self) -> None:
