@@ -303,7 +303,8 @@ def _window(
         sweep = {
             "callbacks": after["callbacks"] - before["callbacks"],
             "seconds": after["seconds"] - before["seconds"],
-            "max_seconds": after["max_seconds"],  # the longest since `before`
+            "max_seconds": after["max_seconds"],  # of the callbacks since `before`
+            "p99_seconds": after["p99_seconds"],
             "period": after["period"],
         }
     return {

@@ -57,6 +57,7 @@ def figures(r: dict[str, Any]) -> dict[str, float]:
             periods = w["wall_seconds"] / sweep["period"]
             out[f"{window}_sweep_ms"] = sweep["seconds"] / periods * 1e3
             out[f"{window}_sweep_max_ms"] = sweep["max_seconds"] * 1e3
+            out[f"{window}_sweep_p99_ms"] = sweep.get("p99_seconds", NAN) * 1e3
             out[f"{window}_sweep_callbacks"] = sweep["callbacks"] / periods
     for q in ("p50", "p99"):
         a, b = out["alone_" + q], out["beside_" + q]
@@ -239,6 +240,7 @@ FLEET_ROWS = (
     ("live p99 ms, beside the idle streams", "beside_p99", ".1f"),
     ("server CPU beside the idle streams (% of a core)", "beside_cpu", ".1%"),
     ("keep-alive sweep: ms of callbacks per period", "beside_sweep_ms", ".2f"),
+    ("keep-alive sweep: p99 of its callbacks (ms)", "beside_sweep_p99_ms", ".2f"),
     ("keep-alive sweep: longest callback (ms)", "beside_sweep_max_ms", ".2f"),
     ("keep-alive sweep: callbacks per period", "beside_sweep_callbacks", ".1f"),
     ("broadcast: last stream has it (ms)", "broadcast_ms", ".1f"),
@@ -273,7 +275,8 @@ def _fleet(f: _Figures, servers: list[str]) -> list[str]:
         "sweep to run several times in a live window. *Keep-alive sweep*: sse_handler's "
         "housekeeping callbacks timed with `perf_counter` in the bench app over the "
         "window beside the idle streams: their time per period (the walk and the "
-        "comments written) and the longest one (how long one callback holds the loop). "
+        "comments written), how many ran per period, and the p99 of their durations and "
+        "the longest (how long one callback holds the loop). "
         f"Issue 15's targets: RSS per stream ≤ {RSS_TARGET_KIB:g} KiB; live p99 beside "
         f"the idle streams ≤ {P99_TARGET:g}{X} alone.",
         "",
@@ -331,6 +334,7 @@ def _fleet(f: _Figures, servers: list[str]) -> list[str]:
 GROWTH = (
     ("RSS with every stream open (MiB)", "rss_mib", ".0f"),
     ("keep-alive sweep: ms of callbacks per period", "beside_sweep_ms", ".2f"),
+    ("keep-alive sweep: p99 of its callbacks (ms)", "beside_sweep_p99_ms", ".2f"),
     ("keep-alive sweep: longest callback (ms)", "beside_sweep_max_ms", ".2f"),
     ("broadcast: last stream has it (ms)", "broadcast_ms", ".1f"),
     ("accept the idle streams (s)", "accept_s", ".2f"),

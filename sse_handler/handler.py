@@ -150,8 +150,10 @@ class ServerSentEventHandler:
 
     _settings: ClassVar[frozenset[str]] = frozenset(HandlerSettings.__annotations__)
 
-    #: Connections one housekeeping callback visits at most (see _housekeeping_tick).
-    _sweep_slice: ClassVar[int] = 256
+    #: Connections one housekeeping callback visits at most (see _housekeeping_tick):
+    #: neighbours in the registry tend to be quiet in step, so a slice may be all
+    #: keep-alive comments, 64 of them about 1.5 ms on the bench machine.
+    _sweep_slice: ClassVar[int] = 64
 
     # The settings a connection's write path gets as its frozen WriteLimits.
     _write_settings: ClassVar[frozenset[str]] = frozenset(
@@ -222,6 +224,7 @@ class ServerSentEventHandler:
         # The connections of the housekeeping round under way, and the next to visit.
         self._sweep: list[ServerSentEventConnection] = []
         self._sweep_at = 0
+        self._sweep_began = 0.0  # loop time
         # Streams to stop when their credential expires (conn.auth_expires_at).
         self._auth_deadlines = Deadlines(self._auth_expired, self._connections.keys)
         self._shutting_down = False
@@ -641,17 +644,16 @@ class ServerSentEventHandler:
             self.auth_expired_farewell, self.jittered_retry(), reason=CloseReason.AUTH_EXPIRED
         )
 
-    def _ensure_housekeeping(self, delay: float | None = None) -> None:
+    def _ensure_housekeeping(self, at: float | None = None) -> None:
         """One timer per handler, not per connection: keep-alives and ages.
-        Its next callback runs ``delay`` seconds from now (default: a period)."""
+        Its next callback runs at loop time ``at`` (default: a period from now)."""
         if self._housekeeping_timer is not None or self._shutting_down:
             return
         period = self._housekeeping_period()
         if period:
             loop = asyncio.get_running_loop()
-            self._housekeeping_timer = loop.call_later(
-                period if delay is None else delay, self._housekeeping_tick
-            )
+            when = loop.time() + period if at is None else at
+            self._housekeeping_timer = loop.call_at(when, self._housekeeping_tick)
 
     def _housekeeping_period(self) -> float:
         # Half the keep-alive interval: a quiet connection gets its comment
@@ -667,21 +669,24 @@ class ServerSentEventHandler:
         """One slice of a sweep: the next :attr:`_sweep_slice` connections of the round.
 
         A round visits, once each, the connections registered when it began:
-        all in one callback when they fit in a slice, else in slices spread
-        evenly over the period, the next round beginning one period after this
-        one did. Every connection is visited once per period either way, and no
-        callback holds the loop for more than a slice: one callback walking all
-        19,000 streams of a process held it for 170 ms here, and the p99 of
-        the clients receiving events grew 7-fold (bench/notes.md, issue 15).
-        In a steady fleet a connection keeps its place in the round; when
-        others come and go it moves, and its visit comes up to a period earlier
-        or later (its comment after 0.5 to 2 intervals of silence, not 1 to 1.5).
+        in one callback when they fit in a slice, else in slices spread evenly
+        over the period, at fixed times from the round's start (the slices' own
+        time does not stretch the round); the next round begins one period
+        after this one did. Every connection is visited once per period either
+        way, and no callback holds the loop for more than a slice: one callback
+        walking the 19,000 streams of a process held it for 170 ms here, and
+        the p99 of the clients receiving events grew 7-fold (bench/notes.md,
+        issue 15). In a steady fleet a connection keeps its place in the round;
+        when others come and go it moves, and its visit may come up to a period
+        early or late (its comment after 0.5 to 2 intervals of silence instead
+        of 1 to 1.5).
         """
         self._housekeeping_timer = None
         period = self._housekeeping_period()
         if self._sweep_at >= len(self._sweep):  # a new round
             self._sweep = list(self._connections.values())
             self._sweep_at = 0
+            self._sweep_began = asyncio.get_running_loop().time()
             if not self._sweep or not period:
                 return  # restarted by the next registration
         at = self._sweep_at
@@ -698,9 +703,10 @@ class ServerSentEventHandler:
             elif quiet_ticks:
                 conn.writer.keepalive(_KEEPALIVE, quiet_ticks)
         slices = math.ceil(len(self._sweep) / self._sweep_slice)
+        done = math.ceil(self._sweep_at / self._sweep_slice)  # slices, this one included
         if self._sweep_at >= len(self._sweep):
             self._sweep = []  # the round is over: no reference to closed connections
-        self._ensure_housekeeping(period / slices)
+        self._ensure_housekeeping(self._sweep_began + period * done / slices)
 
 
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

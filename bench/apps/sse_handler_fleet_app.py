@@ -16,7 +16,8 @@ shutdown), with three bench-only changes on the handler that
   answers ``{"delivered_to": N}``;
 - ``GET /bench/sweep``: the handler's housekeeping callbacks so far, each timed
   with ``time.perf_counter()``: ``{"callbacks", "seconds", "max_seconds",
-  "period"}``, ``max_seconds`` being the longest since the previous request.
+  "p99_seconds", "period"}``, the longest callback and the p99 of their
+  durations since the previous request.
 
 The library is not changed.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import sys
 import time
@@ -43,7 +45,7 @@ class SweepClock:
         self._period = period
         self.callbacks = 0
         self.seconds = 0.0
-        self.max_seconds = 0.0
+        self.durations: list[float] = []  # since the last figures()
 
     def __call__(self) -> None:
         start = time.perf_counter()
@@ -53,18 +55,21 @@ class SweepClock:
             took = time.perf_counter() - start
             self.callbacks += 1
             self.seconds += took
-            self.max_seconds = max(self.max_seconds, took)
+            self.durations.append(took)
 
     def figures(self) -> dict[str, float]:
-        """The counts so far; the longest callback since the previous call."""
-        out = {
+        """The counts so far; the longest callback and the p99 of their
+        durations since the previous call."""
+        durations = sorted(self.durations)
+        self.durations = []
+        p99 = durations[max(0, math.ceil(0.99 * len(durations)) - 1)] if durations else 0.0
+        return {
             "callbacks": self.callbacks,
             "seconds": self.seconds,
-            "max_seconds": self.max_seconds,
+            "max_seconds": durations[-1] if durations else 0.0,
+            "p99_seconds": p99,
             "period": self._period(),
         }
-        self.max_seconds = 0.0
-        return out
 
 
 class SendAllHandler(tornado.web.RequestHandler):
