@@ -121,7 +121,12 @@ def nchan_conf(port: int, workdir: Path, keepalive: float | None) -> str:
     """One worker, its memory store; the channel is the ``channel`` query argument
     (``bench`` without one); listen backlog 4,096 as the demo's; 1,000 messages
     of history per channel (the MemoryBroker's ``history_size``); with
-    ``keepalive``, a ping to every stream that often."""
+    ``keepalive``, a ping to every stream that often.
+
+    ``worker_connections`` is above the open-files limit: with 20,000, 19,000
+    streams made nginx log "worker_connections are not enough, reusing
+    connections" and close some of them (nchan takes connection slots of its
+    own); the sockets stay under ``worker_rlimit_nofile``."""
     user = "user root;\n" if os.geteuid() == 0 else ""
     temp = "\n".join(
         f"    {kind}_temp_path {workdir / kind};"
@@ -135,7 +140,7 @@ daemon off;
 pid {workdir / "nginx.pid"};
 error_log {workdir / "error.log"} warn;
 events {{
-    worker_connections 20000;
+    worker_connections 40000;
 }}
 http {{
     access_log off;
