@@ -26,6 +26,11 @@
 // "frozen", reads each frozen connection to its end (EOF or ECONNRESET: the
 // server closed it; no end within -probe-idle of silence: still open).
 //
+// -mode hold keeps the streams open and takes commands on stdin instead
+// (publish windows, a broadcast the caller sends; see hold.go), and -src binds
+// the streams to a source address, so that several load generators can share
+// one server's streams.
+//
 // It prints one JSON object per phase on stdout: "connected" once every
 // connection has its head (or failed), "done" after publishing and draining,
 // and with -frozen "frozen" once the frozen connections have been read out.
