@@ -108,7 +108,7 @@ def main() -> None:
         # The timer is scheduled with the bound method looked up on the
         # instance: this attribute shadows the class's.
         clock = SweepClock(handler._housekeeping_tick, handler._housekeeping_period)
-        handler._housekeeping_tick = clock
+        handler._housekeeping_tick = clock  # type: ignore[method-assign]
         app.wildcard_router.add_rules(
             [
                 (r"/send_all", SendAllHandler, {"sse_handler": handler}),
