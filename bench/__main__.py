@@ -10,6 +10,9 @@ From the repository root::
     python -m bench --baseline main~3   # also sse_handler as of main~3, side by side
     python -m bench --scenarios scaleout,storm,perchannel --servers sse_handler,nchan
                                    # scale-out on Redis (bench/scaleout.py): 2 processes each
+    python -m bench --scenarios storm9000,fleet2000,fleet9000,fleet19000 --runs 3
+                                   # one process, many streams (bench/fleet.py)
+    python -m bench --render --scenarios fleet19000   # their section and the notes again
 
 The servers run on core 0 and the Go load generator on core 1 (``taskset``).
 ``--baseline REF`` adds sse_handler as it was at git ref REF (``git archive``
@@ -36,7 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import scaleout
+from . import fleet, fleet_report, scaleout
 from .hotspots import hot_spots, render
 from .report import (
     Source,
@@ -45,6 +48,7 @@ from .report import (
     metrics,
     render_doc,
     row_label,
+    splice_section,
     summary_table,
     tls_table,
 )
@@ -192,7 +196,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scenarios",
         help="comma-separated subset of the scenario names; scale-out on Redis (not "
-        "with the others): " + ", ".join(scaleout.SCALEOUT),
+        "with the others): " + ", ".join(scaleout.SCALEOUT) + "; one process, many "
+        "streams (not with the others): " + ", ".join(fleet.FLEET),
     )
     p.add_argument("--duration", type=float, help="seconds of publishing per run (override)")
     p.add_argument(
@@ -444,10 +449,34 @@ def _write_doc(picks: Sequence[tuple[dict[str, Any], Sequence[str]]], doc: Path)
     redis_results = scaleout.latest_results()
     if redis_results is not None:  # the latest scale-out invocation's section
         text = scaleout.splice(text, scaleout.section(redis_results))
+    fleet_md = fleet_report.section()
+    if fleet_md is not None:  # each one-process scenario from its latest invocation
+        text = _splice_fleet(text, fleet_md)
     doc.write_text(text)
     _log(f"wrote {doc}: " + "; ".join(f"{', '.join(n)} from {s.command}" for s, n in zip(
         sources, (names for _, names in picks), strict=True
     )))  # fmt: skip
+
+
+def _splice_fleet(doc: str, md: str) -> str:
+    """``doc`` with the one-process section ``md`` in place (before the scale-out
+    section when it is new) and its notes as bench/notes.md has them now."""
+    doc = splice_section(doc, fleet_report.SECTION, md, before=(scaleout.SECTION, "## Notes"))
+    notes = BENCH / "notes.md"
+    if notes.exists():
+        doc = splice_section(doc, "## Notes", "## Notes\n\n" + notes.read_text())
+    return doc
+
+
+def _render_fleet(doc: Path) -> int:
+    """``--render --scenarios <one-process scenarios>``: their section and the notes,
+    spliced into the doc from the latest raw results; the rest of the doc is kept."""
+    md = fleet_report.section()
+    if md is None:
+        raise SystemExit(f"no raw results of the one-process scenarios in {BUILD}")
+    doc.write_text(_splice_fleet(doc.read_text(), md))
+    _log(f"wrote the one-process section and the notes of {doc}")
+    return 0
 
 
 def _render(files: Sequence[Path], doc: Path) -> int:
@@ -484,11 +513,15 @@ def _jobs(
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     argv_list = list(sys.argv[1:] if argv is None else argv)
-    if args.render is not None:
-        return _render(args.render, args.doc or DOC)
     asked = [n.strip() for n in (args.scenarios or "").split(",") if n.strip()]
+    if args.render is not None:
+        if asked and not args.render and all(n in fleet.FLEET for n in asked):
+            return _render_fleet(args.doc or DOC)
+        return _render(args.render, args.doc or DOC)
     if any(n in scaleout.SCALEOUT for n in asked):
         return _scaleout(args, asked, argv_list)
+    if any(n in fleet.FLEET for n in asked):
+        return _fleet(args, asked, argv_list)
     scenarios: list[Scenario] = _select(QUICK if args.quick else FULL, args.scenarios, "scenario")
     if args.duration:
         scenarios = [
@@ -660,6 +693,50 @@ def _scaleout(args: argparse.Namespace, names: list[str], argv: list[str]) -> in
     if doc is not None:
         doc.write_text(scaleout.splice(doc.read_text(), md))
         _log(f"wrote the scale-out section of {doc}")
+    for e in results["errors"]:
+        _log(f"FAILED {e}")
+    return 1 if results["errors"] else 0
+
+
+def _fleet(args: argparse.Namespace, names: list[str], argv: list[str]) -> int:
+    """One process, many streams (bench/fleet.py): their own runs, raw results
+    (``bench/.build/fleet-results-*.json``) and section of the doc, spliced into it
+    in place with each of these scenarios from the latest invocation that measured
+    it; the notes are spliced again too."""
+    other = [n for n in names if n not in fleet.FLEET]
+    if other:
+        raise SystemExit(
+            f"the one-process scenarios run on their own, not with: {', '.join(other)}"
+        )
+    known = ("sse_handler", "nchan")
+    servers = [s.strip() for s in (args.servers or ",".join(known)).split(",") if s.strip()]
+    if any(s not in known for s in servers):
+        raise SystemExit(f"the one-process scenarios know the servers {', '.join(known)}")
+    nchan = next(s for s in SERVERS if s.name == "nchan")
+    why = nchan.missing() if "nchan" in servers else None
+    if why:
+        raise SystemExit(why)
+    _raise_fd_limit()
+    BUILD.mkdir(exist_ok=True)
+    _log("building the load generator")
+    loadgen = build_loadgen()
+    snapshot = BUILD / "snapshot"
+    _, commit = snapshot_library(list(SERVERS), snapshot)
+    _log(f"sse_handler is served from a copy of the work tree ({commit}) in {snapshot}")
+    results = fleet.main(
+        names, servers, args.runs or 3, loadgen, snapshot,
+        {**machine_info(), "commit": commit}, argv, _log,
+    )  # fmt: skip
+    path = BUILD / f"fleet-results-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=1))
+    _log(f"raw results: {path.relative_to(REPO)}")
+    md = fleet_report.section()
+    if md is not None:
+        print("\n" + md)
+        doc = args.doc or (None if args.no_doc else DOC)
+        if doc is not None:
+            doc.write_text(_splice_fleet(doc.read_text(), md))
+            _log(f"wrote the one-process section and the notes of {doc}")
     for e in results["errors"]:
         _log(f"FAILED {e}")
     return 1 if results["errors"] else 0

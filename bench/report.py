@@ -19,6 +19,7 @@ __all__ = [
     "metrics",
     "render_doc",
     "row_label",
+    "splice_section",
     "summary_table",
     "targets",
     "tls_table",
@@ -639,3 +640,19 @@ def _all_runs(
                 ]
             lines.append(f"- {sc.name}, {server}: " + "; ".join(cells))
     return "\n".join(lines) + "\n"
+
+
+def splice_section(doc: str, heading: str, md: str, before: Sequence[str] = ("## Notes",)) -> str:
+    """``doc`` with its section ``heading`` (a ``## `` line, up to the next one)
+    replaced by ``md``; without one, ``md`` goes before the first of the sections
+    ``before`` that ``doc`` has, else at its end. The other sections are kept as
+    they are: a scenario measured on its own never drops another's figures."""
+    start = doc.find("\n" + heading + "\n")
+    if start >= 0:
+        end = doc.find("\n## ", start + 1 + len(heading))
+        return doc[: start + 1] + md.rstrip("\n") + "\n" + (doc[end:] if end >= 0 else "")
+    for other in before:
+        at = doc.find("\n" + other + "\n")
+        if at >= 0:
+            return doc[: at + 1] + md.rstrip("\n") + "\n\n" + doc[at + 1 :]
+    return doc.rstrip("\n") + "\n\n" + md

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from .proc import cpu_seconds, machine_busy_seconds, rss_bytes, tree_pids
+from .report import splice_section
 from .run import (
     LOADGEN_CORE,
     SERVER_CORE,
@@ -388,7 +389,7 @@ def figures(r: dict[str, Any]) -> dict[str, float]:
         "duplicates": d.get("duplicates", 0),
         "received": received,
     }
-    if r["scenario"] == "storm":
+    if d.get("mode") == "storm":
         out |= {
             "lost": d["lost"],
             "resets": d["resets"],
@@ -728,14 +729,7 @@ def section(results: dict[str, Any]) -> str:
 
 def splice(doc: str, md: str) -> str:
     """``doc`` with its Scale-out section replaced by ``md`` (or added before Notes)."""
-    start = doc.find(SECTION + "\n")
-    if start >= 0:
-        end = doc.find("\n## ", start + len(SECTION))
-        return doc[:start] + md.rstrip("\n") + "\n" + (doc[end:] if end >= 0 else "")
-    notes = doc.find("\n## Notes\n")
-    if notes < 0:
-        return doc.rstrip("\n") + "\n\n" + md
-    return doc[: notes + 1] + md.rstrip("\n") + "\n\n" + doc[notes + 1 :]
+    return splice_section(doc, SECTION, md)
 
 
 def latest_results() -> dict[str, Any] | None:

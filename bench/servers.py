@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 __all__ = [
+    "APPS",
     "BENCH",
     "BUILD",
     "FROZEN_SERVER",

@@ -294,6 +294,53 @@ async def test_keepalive_zero_is_off() -> None:
         client.close()
 
 
+class SlicedSweep(ServerSentEventHandler):
+    """Visits at most two connections per housekeeping callback."""
+
+    _sweep_slice = 2
+
+
+async def test_keepalive_sweep_walks_the_connections_in_slices_over_the_period() -> None:
+    handler = SlicedSweep(keepalive=0.6)  # a period of 0.3 s
+    loop = asyncio.get_running_loop()
+    # Per callback: when it ran, and the connections it visited (a visit moves
+    # the writer's count of quiet ticks: up by one, or to 0 with a comment).
+    callbacks: list[tuple[float, set[str]]] = []
+    tick = handler._housekeeping_tick
+
+    def timed_tick() -> None:
+        before = {c.cid: c.writer.quiet for c in handler.connections()}
+        tick()
+        after = {c.cid: c.writer.quiet for c in handler.connections()}
+        callbacks.append((loop.time(), {cid for cid, q in before.items() if after[cid] != q}))
+
+    handler._housekeeping_tick = timed_tick  # type: ignore[method-assign]
+    async with serve([handler.route("/events")], handler) as server:
+        clients = [await server.stream() for _ in range(5)]
+        await wait_until(lambda: len(handler) == 5)
+        since = loop.time()
+        for client in clients:
+            await client.wait_for_bytes(b"\n:\n", timeout=3)  # every one gets its keep-alive
+
+        def rounds() -> list[tuple[float, set[str]]]:
+            # From the first round that began after the fifth registration.
+            later = [c for c in callbacks if c[0] > since]
+            first = next((i + 1 for i, c in enumerate(later) if len(c[1]) == 1), len(later))
+            return later[first : first + 6]
+
+        await wait_until(lambda: len(rounds()) == 6)
+        two = rounds()
+        assert [len(visited) for _, visited in two] == [2, 2, 1, 2, 2, 1]
+        cids = set(handler.connection_ids())
+        assert two[0][1] | two[1][1] | two[2][1] == cids  # each once per round
+        assert two[3][1] | two[4][1] | two[5][1] == cids
+        # Slices a third of a period apart; a round begins a period after the last.
+        assert 0.08 <= two[1][0] - two[0][0] <= 0.25
+        assert 0.28 <= two[3][0] - two[0][0] <= 0.6
+        for client in clients:
+            client.close()
+
+
 async def test_shutdown_sends_farewell_with_jittered_retry_and_closes() -> None:
     handler = RecordingHandler(reconnect_retry=(2000, 3000))
     async with serve([handler.route("/events")], handler) as server:

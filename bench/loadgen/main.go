@@ -26,6 +26,11 @@
 // "frozen", reads each frozen connection to its end (EOF or ECONNRESET: the
 // server closed it; no end within -probe-idle of silence: still open).
 //
+// -mode hold keeps the streams open and takes commands on stdin instead
+// (publish windows, a broadcast the caller sends; see hold.go), and -src binds
+// the streams to a source address, so that several load generators can share
+// one server's streams.
+//
 // It prints one JSON object per phase on stdout: "connected" once every
 // connection has its head (or failed), "done" after publishing and draining,
 // and with -frozen "frozen" once the frozen connections have been read out.
@@ -88,6 +93,10 @@ type config struct {
 	liveChannel  string
 	liveWarm     time.Duration
 	liveBaseline time.Duration
+
+	// Hold mode (hold.go).
+	src  string
+	seqs int
 }
 
 func parseFlags() config {
@@ -112,7 +121,7 @@ func parseFlags() config {
 	flag.BoolVar(&c.tls, "tls", false, "streams and publishing over TLS (HTTPS), without verifying the server's certificate")
 	flag.StringVar(&c.addrs, "addrs", "", "streams over these servers, host:port,host:port (stream i: address i mod n; default -addr); events are published to -addr")
 	flag.IntVar(&c.channels, "channels", 0, "stream i subscribes ?channel=c<i mod N> (0: no channel in the query); the broadcast modes publish to c0")
-	flag.StringVar(&c.mode, "mode", "", "\"\" (publish -rate for -duration), perchannel (one event to each channel) or storm (see scaleout.go)")
+	flag.StringVar(&c.mode, "mode", "", "\"\" (publish -rate for -duration), perchannel (one event to each channel), storm (see scaleout.go) or hold (commands on stdin, see hold.go)")
 	flag.IntVar(&c.pre, "pre", 5, "storm: events published before the disconnect")
 	flag.IntVar(&c.missed, "missed", 20, "storm: events published while the clients are away")
 	flag.IntVar(&c.stormShift, "storm-shift", 0, "storm: a stream reconnects to address (i + shift) mod n")
@@ -123,6 +132,8 @@ func parseFlags() config {
 	flag.StringVar(&c.liveChannel, "live-channel", "live", "live: the live streams' channel")
 	flag.DurationVar(&c.liveWarm, "live-warm", time.Second, "live: publishing before the baseline window")
 	flag.DurationVar(&c.liveBaseline, "live-baseline", 3*time.Second, "live: the baseline window, before the accept")
+	flag.StringVar(&c.src, "src", "", "the streams' source address, e.g. 127.0.0.2 (default: the kernel's choice)")
+	flag.IntVar(&c.seqs, "seqs", 4096, "hold: seqs a stream tracks (the publish windows' and the caller's broadcasts)")
 	flag.Parse()
 	return c
 }
@@ -152,6 +163,11 @@ func main() {
 		}
 	case "perchannel":
 		scheduled = 1
+	case "hold":
+		if cfg.seqs < 1 || cfg.wait || cfg.frozen > 0 {
+			fail("-mode hold needs -seqs >= 1, and takes neither -wait nor -frozen")
+		}
+		scheduled = cfg.seqs
 	case "storm":
 		if cfg.rate <= 0 || cfg.pre < 1 || cfg.missed < 0 {
 			fail("-mode storm needs -rate > 0, -pre >= 1 and -missed >= 0")
@@ -196,8 +212,16 @@ func main() {
 		"frozen_opened":  r.frozenOpened,
 		"frozen_failed":  r.frozenFailed,
 		"tls":            r.tlsState, // "" without -tls, or if no stream opened
+		"start_ns":       r.startNs,
 	})
 	stdin := bufio.NewReader(os.Stdin)
+	if cfg.mode == "hold" {
+		hold(cfg, r, cfg.conns-r.failed, stdin)
+		r.stop.Store(true)
+		<-stopped
+		r.closeAll()
+		return
+	}
 	if cfg.wait {
 		waitLine(stdin)
 	}

@@ -144,6 +144,12 @@ type receiver struct {
 	liveFailed     int
 	liveErr        string
 	liveDisconnect atomic.Int64
+
+	// Hold mode (hold.go).
+	src     *syscall.SockaddrInet4 // -src: the streams' source address (nil: the kernel's)
+	startNs int64                  // unix nanos of the first dial
+	snap    chan snapshot          // the loop's answer to "snapshot"
+	mark    int                    // deliveries before it are in an earlier snapshot
 }
 
 func newReceiver(cfg config, scheduled int) (*receiver, error) {
@@ -167,6 +173,15 @@ func newReceiver(cfg config, scheduled int) (*receiver, error) {
 	r.cmd = make(chan string, 1)
 	r.ack = make(chan struct{}, 1)
 	r.liveReady = make(chan struct{}, 1)
+	r.snap = make(chan snapshot, 1)
+	if cfg.src != "" {
+		ip := net.ParseIP(cfg.src).To4()
+		if ip == nil {
+			return nil, fmt.Errorf("-src %q is not an IPv4 address", cfg.src)
+		}
+		r.src = &syscall.SockaddrInet4{}
+		copy(r.src.Addr[:], ip)
+	}
 	if cfg.live > 0 {
 		r.liveT = newLiveTally(cfg, &r.liveReceived)
 	}
@@ -175,7 +190,7 @@ func newReceiver(cfg config, scheduled int) (*receiver, error) {
 	if err := r.streamAddrs(cfg.addrs); err != nil {
 		return nil, err
 	}
-	if scheduled > 0 && !cfg.tls { // in TLS mode: the streams' tallies, merged
+	if scheduled > 0 && !cfg.tls && cfg.mode != "hold" { // TLS: the streams' tallies, merged
 		r.latencies = make([]uint32, 0, scheduled*cfg.conns)
 	}
 	return r, nil
@@ -184,6 +199,7 @@ func newReceiver(cfg config, scheduled int) (*receiver, error) {
 // run opens every connection, signals connected, then reads until stopped.
 func (r *receiver) run(connected chan<- float64) {
 	start := time.Now()
+	r.startNs = start.UnixNano()
 	events := make([]syscall.EpollEvent, 1024)
 	phase := r.cfg.live == 0 // with live streams: those first, then "accept"
 	livePending := r.cfg.live > 0
@@ -203,6 +219,8 @@ func (r *receiver) run(connected chan<- float64) {
 				phase, start = true, time.Now()
 			case "accept":
 				phase, start = true, time.Now()
+			case "snapshot":
+				r.snap <- r.takeSnapshot()
 			}
 		default:
 		}
@@ -269,6 +287,12 @@ func (r *receiver) dial(s *stream) {
 	}
 	s.fd = fd
 	r.byFd[fd] = s
+	if r.src != nil {
+		if err := bindSource(fd, r.src); err != nil {
+			r.failOpen(s, err)
+			return
+		}
+	}
 	if s.frozen {
 		if err := r.frozenOptions(fd); err != nil {
 			r.failOpen(s, err)
