@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -84,14 +85,41 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 @pytest.fixture(params=ENGINES)
 def redis_cluster(request: pytest.FixtureRequest) -> Iterator[RedisCluster]:
     """A fresh 3-shard Redis Cluster on free localhost ports: Redis 6.2, then Valkey 8."""
-    ports = []
-    for _ in range(3):
+    for attempt in range(3):
+        cluster = RedisCluster(_cluster_ports(3), request.param)
+        try:
+            cluster.start()
+        except RuntimeError:
+            # A port taken between choosing it and the node binding it (the
+            # node exits 1): another set of ports, a bounded number of times.
+            cluster.close()
+            if attempt == 2:
+                raise
+            continue
+        try:
+            yield cluster
+        finally:
+            cluster.close()
+        return
+
+
+def _cluster_ports(count: int) -> list[int]:
+    """Free ports whose cluster bus port (port + 10000, as Redis 6.2 has no
+    ``cluster-port``) is free and in range too."""
+    ports: list[int] = []
+    while len(ports) < count:
         sock, port = bind_unused_port()
-        sock.close()
-        ports.append(port)
-    cluster = RedisCluster(ports, request.param)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.close()
+        try:
+            if port + 10000 > 65535 or port in ports:
+                continue
+            bus = socket.socket()
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+            finally:
+                bus.close()
+            ports.append(port)
+        finally:
+            sock.close()
+    return ports
