@@ -537,9 +537,11 @@ class ServerSentEventHandler:
         and the ``grant`` ``authorize()`` returned gives it its ``subject`` and
         ``auth_expires_at``.
 
-        Registration runs in a task of its own, apart from Tornado's
-        connection: awaited inside the request, a hook that waits (an async
-        ``registered()``) would keep ``HTTPServer.close_all_connections()`` waiting.
+        Registration runs at once, up to the first time it waits (on the
+        broker, an async hook); the rest runs in a task of its own, apart from
+        Tornado's connection: awaited inside the request, a hook that waits
+        (an async ``registered()``) would keep
+        ``HTTPServer.close_all_connections()`` waiting.
         """
         try:
             conn = self.get_connection_impl(request, self.new_cid(), transport, last_event_id)

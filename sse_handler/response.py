@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Awaitable, Collection, Iterable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
@@ -54,24 +55,62 @@ STREAM_HEADERS = (
 )
 
 _FIRST_COMMENT = comment_line("ok")
+
+#: What ``authorize()`` may decide (see :meth:`ServerSentEventHandler.authorize`).
+Decision = bool | Collection[str] | Grant | None
 _KNOWN_STATUSES = frozenset(HTTPStatus)
 
 
-async def accept_stream(
+def accept_stream(
     request: HTTPServerRequest, path_kwargs: dict[str, str], handler: ServerSentEventHandler
-) -> Answer | None:
+) -> Answer | Awaitable[Answer | None] | None:
     """Take one GET: hand it to the handler as a stream, or say how to answer it.
 
     An :class:`Answer` is written once Tornado has read the request's body, so
-    the connection stays open for the client's next request.
+    the connection stays open for the client's next request. The result is
+    awaitable only when ``authorize()`` is: a synchronous accept costs no
+    task and no future (it decides how fast a reconnect storm is taken).
     """
     if handler.shutting_down:
         return _shed(request, handler, 200)
     if not handler.reserve(request.remote_ip):
         return _shed(request, handler, handler.over_limit_status)
+    try:
+        channels = handler.channels_for(request, path_kwargs)
+        allowed = handler.authorize(request)
+    except Exception as exc:
+        handler.release(request.remote_ip)
+        return _failed(request, exc)
+    if inspect.isawaitable(allowed):
+        return _open_once_authorized(request, handler, channels, allowed)
+    return _open(request, handler, channels, allowed)
+
+
+async def _open_once_authorized(
+    request: HTTPServerRequest,
+    handler: ServerSentEventHandler,
+    channels: Iterable[str],
+    allowed: Awaitable[Decision],
+) -> Answer | None:
+    try:
+        decided = await allowed
+    except Exception as exc:
+        handler.release(request.remote_ip)
+        return _failed(request, exc)
+    return _open(request, handler, channels, decided)
+
+
+def _open(
+    request: HTTPServerRequest,
+    handler: ServerSentEventHandler,
+    channels: Iterable[str],
+    allowed: Decision,
+) -> Answer | None:
+    """The stream, once ``authorize()`` has decided; the slot is released on
+    every path that does not end in :meth:`ServerSentEventHandler.open_stream`."""
     handed_over = False
     try:
-        channels, grant = await _authorized_channels(request, path_kwargs, handler)
+        granted, grant = _granted_channels(channels, allowed)
         # An empty Last-Event-ID means "no cursor" (a browser omits it then).
         last_event_id = request.headers.get("Last-Event-ID") or _query_argument(
             request, "last_event_id"
@@ -79,18 +118,23 @@ async def accept_stream(
         head = _head(request, handler)
         transport = take_transport(request, handler.dead_peer_timeout, handler.kernel_buffer)
         handed_over = True
-        handler.open_stream(request, transport, channels, head, last_event_id, grant=grant)
-    except HTTPError as exc:
-        return Answer(exc.status_code, reason=exc.reason)
-    except Exception:
+        handler.open_stream(request, transport, granted, head, last_event_id, grant=grant)
+    except Exception as exc:
         if handed_over:
             raise
-        log.exception("Uncaught exception while accepting %s", request.uri)
-        return Answer(500)
+        return _failed(request, exc)
     finally:
         if not handed_over:
             handler.release(request.remote_ip)
     return None
+
+
+def _failed(request: HTTPServerRequest, exc: Exception) -> Answer:
+    """The answer to a request whose accept raised: its ``HTTPError``, or a 500."""
+    if isinstance(exc, HTTPError):
+        return Answer(exc.status_code, reason=exc.reason)
+    log.error("Uncaught exception while accepting %s", request.uri, exc_info=exc)
+    return Answer(500)
 
 
 async def answer_head(
@@ -100,7 +144,11 @@ async def answer_head(
     section 9.1), so a denied HEAD gets the same 401/403/204; nothing is
     opened, registered or counted."""
     try:
-        await _authorized_channels(request, path_kwargs, handler)
+        channels = handler.channels_for(request, path_kwargs)
+        allowed = handler.authorize(request)
+        if inspect.isawaitable(allowed):
+            allowed = await allowed
+        _granted_channels(channels, allowed)
         headers = dict(_stream_headers(request, handler, chunked=False))
         del headers["Connection"]  # the connection goes on after a HEAD
     except HTTPError as exc:
@@ -111,23 +159,21 @@ async def answer_head(
     return Answer(200, headers, body=b"")
 
 
-async def _authorized_channels(
-    request: HTTPServerRequest, path_kwargs: dict[str, str], handler: ServerSentEventHandler
+def _granted_channels(
+    channels: Iterable[str], allowed: Decision
 ) -> tuple[list[str], Grant | None]:
-    """``channels_for()`` then ``authorize()``: the channels the stream gets
-    and the grant that allowed them, or ``HTTPError`` (401, 403, 204)."""
-    channels = handler.channels_for(request, path_kwargs)
-    allowed = handler.authorize(request)
-    if inspect.isawaitable(allowed):
-        allowed = await allowed
+    """What ``authorize()`` returned, applied to the channels ``channels_for()``
+    chose: the channels the stream gets and the grant that allowed them, or
+    ``HTTPError`` (401, 403, 204)."""
     if allowed is False:
         raise HTTPError(403)
     if allowed is None or allowed is True:
         return list(channels), None
     if isinstance(allowed, Grant):
+        channels = list(channels)
         if not all(allowed.may_read(channel) for channel in channels):
             raise HTTPError(403, reason="Channel not allowed")
-        return list(channels), allowed
+        return channels, allowed
     if isinstance(allowed, str | bytes):
         raise TypeError(
             "authorize() returned a string; return a collection of channel names "

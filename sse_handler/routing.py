@@ -26,13 +26,13 @@ from tornado.httputil import (
 )
 from tornado.routing import Router
 
+from .closing import answer_and_close, declares_body
 from .response import Answer, accept_stream, answer_head, answer_preflight
-from .server import answer_and_close, declares_body
 
 if TYPE_CHECKING:
     from .handler import ServerSentEventHandler
 
-__all__ = ["EventStreamRoute"]
+__all__ = ["EventStreamRoute", "StreamRequest"]
 
 log = logging.getLogger("sse_handler")
 
@@ -52,10 +52,10 @@ class EventStreamRoute(Router):
 
     def find_handler(self, request: HTTPServerRequest, **kwargs: Any) -> HTTPMessageDelegate:
         """Called by Tornado with the parsed request and the route's groups."""
-        return _Request(self.handler, request, kwargs.get("path_kwargs") or {})
+        return StreamRequest(self.handler, request, kwargs.get("path_kwargs") or {})
 
 
-class _Request(HTTPMessageDelegate):
+class StreamRequest(HTTPMessageDelegate):
     """One request to the endpoint.
 
     A GET that becomes a stream is detached in :meth:`headers_received`. A
@@ -66,7 +66,7 @@ class _Request(HTTPMessageDelegate):
     connection stays open for the next one.
     """
 
-    __slots__ = ("answer", "handler", "path_kwargs", "request")
+    __slots__ = ("_answer", "handler", "path_kwargs", "request")
 
     def __init__(
         self,
@@ -77,7 +77,7 @@ class _Request(HTTPMessageDelegate):
         self.handler = handler
         self.request = request
         self.path_kwargs = path_kwargs
-        self.answer: Answer | None = None
+        self._answer: Answer | None = None
 
     def headers_received(
         self,
@@ -89,30 +89,34 @@ class _Request(HTTPMessageDelegate):
             try:
                 path_kwargs = _decoded(self.path_kwargs)
             except UnicodeDecodeError:
-                self.answer = Answer(400, reason="Invalid unicode in the path")
+                self._answer = Answer(400, reason="Invalid unicode in the path")
                 return None
             if method == "HEAD":
                 return self._answer_head(path_kwargs)
-            return self._accept(path_kwargs)
+            accepted = accept_stream(self.request, path_kwargs, self.handler)
+            if accepted is None or isinstance(accepted, Answer):
+                self._answer = accepted
+                return None
+            return self._accept_once_authorized(accepted)
         if method == "OPTIONS" and self.handler.cors.enabled:
-            self.answer = answer_preflight(self.request, self.handler)
+            self._answer = answer_preflight(self.request, self.handler)
         else:
             allowed = "GET, HEAD, OPTIONS" if self.handler.cors.enabled else "GET, HEAD"
-            self.answer = Answer(405, {"Allow": allowed})
+            self._answer = Answer(405, {"Allow": allowed})
         if declares_body(headers):
             self._answer_now_and_close()
         return None
 
-    async def _accept(self, path_kwargs: dict[str, str]) -> None:
-        self.answer = await accept_stream(self.request, path_kwargs, self.handler)
+    async def _accept_once_authorized(self, accepted: Awaitable[Answer | None]) -> None:
+        self._answer = await accepted
 
     async def _answer_head(self, path_kwargs: dict[str, str]) -> None:
-        self.answer = await answer_head(self.request, path_kwargs, self.handler)
+        self._answer = await answer_head(self.request, path_kwargs, self.handler)
 
     def _answer_now_and_close(self) -> None:
         """Answer without reading the body: take the connection from Tornado,
         write the answer with ``Connection: close``, close (no reset)."""
-        answer, self.answer = self.answer, None
+        answer, self._answer = self._answer, None
         assert answer is not None
         assert isinstance(self.request.connection, HTTP1Connection)
         stream = self.request.connection.detach()
@@ -120,8 +124,8 @@ class _Request(HTTPMessageDelegate):
         answer.log(self.request)
 
     def finish(self) -> None:
-        if self.answer is not None:
-            self.answer.write(self.request)
+        if self._answer is not None:
+            self._answer.write(self.request)
 
 
 def _decoded(path_kwargs: dict[str, bytes | None]) -> dict[str, str]:

@@ -7,6 +7,11 @@ for that long. :func:`make_server` bounds both, and answers a client it turns
 away (431 for a head too large, 408 for a body too slow) instead of only
 closing its connection.
 
+Stream requests do not go through Tornado's HTTP/1 connection at all: the
+first request of each new plain connection is peeked at, and a ``GET`` to a
+stream endpoint is taken directly (:mod:`sse_handler.accept`, about half the
+CPU of an accept); anything else is Tornado's, untouched.
+
 Why the streams themselves are touched: Tornado enforces ``max_header_size``
 inside its ``IOStream``, which closes the socket as soon as the bound is
 passed; no request (or delegate) exists yet to answer. The server's streams
@@ -23,22 +28,16 @@ from typing import Any
 
 from tornado import httputil
 from tornado.httpserver import HTTPServer
-from tornado.iostream import IOStream, SSLIOStream, StreamClosedError, UnsatisfiableReadError
+from tornado.iostream import IOStream, SSLIOStream, UnsatisfiableReadError
 from tornado.log import access_log
 from tornado.web import Application
 
+from .accept import DirectAccept
+from .closing import LINGER_SECONDS, answer_and_close, declares_body, shut_write
 from .response import Answer
-from .tasks import log, spawn
+from .tasks import log
 
 __all__ = ["BoundedHTTPServer", "answer_and_close", "make_server"]
-
-
-#: After a final answer, what the client still sends is read and dropped for
-#: up to this long (and this much) before the socket closes: closing with
-#: unread input makes the kernel send a reset, which can destroy the answer
-#: before the client has read it.
-LINGER_SECONDS = 2.0
-LINGER_BYTES = 1 << 20
 
 
 def make_server(
@@ -47,6 +46,7 @@ def make_server(
     header_timeout: float = 10.0,
     max_header_size: int = 16 * 1024,
     body_timeout: float | None = 10.0,
+    direct_accept: bool = True,
     **kwargs: Any,
 ) -> BoundedHTTPServer:
     """``HTTPServer(app)`` that bounds the request phase of every connection.
@@ -60,6 +60,12 @@ def make_server(
       It bounds every route of ``app``: serve large, slow uploads from a
       server of their own, or raise it.
 
+    With ``direct_accept`` (the default), a ``GET`` that opens a stream is
+    read off a new connection by :mod:`sse_handler.accept`, not by Tornado's
+    HTTP/1 connection (same routing, hooks and answers; a refusal ends with
+    ``Connection: close``). Plain TCP and Unix sockets only: over TLS every
+    request is Tornado's.
+
     Other keywords go to ``HTTPServer``. Once a stream is accepted the
     connection leaves Tornado, so these bounds apply to the request phase only.
     """
@@ -68,6 +74,7 @@ def make_server(
         idle_connection_timeout=header_timeout,
         max_header_size=max_header_size,
         body_timeout=body_timeout,
+        direct_accept=direct_accept,
         **kwargs,
     )
 
@@ -81,12 +88,36 @@ class BoundedHTTPServer(HTTPServer):
     """
 
     body_timeout: float | None
+    direct: DirectAccept | None
 
-    def initialize(self, *args: Any, body_timeout: float | None = None, **kwargs: Any) -> None:
+    def initialize(
+        self,
+        *args: Any,
+        body_timeout: float | None = None,
+        direct_accept: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().initialize(*args, **kwargs)
         self.body_timeout = body_timeout or None
+        self.direct = None
+        app = self.request_callback
+        if direct_accept and isinstance(app, Application) and self.ssl_options is None:
+            self.direct = DirectAccept(
+                app,
+                self._serve_with_tornado,
+                max_header_size=self.conn_params.max_header_size or 65536,
+                xheaders=self.xheaders,
+                protocol=self.protocol,
+                trusted_downstream=self.trusted_downstream,
+            )
 
     def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
+        if self.direct is not None and type(stream) is IOStream:
+            self.direct.take(stream, address)
+            return
+        self._serve_with_tornado(stream, address)
+
+    def _serve_with_tornado(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         # TCPServer builds the IOStream; a subclass of the same layout that
         # adds only close_fd takes its place before the first read.
         guarded = _GUARDED.get(type(stream))
@@ -209,7 +240,7 @@ class _RequestGuard(httputil.HTTPMessageDelegate):
         # drops it: the lingering read; then the close.
         written = stream.write(Answer(408).encode(self.method))
         loop = asyncio.get_running_loop()
-        written.add_done_callback(lambda _: _shut_write(stream))
+        written.add_done_callback(lambda _: shut_write(stream))
         loop.call_later(LINGER_SECONDS, stream.close)
 
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:
@@ -231,48 +262,6 @@ class _RequestGuard(httputil.HTTPMessageDelegate):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-
-
-def declares_body(headers: httputil.HTTPHeaders) -> bool:
-    """Does a request with these headers carry a body (RFC 9112 section 6.3)?"""
-    if "Transfer-Encoding" in headers:
-        return True
-    return headers.get("Content-Length", "0").strip() not in ("", "0")
-
-
-def answer_and_close(stream: IOStream, answer: bytes) -> None:
-    """Write a final answer on a stream Tornado no longer reads, then close it.
-
-    The write side is shut at once (the client sees the end of the answer);
-    what the client still sends is read and dropped for up to
-    ``LINGER_SECONDS`` so that the close is not a reset.
-    """
-    spawn(_linger(stream, answer), "an answer before a close")
-
-
-async def _linger(stream: IOStream, answer: bytes) -> None:
-    try:
-        async with asyncio.timeout(LINGER_SECONDS):
-            await stream.write(answer)
-            _shut_write(stream)
-            dropped = 0
-            while dropped < LINGER_BYTES:
-                dropped += len(await stream.read_bytes(65536, partial=True))
-    except (StreamClosedError, TimeoutError, OSError):
-        pass
-    finally:
-        stream.close()
-
-
-def _shut_write(stream: IOStream) -> None:
-    """Send FIN after the answer; reading goes on. The plain socket's method,
-    also on a TLS socket, whose own ``shutdown`` would end TLS reads too."""
-    if stream.closed():
-        return
-    try:
-        socket.socket.shutdown(stream.socket, socket.SHUT_WR)
-    except OSError:
-        pass
 
 
 def _peer(sock: socket.socket) -> str:

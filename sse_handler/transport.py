@@ -22,15 +22,17 @@ import errno
 import socket
 import ssl
 from collections.abc import Callable
+from typing import Protocol, cast
 
-from tornado.http1connection import HTTP1Connection
 from tornado.httputil import HTTPServerRequest
 from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream
 
 from .lifecycle import CloseReason
 
 __all__ = [
     "ClosedTransport",
+    "Detachable",
     "SocketTransport",
     "TLSTransport",
     "take_transport",
@@ -41,6 +43,13 @@ _READ = IOLoop.READ
 _WRITE = IOLoop.WRITE
 # Linux's value where the socket module lacks the name (Python < 3.12 on some builds).
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+
+
+class Detachable(Protocol):
+    """A request's connection that can hand its socket over: Tornado's
+    ``HTTP1Connection``, or :class:`sse_handler.accept.DirectConnection`."""
+
+    def detach(self) -> IOStream: ...
 
 
 class SocketTransport:
@@ -214,8 +223,8 @@ def take_transport(
     connection has forgotten it, so nothing Tornado does later (closing its
     remaining connections) reaches this socket.
     """
-    assert isinstance(request.connection, HTTP1Connection)
-    stream = request.connection.detach()
+    # Tornado's HTTP1Connection, or accept.DirectConnection: both hand over their IOStream.
+    stream = cast(Detachable, request.connection).detach()
     if stream.closed():
         return ClosedTransport()
     sock = stream.socket

@@ -22,6 +22,7 @@ from tornado.testing import bind_unused_port
 from tornado.web import Application
 
 from sse_handler import ServerSentEventHandler
+from sse_handler.server import make_server
 from sse_handler.testing import EventStreamClient
 
 
@@ -131,18 +132,26 @@ def _request(path: str, headers: dict[str, str] | None = None) -> bytes:
 
 @asynccontextmanager
 async def serve(
-    routes: list[object] | Application, *handlers: ServerSentEventHandler, tls: bool = False
+    routes: list[object] | Application,
+    *handlers: ServerSentEventHandler,
+    tls: bool = False,
+    direct: bool = False,
 ) -> AsyncIterator[Server]:
     """Serve ``routes`` (or an app) on 127.0.0.1 and a free port; shut down after.
 
     With ``tls`` the server speaks HTTPS only (``HTTPServer(app, ssl_options=...)``)
     with :func:`tls_certificate`, and the :class:`Server`'s clients trust it.
+    With ``direct`` it is ``make_server(app)``, whose stream requests are read
+    off the socket by :mod:`sse_handler.accept`; else Tornado's ``HTTPServer``.
     """
     sock, port = bind_unused_port()
     app = routes if isinstance(routes, Application) else Application(routes)  # type: ignore[arg-type]
     certificate = tls_certificate() if tls else None
-    server = HTTPServer(
-        app, ssl_options=None if certificate is None else certificate.server_context()
+    ssl_options = None if certificate is None else certificate.server_context()
+    server = (
+        make_server(app, ssl_options=ssl_options)
+        if direct
+        else HTTPServer(app, ssl_options=ssl_options)
     )
     server.add_sockets([sock])
     try:

@@ -1,11 +1,13 @@
 """The write path of one connection: fast path, queue, bounds, deadline, sources.
 
-Every test runs twice, as Tornado's ``TestIOStream`` / ``TestIOStreamSSL`` do:
-over plain TCP (id ``plain``) and over TLS (id ``tls``: ``HTTPServer(app,
-ssl_options=...)``, so the stream's transport is a ``TLSTransport`` over the
-``ssl.SSLSocket`` Tornado's handshake left). Raw clients are plain sockets or
-``ssl.SSLSocket`` objects that did the handshake; both are read by
-:func:`read_all`.
+Every test runs three ways, as Tornado's ``TestIOStream`` / ``TestIOStreamSSL``
+do: over plain TCP with the request read by Tornado (id ``plain``:
+``HTTPServer(app)``), over plain TCP with the request taken off the socket
+by :mod:`sse_handler.accept` (id ``direct``: ``make_server(app)``), and over TLS
+(id ``tls``: ``HTTPServer(app, ssl_options=...)``, so the stream's transport
+is a ``TLSTransport`` over the ``ssl.SSLSocket`` Tornado's handshake left).
+Raw clients are plain sockets or ``ssl.SSLSocket`` objects that did the
+handshake; both are read by :func:`read_all`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import asyncio
 import socket
 import ssl
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import pytest
 from support import Server, serve, wait_until
@@ -47,11 +49,26 @@ def _reset() -> None:
     Closing.reasons = []
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["plain", "tls"])
-def tls(request: pytest.FixtureRequest) -> bool:
-    """Whether this module's servers speak TLS: every test runs both ways."""
-    tls: bool = request.param
-    return tls
+class Way(NamedTuple):
+    """How this module's servers take a stream: over TLS, or read directly."""
+
+    tls: bool
+    direct: bool
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        Way(tls=False, direct=False),
+        Way(tls=False, direct=True),
+        Way(tls=True, direct=False),
+    ],
+    ids=["plain", "direct", "tls"],
+)
+def way(request: pytest.FixtureRequest) -> Way:
+    """Every test runs each way (the module docstring)."""
+    chosen: Way = request.param
+    return chosen
 
 
 def transport_of(conn: ServerSentEventConnection) -> type[SocketTransport]:
@@ -110,11 +127,13 @@ async def read_all_async(sock: socket.socket) -> list[Any]:
     return await loop.run_in_executor(None, read_all, sock, EventStreamParser())
 
 
-async def test_order_is_kept_across_fast_and_slow_paths(tls: bool) -> None:
+async def test_order_is_kept_across_fast_and_slow_paths(way: Way) -> None:
     handler = ServerSentEventHandler(
         kernel_buffer=4096, max_queue_messages=100_000, max_queue_bytes=1 << 30
     )
-    async with serve([handler.route("/events")], handler, tls=tls) as server:
+    async with serve(
+        [handler.route("/events")], handler, tls=way.tls, direct=way.direct
+    ) as server:
         client = await server.stream()
         await wait_until(lambda: len(handler) == 1)
         conn = handler.connections()[0]
@@ -132,9 +151,11 @@ async def test_order_is_kept_across_fast_and_slow_paths(tls: bool) -> None:
         client.close()
 
 
-async def test_flush_waits_until_the_socket_took_everything(tls: bool) -> None:
+async def test_flush_waits_until_the_socket_took_everything(way: Way) -> None:
     handler = ServerSentEventHandler(kernel_buffer=4096)
-    async with serve([handler.route("/events")], handler, tls=tls) as server:
+    async with serve(
+        [handler.route("/events")], handler, tls=way.tls, direct=way.direct
+    ) as server:
         sock, conn = await stalled(server, handler)
         fill_kernel_buffers(conn)
         flushing = asyncio.ensure_future(conn.flush())
@@ -151,11 +172,13 @@ async def test_flush_waits_until_the_socket_took_everything(tls: bool) -> None:
         sock.close()
 
 
-async def test_overflow_disconnect_closes_with_reason_overflow(tls: bool) -> None:
+async def test_overflow_disconnect_closes_with_reason_overflow(way: Way) -> None:
     handler = ServerSentEventHandler(
         kernel_buffer=4096, connection_class=Closing, max_queue_messages=5
     )
-    async with serve([handler.route("/events")], handler, tls=tls) as server:
+    async with serve(
+        [handler.route("/events")], handler, tls=way.tls, direct=way.direct
+    ) as server:
         sock, conn = await stalled(server, handler)
         sent = fill_kernel_buffers(conn)
         while conn.queue_depth < 5:
@@ -173,16 +196,18 @@ async def test_overflow_disconnect_closes_with_reason_overflow(tls: bool) -> Non
         sock.close()
 
 
-async def test_overflow_drop_oldest_keeps_the_newest(tls: bool) -> None:
+async def test_overflow_drop_oldest_keeps_the_newest(way: Way) -> None:
     handler = ServerSentEventHandler(
         kernel_buffer=4096, max_queue_messages=3, overflow_policy=OverflowPolicy.DROP_OLDEST
     )
-    async with serve([handler.route("/events")], handler, tls=tls) as server:
+    async with serve(
+        [handler.route("/events")], handler, tls=way.tls, direct=way.direct
+    ) as server:
         sock, conn = await stalled(server, handler)
         fill_kernel_buffers(conn)
         # A frame the socket took part of must still go out whole; over TLS a
         # refused write too (OpenSSL must be called again with the same bytes).
-        assert conn.writer.pinned or not tls
+        assert conn.writer.pinned or not way.tls
         protected = 1 if conn.writer.pinned else 0
         for i in range(10):
             conn.send(data=f"q{i}", id=f"q{i}")
@@ -200,11 +225,13 @@ async def test_overflow_drop_oldest_keeps_the_newest(tls: bool) -> None:
         sock.close()
 
 
-async def test_overflow_drop_newest_keeps_the_oldest(tls: bool) -> None:
+async def test_overflow_drop_newest_keeps_the_oldest(way: Way) -> None:
     handler = ServerSentEventHandler(
         kernel_buffer=4096, max_queue_messages=3, overflow_policy=OverflowPolicy.DROP_NEWEST
     )
-    async with serve([handler.route("/events")], handler, tls=tls) as server:
+    async with serve(
+        [handler.route("/events")], handler, tls=way.tls, direct=way.direct
+    ) as server:
         sock, conn = await stalled(server, handler)
         fill_kernel_buffers(conn)
         queued_before = conn.queue_depth
@@ -224,11 +251,13 @@ async def test_overflow_drop_newest_keeps_the_oldest(tls: bool) -> None:
         sock.close()
 
 
-async def test_queue_byte_bound(tls: bool) -> None:
+async def test_queue_byte_bound(way: Way) -> None:
     handler = ServerSentEventHandler(
         kernel_buffer=4096, connection_class=Closing, max_queue_bytes=200_000
     )
-    async with serve([handler.route("/events")], handler, tls=tls) as server:
+    async with serve(
+        [handler.route("/events")], handler, tls=way.tls, direct=way.direct
+    ) as server:
         sock, conn = await stalled(server, handler)
         fill_kernel_buffers(conn)
         conn.send(data=BIG)
@@ -240,11 +269,13 @@ async def test_queue_byte_bound(tls: bool) -> None:
         sock.close()
 
 
-async def test_write_deadline_evicts_a_frozen_reader(tls: bool) -> None:
+async def test_write_deadline_evicts_a_frozen_reader(way: Way) -> None:
     handler = ServerSentEventHandler(
         kernel_buffer=4096, connection_class=Closing, write_timeout=0.2
     )
-    async with serve([handler.route("/events")], handler, tls=tls) as server:
+    async with serve(
+        [handler.route("/events")], handler, tls=way.tls, direct=way.direct
+    ) as server:
         sock, conn = await stalled(server, handler)
         fill_kernel_buffers(conn)
         loop = asyncio.get_running_loop()
@@ -256,9 +287,11 @@ async def test_write_deadline_evicts_a_frozen_reader(tls: bool) -> None:
         sock.close()
 
 
-async def test_a_reader_that_keeps_up_is_not_evicted(tls: bool) -> None:
+async def test_a_reader_that_keeps_up_is_not_evicted(way: Way) -> None:
     handler = ServerSentEventHandler(connection_class=Closing, write_timeout=0.2)
-    async with serve([handler.route("/events")], handler, tls=tls) as server:
+    async with serve(
+        [handler.route("/events")], handler, tls=way.tls, direct=way.direct
+    ) as server:
         client = await server.stream()
         await wait_until(lambda: len(handler) == 1)
         conn = handler.connections()[0]
@@ -272,9 +305,11 @@ async def test_a_reader_that_keeps_up_is_not_evicted(tls: bool) -> None:
         client.close()
 
 
-async def test_write_error_closes_once(tls: bool) -> None:
+async def test_write_error_closes_once(way: Way) -> None:
     handler = ServerSentEventHandler(kernel_buffer=4096, connection_class=Closing)
-    async with serve([handler.route("/events")], handler, tls=tls) as server:
+    async with serve(
+        [handler.route("/events")], handler, tls=way.tls, direct=way.direct
+    ) as server:
         sock, conn = await stalled(server, handler)
         # The kernel keeps the read side open until we read; shut the
         # connection down hard so the next write fails with EPIPE/ECONNRESET.
@@ -286,11 +321,13 @@ async def test_write_error_closes_once(tls: bool) -> None:
 
 
 @pytest.mark.parametrize("leave", ["close", "abort", "raw-close"])
-async def test_a_client_that_leaves_is_seen_as_client_closed(tls: bool, leave: str) -> None:
+async def test_a_client_that_leaves_is_seen_as_client_closed(way: Way, leave: str) -> None:
     # close: a FIN (over TLS after a close_notify); abort: a RST; raw-close: a
     # raw client closing its socket, a FIN without close_notify over TLS.
     handler = ServerSentEventHandler(connection_class=Closing)
-    async with serve([handler.route("/events")], handler, tls=tls) as server:
+    async with serve(
+        [handler.route("/events")], handler, tls=way.tls, direct=way.direct
+    ) as server:
         if leave == "raw-close":
             sock, conn = await stalled(server, handler)
             sock.close()
@@ -298,16 +335,18 @@ async def test_a_client_that_leaves_is_seen_as_client_closed(tls: bool, leave: s
             client = await server.stream()
             await wait_until(lambda: len(handler) == 1)
             conn = handler.connections()[0]
-            assert transport_of(conn) is (TLSTransport if tls else SocketTransport)
+            assert transport_of(conn) is (TLSTransport if way.tls else SocketTransport)
             client.close() if leave == "close" else client.abort()
         assert await asyncio.wait_for(conn.wait_closed(), 2) == CloseReason.CLIENT_CLOSED
         assert Closing.reasons == [CloseReason.CLIENT_CLOSED]
         assert len(handler) == 0
 
 
-async def test_stop_while_queue_is_full_delivers_queue_then_farewell(tls: bool) -> None:
+async def test_stop_while_queue_is_full_delivers_queue_then_farewell(way: Way) -> None:
     handler = ServerSentEventHandler(kernel_buffer=4096, connection_class=Closing)
-    async with serve([handler.route("/events")], handler, tls=tls) as server:
+    async with serve(
+        [handler.route("/events")], handler, tls=way.tls, direct=way.direct
+    ) as server:
         sock, conn = await stalled(server, handler)
         sent = fill_kernel_buffers(conn)
         conn.stop(ServerSentEvent(event="close", data="bye"))
@@ -349,9 +388,11 @@ class Ticker(ServerSentEventConnection):
         return ready
 
 
-async def test_poll_data_override_feeds_the_stream(tls: bool) -> None:
+async def test_poll_data_override_feeds_the_stream(way: Way) -> None:
     handler = ServerSentEventHandler(kernel_buffer=4096, connection_class=Ticker)
-    async with serve([handler.route("/events")], handler, tls=tls) as server:
+    async with serve(
+        [handler.route("/events")], handler, tls=way.tls, direct=way.direct
+    ) as server:
         client = await server.stream()
         welcome = await client.next_event()
         assert welcome.event == "welcome"
@@ -364,7 +405,7 @@ async def test_poll_data_override_feeds_the_stream(tls: bool) -> None:
         await wait_until(lambda: len(handler) == 0)
 
 
-async def test_poll_data_immediate_alone_joins_each_batch_of_the_io_task(tls: bool) -> None:
+async def test_poll_data_immediate_alone_joins_each_batch_of_the_io_task(way: Way) -> None:
     # Not called for a frame the socket takes at once; called by the I/O task
     # once for each batch it writes, its items after the batch's frames.
     class Extra(ServerSentEventConnection):
@@ -375,7 +416,9 @@ async def test_poll_data_immediate_alone_joins_each_batch_of_the_io_task(tls: bo
             return [ServerSentEvent(data=f"extra {self.calls}", event="extra")]
 
     handler = ServerSentEventHandler(kernel_buffer=4096, connection_class=Extra)
-    async with serve([handler.route("/events")], handler, tls=tls) as server:
+    async with serve(
+        [handler.route("/events")], handler, tls=way.tls, direct=way.direct
+    ) as server:
         sock, conn = await stalled(server, handler)
         conn.send(data="fast")
         assert conn.calls == 0
@@ -391,7 +434,7 @@ async def test_poll_data_immediate_alone_joins_each_batch_of_the_io_task(tls: bo
     assert conn.events_sent == len(events)
 
 
-async def test_poll_data_override_still_takes_send(tls: bool) -> None:
+async def test_poll_data_override_still_takes_send(way: Way) -> None:
     gate: asyncio.Queue[str] = asyncio.Queue()
 
     class Gated(ServerSentEventConnection):
@@ -399,7 +442,9 @@ async def test_poll_data_override_still_takes_send(tls: bool) -> None:
             return ServerSentEvent(data=await gate.get(), event="source")
 
     handler = ServerSentEventHandler(kernel_buffer=4096, connection_class=Gated)
-    async with serve([handler.route("/events")], handler, tls=tls) as server:
+    async with serve(
+        [handler.route("/events")], handler, tls=way.tls, direct=way.direct
+    ) as server:
         client = await server.stream()
         await wait_until(lambda: len(handler) == 1)
         handler.send_all(data="pushed")
@@ -410,21 +455,25 @@ async def test_poll_data_override_still_takes_send(tls: bool) -> None:
         client.close()
 
 
-async def test_poll_data_that_raises_closes_with_hook_error(tls: bool) -> None:
+async def test_poll_data_that_raises_closes_with_hook_error(way: Way) -> None:
     class Broken(Closing):
         async def poll_data(self) -> Sendable | None:
             raise RuntimeError("source broke")
 
     handler = ServerSentEventHandler(kernel_buffer=4096, connection_class=Broken)
-    async with serve([handler.route("/events")], handler, tls=tls) as server:
+    async with serve(
+        [handler.route("/events")], handler, tls=way.tls, direct=way.direct
+    ) as server:
         client = await server.stream()
         await client.wait_closed()
         await wait_until(lambda: Closing.reasons == [CloseReason.HOOK_ERROR])
 
 
-async def test_send_encoded_goes_out_verbatim(tls: bool) -> None:
+async def test_send_encoded_goes_out_verbatim(way: Way) -> None:
     handler = ServerSentEventHandler(kernel_buffer=4096)
-    async with serve([handler.route("/events")], handler, tls=tls) as server:
+    async with serve(
+        [handler.route("/events")], handler, tls=way.tls, direct=way.direct
+    ) as server:
         client = await server.stream()
         await wait_until(lambda: len(handler) == 1)
         frame = ServerSentEvent(data="pre", event="enc").encode()
@@ -434,9 +483,11 @@ async def test_send_encoded_goes_out_verbatim(tls: bool) -> None:
         client.close()
 
 
-async def test_stats_count_events_and_bytes(tls: bool) -> None:
+async def test_stats_count_events_and_bytes(way: Way) -> None:
     handler = ServerSentEventHandler(kernel_buffer=4096)
-    async with serve([handler.route("/events")], handler, tls=tls) as server:
+    async with serve(
+        [handler.route("/events")], handler, tls=way.tls, direct=way.direct
+    ) as server:
         client = await server.stream()
         await wait_until(lambda: len(handler) == 1)
         conn = handler.connections()[0]

@@ -45,6 +45,7 @@ from sse_handler import (
     ServerSentEventHandler,
 )
 from sse_handler.connection import Sendable
+from sse_handler.server import make_server
 from sse_handler.testing import EventStreamClient, StreamEnded
 
 BIG = "x" * 65536
@@ -257,10 +258,12 @@ async def test_send_all_does_not_count_a_connection_that_dropped_the_frame() -> 
 
 
 @asynccontextmanager
-async def wide_server(handler: ServerSentEventHandler) -> AsyncIterator[int]:
-    """A server whose listen backlog holds a crowd (no SYN retransmits)."""
+async def wide_server(handler: ServerSentEventHandler, direct: bool = False) -> AsyncIterator[int]:
+    """A server whose listen backlog holds a crowd (no SYN retransmits); with
+    ``direct``, make_server's (stream requests read by sse_handler.accept)."""
     sockets = bind_sockets(0, "127.0.0.1", backlog=2048)
-    server = HTTPServer(Application([handler.route("/events")]))
+    app = Application([handler.route("/events")])
+    server = make_server(app) if direct else HTTPServer(app)
     server.add_sockets(sockets)
     try:
         yield sockets[0].getsockname()[1]
@@ -294,11 +297,12 @@ async def crowd(port: int, n: int) -> list[EventStreamClient]:
     [({"max_connections_per_ip": 10}, 300), ({"max_connections": 10}, 1000)],
     ids=["per_ip", "total"],
 )
+@pytest.mark.parametrize("direct", [False, True], ids=["tornado", "direct"])
 async def test_caps_hold_under_simultaneous_requests_with_an_async_authorize(
-    settings: dict[str, int], n: int
+    settings: dict[str, int], n: int, direct: bool
 ) -> None:
     handler = SlowAuth(**settings)  # type: ignore[arg-type]
-    async with wide_server(handler) as port:
+    async with wide_server(handler, direct) as port:
         clients = await crowd(port, n)
         # Every request is answered: 10 streams stay open, the rest are told
         # to come back later (200, a retry hint, the end of the stream).

@@ -1,0 +1,226 @@
+"""Taking a stream request straight off a new connection.
+
+Why: a stream request leaves Tornado as soon as it is accepted, yet
+Tornado's HTTP/1 server connection was the larger part of the CPU of an
+accept (a task, an ``HTTP1Connection`` and its futures, a read through the
+``IOStream``'s buffer under a timer; docs/benchmarks.md). So the server of
+:func:`~sse_handler.server.make_server` looks at the first request of each
+new plain TCP or Unix connection itself. It *peeks* at the socket
+(``MSG_PEEK``: nothing is consumed). When the bytes there are a whole ``GET``
+head without a body that the application routes to a stream endpoint, the
+request is taken here and given to that endpoint as Tornado would give it.
+In every other case (another route or method, a head not complete yet, input
+Tornado would refuse) the connection goes to Tornado untouched, exactly as
+without this path, and Tornado answers it.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from tornado import httputil
+from tornado.concurrent import Future
+from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
+from tornado.iostream import IOStream
+from tornado.netutil import is_valid_ip
+from tornado.web import Application
+
+from .closing import answer_and_close, declares_body
+from .routing import StreamRequest
+from .tasks import log, spawn
+
+__all__ = ["DirectAccept", "DirectConnection", "RequestContext"]
+
+# Tornado's own end of a request head (bare LF allowed, RFC 9112 section 2.2).
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+# Most heads fit; a longer one is peeked again up to max_header_size.
+_FIRST_PEEK = 4096
+_STREAM_VERSIONS = ("HTTP/1.1", "HTTP/1.0")
+
+Fallback = Callable[[IOStream, Any], None]
+
+
+class RequestContext:
+    """What ``HTTPServerRequest`` and the access log read off a connection:
+    the client's address (after ``xheaders``) and the scheme."""
+
+    __slots__ = ("address", "protocol", "remote_ip")
+
+    def __init__(self, address: Any, remote_ip: str, protocol: str) -> None:
+        self.address = address
+        self.remote_ip = remote_ip
+        self.protocol = protocol
+
+    def __str__(self) -> str:
+        return self.remote_ip
+
+
+class DirectConnection(httputil.HTTPConnection):
+    """The connection of a request taken off the socket here: detached into a
+    stream, or answered once with ``Connection: close`` (the request was read
+    by this path, not by Tornado, so nothing would read the next one)."""
+
+    def __init__(self, stream: IOStream, context: RequestContext) -> None:
+        self.stream = stream
+        self.context = context
+        self._out: list[bytes] = []
+
+    def detach(self) -> IOStream:
+        return self.stream
+
+    def write_headers(
+        self,
+        start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
+        headers: HTTPHeaders,
+        chunk: bytes | None = None,
+    ) -> Future[None]:
+        assert isinstance(start_line, httputil.ResponseStartLine)
+        headers["Connection"] = "close"
+        lines = [f"HTTP/1.1 {start_line.code} {start_line.reason}"]
+        lines += [f"{name}: {value}" for name, value in headers.get_all()]
+        self._out.append(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        return self.write(chunk or b"")
+
+    def write(self, chunk: bytes) -> Future[None]:
+        self._out.append(chunk)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    def finish(self) -> None:
+        answer_and_close(self.stream, b"".join(self._out))
+
+
+class DirectAccept:
+    """The first request of new connections, for one server (module docstring).
+
+    ``fallback(stream, address)`` serves a connection through Tornado.
+    ``xheaders``, ``protocol`` and ``trusted_downstream`` are the
+    ``HTTPServer``'s, applied as Tornado applies them.
+    """
+
+    def __init__(
+        self,
+        app: Application,
+        fallback: Fallback,
+        *,
+        max_header_size: int,
+        xheaders: bool = False,
+        protocol: str | None = None,
+        trusted_downstream: Iterable[str] | None = None,
+    ) -> None:
+        self.app = app
+        self.fallback = fallback
+        self.max_header_size = max_header_size
+        self.xheaders = xheaders
+        self.protocol = protocol or "http"
+        self.trusted_downstream = frozenset(trusted_downstream or ())
+
+    def take(self, stream: IOStream, address: Any) -> None:
+        """Serve a new connection: its stream request here, anything else by Tornado."""
+        sock = stream.socket
+        try:
+            head = self._peek_head(sock)
+            taken = None if head is None else self._stream_request(stream, address, head)
+        except OSError:
+            head = taken = None  # not readable yet, or gone: Tornado reads (and sees) it
+        if head is None or taken is None:
+            self.fallback(stream, address)
+            return
+        request, delegate, start_line = taken
+        try:
+            sock.recv(len(head))  # the head was only peeked: consume it
+        except OSError:
+            pass  # the client is gone; the stream sees it on its first write
+        _serve(request, delegate, start_line, stream)
+
+    def _peek_head(self, sock: socket.socket) -> bytes | None:
+        data = sock.recv(_FIRST_PEEK, socket.MSG_PEEK)
+        end = _HEAD_END.search(data)
+        if end is None and len(data) == _FIRST_PEEK and self.max_header_size > _FIRST_PEEK:
+            data = sock.recv(self.max_header_size, socket.MSG_PEEK)
+            end = _HEAD_END.search(data)
+        if end is None or end.end() > self.max_header_size:
+            return None
+        return data[: end.end()]
+
+    def _stream_request(
+        self, stream: IOStream, address: Any, head: bytes
+    ) -> tuple[HTTPServerRequest, StreamRequest, RequestStartLine] | None:
+        """The request and its endpoint's delegate, if the head is a GET that
+        Tornado would accept and route to a stream endpoint."""
+        # As Tornado parses a head (HTTP1Connection._parse_headers).
+        text = head.decode("latin-1").lstrip("\r\n")
+        eol = text.find("\n")
+        if eol < 0:
+            return None
+        try:
+            start_line = httputil.parse_request_start_line(text[:eol].rstrip("\r"))
+            if start_line.method != "GET" or start_line.version not in _STREAM_VERSIONS:
+                return None
+            headers = HTTPHeaders.parse(text[eol:])
+            if declares_body(headers):
+                return None
+            conn = DirectConnection(stream, self._context(stream, address, headers))
+            request = HTTPServerRequest(start_line=start_line, headers=headers, connection=conn)
+        except httputil.HTTPInputError:
+            return None
+        delegate = self.app.find_handler(request)
+        if not isinstance(delegate, StreamRequest):
+            return None
+        return request, delegate, start_line
+
+    def _context(self, stream: IOStream, address: Any, headers: HTTPHeaders) -> RequestContext:
+        """The client's address and scheme, as Tornado's ``HTTPServer`` sets them."""
+        family = stream.socket.family
+        inet = family in (socket.AF_INET, socket.AF_INET6) and address
+        remote_ip = address[0] if inet else "0.0.0.0"
+        protocol = self.protocol
+        if self.xheaders:
+            # Squid uses X-Forwarded-For, others X-Real-Ip; the last hop not trusted.
+            hops = headers.get("X-Forwarded-For", remote_ip).split(",")
+            for ip in (hop.strip() for hop in reversed(hops)):
+                if ip not in self.trusted_downstream:
+                    break
+            ip = headers.get("X-Real-Ip", ip)
+            if is_valid_ip(ip):
+                remote_ip = ip
+            scheme = headers.get("X-Scheme", headers.get("X-Forwarded-Proto", protocol))
+            scheme = scheme.split(",")[-1].strip() if scheme else scheme
+            if scheme in ("http", "https"):
+                protocol = scheme
+        return RequestContext(address, remote_ip, protocol)
+
+
+def _serve(
+    request: HTTPServerRequest,
+    delegate: StreamRequest,
+    start_line: RequestStartLine,
+    stream: IOStream,
+) -> None:
+    """Give the request to its endpoint as Tornado's HTTP1Connection would."""
+    try:
+        pending = delegate.headers_received(start_line, request.headers)
+    except Exception:
+        log.exception("Uncaught exception while accepting %s", request.uri)
+        stream.close()
+        return
+    if pending is None:
+        delegate.finish()  # writes the answer, if the request got one
+        return
+    # authorize() is async: watch for the client leaving meanwhile (the
+    # stream is then closed when the endpoint takes it).
+    stream.set_close_callback(_nothing)
+    spawn(_finish_later(delegate, pending), f"accepting {request.uri}")
+
+
+async def _finish_later(delegate: StreamRequest, pending: Awaitable[None]) -> None:
+    await pending
+    delegate.finish()
+
+
+def _nothing() -> None:
+    pass

@@ -1,0 +1,352 @@
+"""make_server takes a stream request off the socket itself (sse_handler.accept).
+
+A GET that the application routes to a stream endpoint, whose whole head is
+on the socket when the connection is accepted, never reaches Tornado's
+HTTP/1 connection; anything else goes to Tornado untouched. These tests pin
+both halves: that the direct path is taken when it should be (the request's
+connection is a ``DirectConnection``), that it answers as Tornado's path
+does, and that every other request still gets Tornado's own answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from support import parse_head, read_to_eof, wait_until
+from tornado.httputil import HTTPServerRequest
+from tornado.netutil import bind_unix_socket
+from tornado.testing import bind_unused_port
+from tornado.web import Application, HTTPError, RequestHandler
+
+from sse_handler import ServerSentEventConnection, ServerSentEventHandler
+from sse_handler.accept import DirectConnection
+from sse_handler.server import BoundedHTTPServer, make_server
+from sse_handler.writer import Transport
+
+
+class Spy(ServerSentEventHandler):
+    """Remembers the kind of connection each stream request came on, and its address."""
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.came_on: list[type] = []
+        self.remote_ips: list[str | None] = []
+
+    def get_connection_impl(
+        self,
+        request: HTTPServerRequest,
+        cid: str,
+        transport: Transport,
+        last_event_id: str | None,
+    ) -> ServerSentEventConnection:
+        self.came_on.append(type(request.connection))
+        self.remote_ips.append(request.remote_ip)
+        return super().get_connection_impl(request, cid, transport, last_event_id)
+
+
+class Hello(RequestHandler):
+    def get(self) -> None:
+        self.write("hello")
+
+
+@asynccontextmanager
+async def server_for(handler: ServerSentEventHandler, **kwargs: Any) -> AsyncIterator[int]:
+    sock, port = bind_unused_port()
+    app = Application([handler.route("/events"), (r"/hello", Hello)])
+    server = make_server(app, **kwargs)
+    server.add_sockets([sock])
+    try:
+        yield port
+    finally:
+        server.stop()
+        await handler.shutdown(grace=0.2)
+        await server.close_all_connections()
+
+
+async def sent(port: int, request: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client whose ``request`` is on the socket before the server can
+    accept it: the connect and the send are done before this loop (the
+    server's) runs again."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(request)
+    return await asyncio.open_connection(sock=sock)
+
+
+async def exchange(port: int, request: bytes, until: bytes = b"\r\n\r\n") -> bytes:
+    """Send ``request`` (there at the accept) and read until ``until`` has arrived."""
+    reader, writer = await sent(port, request)
+    try:
+        async with asyncio.timeout(5):
+            return await reader.readuntil(until)
+    finally:
+        writer.close()
+
+
+async def test_a_stream_request_is_taken_off_the_socket() -> None:
+    handler = Spy()
+    async with server_for(handler) as port:
+        data = await exchange(port, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n", b": ok\n")
+        status, headers = parse_head(data.partition(b"\r\n\r\n")[0] + b"\r\n")
+        assert status == 200
+        assert headers["Content-Type"] == "text/event-stream; charset=utf-8"
+        assert headers["Transfer-Encoding"] == "chunked"
+        assert "Date" in headers
+        await wait_until(lambda: handler.counters.opened == 1)
+    assert handler.came_on == [DirectConnection]
+
+
+async def test_http_1_0_gets_a_close_delimited_stream() -> None:
+    handler = Spy()
+    async with server_for(handler) as port:
+        data = await exchange(port, b"GET /events HTTP/1.0\r\n\r\n", b": ok\n")
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert "Transfer-Encoding" not in parse_head(head + b"\r\n")[1]
+        assert body == b": ok\n"
+    assert handler.came_on == [DirectConnection]
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "direct"),
+    [
+        # a head that is not all there when the connection is accepted: Tornado's
+        pytest.param(None, False, id="head-in-two-pieces"),
+        # a body declared on a GET: Tornado reads it
+        pytest.param(
+            b"GET /events HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+            False,
+            id="get-with-body",
+        ),
+        # an empty line before the request is skipped, as Tornado does (RFC 9112 section 2.2)
+        pytest.param(b"\r\nGET /events HTTP/1.1\r\nHost: x\r\n\r\n", True, id="leading-crlf"),
+        # bare LF line ends, which Tornado accepts too
+        pytest.param(b"GET /events HTTP/1.1\nHost: x\n\n", True, id="bare-lf"),
+    ],
+)
+async def test_every_stream_request_opens_a_stream_on_one_path_or_the_other(
+    request_bytes: bytes | None, direct: bool
+) -> None:
+    handler = Spy()
+    async with server_for(handler) as port:
+        if request_bytes is None:
+            reader, writer = await sent(port, b"GET /events HTTP/1.1\r\nHo")
+            await asyncio.sleep(0.1)  # the server accepts and sees half a head
+            writer.write(b"st: x\r\n\r\n")
+        else:
+            reader, writer = await sent(port, request_bytes)
+        async with asyncio.timeout(5):
+            data = await reader.readuntil(b": ok\n")
+        writer.close()
+        assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+        await wait_until(lambda: handler.counters.opened == 1)
+    assert (handler.came_on[0] is DirectConnection) is direct
+
+
+async def test_a_request_sent_after_the_accept_is_served_by_tornado() -> None:
+    handler = Spy()
+    async with server_for(handler) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.sleep(0.1)  # accepted with nothing to read yet
+        writer.write(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            assert (await reader.readuntil(b": ok\n")).startswith(b"HTTP/1.1 200 OK")
+        writer.close()
+        await wait_until(lambda: handler.counters.opened == 1)
+    assert handler.came_on[0] is not DirectConnection
+
+
+async def test_other_routes_and_methods_keep_tornados_answers_and_keep_alive() -> None:
+    handler = Spy()
+    async with server_for(handler) as port:
+        # Two requests on one connection: the first is peeked and left to Tornado.
+        reader, writer = await sent(port, b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            assert (await reader.readuntil(b"hello")).startswith(b"HTTP/1.1 200 OK")
+            writer.write(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await reader.readuntil(b"hello")).startswith(b"HTTP/1.1 200 OK")
+        writer.close()
+        head = await exchange(port, b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 404 ")
+        head = await exchange(port, b"HEAD /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        assert b"text/event-stream" in head
+        head = await exchange(
+            port, b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        )
+        assert head.startswith(b"HTTP/1.1 405 ")
+    assert handler.came_on == []
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /events HTTP/1.1\r\n\r\n",  # no Host
+        b"GET /events HTTP/1.1\r\nHost: a,b\r\n\r\n",  # two hosts
+        b"GET /events HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n",
+        b"GET /events?x=%ZZ&&= HTTP/1.1\r\nHost: x\r\nX: \x01\r\n\r\n",
+    ],
+    ids=["no-host", "two-hosts", "bad-header-line", "control-character"],
+)
+async def test_a_malformed_head_gets_tornados_400_and_no_stream(request_bytes: bytes) -> None:
+    handler = Spy()
+    async with server_for(handler) as port:
+        reader, writer = await sent(port, request_bytes)
+        data = await read_to_eof(reader, timeout=5)
+        writer.close()
+        assert data.startswith(b"HTTP/1.1 400 ")
+    assert handler.came_on == []
+    assert handler.counters.opened == 0
+
+
+class Refusing(Spy):
+    def authorize(self, request: HTTPServerRequest) -> bool:
+        status = int(request.query_arguments["status"][0])
+        if status == 403:
+            return False
+        raise HTTPError(status)
+
+
+@pytest.mark.parametrize("status", [401, 403, 204])
+async def test_a_refusal_on_the_direct_path_is_answered_and_closed(status: int) -> None:
+    handler = Refusing()
+    async with server_for(handler) as port:
+        request = f"GET /events?status={status} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        reader, writer = await sent(port, request)
+        data = await read_to_eof(reader, timeout=5)  # closed after the answer, not reset
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    got, headers = parse_head(head + b"\r\n")
+    assert got == status
+    assert headers["Connection"] == "close"
+    assert "Date" in headers
+    assert int(headers.get("Content-Length", "0")) == len(body)
+    assert handler.came_on == []
+    assert handler.counters.opened == 0
+
+
+async def test_the_per_address_cap_sheds_on_the_direct_path() -> None:
+    handler = Spy(max_connections_per_ip=1)
+    async with server_for(handler) as port:
+        first = await exchange(port, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n", b": ok\n")
+        assert first.startswith(b"HTTP/1.1 200")
+        reader, writer = await sent(port, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = await read_to_eof(reader, timeout=5)
+        writer.close()
+        assert data.startswith(b"HTTP/1.1 200 OK")
+        assert b"retry: " in data
+        assert data.endswith(b"0\r\n\r\n")  # the chunked body's end: the stream is over
+
+
+@pytest.mark.parametrize(
+    ("headers", "trusted", "expected"),
+    [
+        ("X-Real-Ip: 10.0.0.7\r\n", [], "10.0.0.7"),
+        ("X-Forwarded-For: 10.0.0.1, 10.0.0.2\r\n", [], "10.0.0.2"),
+        ("X-Forwarded-For: 10.0.0.1, 10.0.0.2\r\n", ["10.0.0.2"], "10.0.0.1"),
+        ("X-Real-Ip: not-an-address\r\n", [], "127.0.0.1"),
+        ("", [], "127.0.0.1"),
+    ],
+    ids=["real-ip", "forwarded-for", "trusted-hop", "invalid", "none"],
+)
+async def test_xheaders_give_the_same_remote_ip_as_tornados_path(
+    headers: str, trusted: list[str], expected: str
+) -> None:
+    """The same request through both paths: the direct one, then one whose
+    head arrives after the accept (Tornado's)."""
+    handler = Spy()
+    request = f"GET /events HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode()
+    async with server_for(handler, xheaders=True, trusted_downstream=trusted) as port:
+        await exchange(port, request, b": ok\n")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.sleep(0.1)
+        writer.write(request)
+        async with asyncio.timeout(5):
+            await reader.readuntil(b": ok\n")
+        writer.close()
+        await wait_until(lambda: handler.counters.opened == 2)
+    assert handler.came_on[0] is DirectConnection
+    assert handler.came_on[1] is not DirectConnection
+    assert handler.remote_ips == [expected, expected]
+
+
+async def test_a_unix_socket_stream_is_taken_directly(tmp_path: Any) -> None:
+    handler = Spy()
+    path = str(tmp_path / "sse.sock")
+    server = make_server(Application([handler.route("/events")]))
+    server.add_socket(bind_unix_socket(path))
+    try:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(path)
+        sock.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        async with asyncio.timeout(5):
+            assert (await reader.readuntil(b": ok\n")).startswith(b"HTTP/1.1 200 OK")
+        writer.close()
+        await wait_until(lambda: handler.counters.opened == 1)
+    finally:
+        server.stop()
+        await handler.shutdown(grace=0.2)
+    assert handler.came_on == [DirectConnection]
+    assert handler.remote_ips == ["0.0.0.0"]
+
+
+async def test_pipelined_bytes_after_a_stream_request_are_dropped() -> None:
+    handler = Spy()
+    async with server_for(handler) as port:
+        pipelined = b"GET /events HTTP/1.1\r\nHost: x\r\n\r\nGET /hello HTTP/1.1\r\n\r\n"
+        reader, writer = await sent(port, pipelined)
+        async with asyncio.timeout(5):
+            await reader.readuntil(b": ok\n")
+        await wait_until(lambda: len(handler) == 1)
+        handler.send_all(data="after")
+        async with asyncio.timeout(5):
+            assert b"data: after" in await reader.readuntil(b"data: after\n")
+        writer.close()
+    assert handler.came_on == [DirectConnection]
+
+
+async def test_a_client_that_leaves_during_an_async_authorize_is_released_once() -> None:
+    entered = asyncio.Event()
+    released: list[str] = []
+
+    class Slow(Spy):
+        async def authorize(self, request: HTTPServerRequest) -> bool:
+            entered.set()
+            await asyncio.sleep(0.3)
+            return True
+
+        def on_connection_deregistered(self, conn: ServerSentEventConnection) -> None:
+            released.append(conn.cid)
+
+    handler = Slow()
+    async with server_for(handler) as port:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")  # there at the accept
+        await asyncio.wait_for(entered.wait(), 5)
+        sock.close()
+        await wait_until(lambda: len(released) == 1, timeout=5)
+        await asyncio.sleep(0.1)
+        assert len(released) == 1
+        assert len(handler) == 0
+        assert handler.stats().closed == {"client_closed": 1}
+    assert handler.came_on == [DirectConnection]
+
+
+async def test_direct_accept_can_be_turned_off() -> None:
+    handler = Spy()
+    async with server_for(handler, direct_accept=False) as port:
+        await exchange(port, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n", b": ok\n")
+        await wait_until(lambda: handler.counters.opened == 1)
+    assert handler.came_on[0] is not DirectConnection
+
+
+def test_a_tls_server_reads_every_request_with_tornado() -> None:
+    from support import tls_certificate
+
+    server = make_server(Application([]), ssl_options=tls_certificate().server_context())
+    assert isinstance(server, BoundedHTTPServer)
+    assert server.direct is None
