@@ -210,7 +210,7 @@ class ControlPlane:
         self.presence_events = presence_events
         self._registries: list[Registry] = []
         #: Registered connections and the channels announced for each.
-        self._tracked: dict[str, tuple[ServerSentEventConnection, set[str]]] = {}
+        self._tracked: dict[str, tuple[ServerSentEventConnection, tuple[str, ...]]] = {}
         #: channel -> cid -> entry, for this process's connections.
         self._rosters: dict[str, dict[str, PresenceEntry]] = {}
         #: Operations started here, by name (``list``, ``get``, ``send``,
@@ -238,7 +238,9 @@ class ControlPlane:
 
     def track(self, conn: ServerSentEventConnection) -> None:
         """``conn`` is registered: it is present in its channels from now on."""
-        self._tracked[conn.cid] = (conn, set())
+        # The channels it was announced in: a tuple (most streams have one
+        # channel; a set costs 216 bytes even then).
+        self._tracked[conn.cid] = (conn, ())
         self.update(conn)
 
     def update(self, conn: ServerSentEventConnection) -> None:
@@ -247,12 +249,16 @@ class ControlPlane:
         if tracked is None or tracked[0] is not conn:
             return
         announced = tracked[1]
-        for channel in sorted(conn.channels - announced):
-            announced.add(channel)
-            self._join(conn, channel)
-        for channel in sorted(announced - conn.channels):
-            announced.discard(channel)
-            self._leave(conn, channel)
+        if len(announced) == len(conn.channels) and conn.channels.issuperset(announced):
+            return
+        now = tuple(sorted(conn.channels))
+        self._tracked[conn.cid] = (conn, now)
+        for channel in now:
+            if channel not in announced:
+                self._join(conn, channel)
+        for channel in announced:
+            if channel not in conn.channels:
+                self._leave(conn, channel)
 
     def untrack(self, conn: ServerSentEventConnection) -> None:
         """``conn`` has ended: it leaves every channel's presence at once."""
@@ -260,7 +266,7 @@ class ControlPlane:
         if tracked is None or tracked[0] is not conn:
             return
         del self._tracked[conn.cid]
-        for channel in sorted(tracked[1]):
+        for channel in tracked[1]:
             self._leave(conn, channel)
 
     def presence_count(self) -> int:

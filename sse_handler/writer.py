@@ -147,6 +147,25 @@ class _Closed(Exception):
     """Internal: the stream closed under the I/O task."""
 
 
+class _NoQueue(collections.deque[bytes]):
+    """The queue of every writer that has nothing queued, shared by all.
+
+    Why: an empty ``deque`` still holds a 64-slot block, about 600 bytes, and
+    ``clear()`` allocates a fresh one; that was a seventh of an idle stream's
+    memory. A writer takes a deque of its own when something is queued
+    (``FrameWriter._own_queue``) and drops it when the queue empties. Adding
+    to this one raises, so a path that forgot ``_own_queue`` fails loudly.
+    """
+
+    def _refuse(self, *args: object) -> None:
+        raise RuntimeError("frame added to the shared empty queue")
+
+    append = appendleft = extend = extendleft = insert = _refuse
+
+
+_NO_QUEUE = _NoQueue()
+
+
 class FrameWriter:
     """The write path of one stream (see the module docstring)."""
 
@@ -195,7 +214,7 @@ class FrameWriter:
         self._state = _OPENING
         # The reason a DRAINING stream will close with; then the close reason.
         self._reason: CloseReason | None = None
-        self._queue: collections.deque[bytes] = collections.deque()
+        self._queue: collections.deque[bytes] = _NO_QUEUE
         self._queued_bytes = 0
         self._pinned = False
         # The queue waits for the end of a coalescing window (CoalescingWriter
@@ -355,17 +374,23 @@ class FrameWriter:
         if self._state <= _HELD:
             # Registration: outside the bounds (the application's synchronous
             # hooks decide how much), held back up to HOLD_LIMIT bytes.
-            queue.append(frame)
+            self._own_queue().append(frame)
             self._queued_bytes += len(frame)
             if self._queued_bytes >= HOLD_LIMIT and self._state is _HELD and not self._inflight:
                 self._write_queue()
             return True
         if bounded and not self._fits(len(frame)):
             return False
-        queue.append(frame)
+        self._own_queue().append(frame)
         self._queued_bytes += len(frame)
         self._wake()
         return True
+
+    def _own_queue(self) -> collections.deque[bytes]:
+        """The queue, to add to: this stream's own once it holds anything."""
+        if self._queue is _NO_QUEUE:
+            self._queue = collections.deque()
+        return self._queue
 
     def _write_now(self, frame: bytes) -> bool:
         """One non-blocking ``send``; what the kernel does not take heads the
@@ -387,7 +412,7 @@ class FrameWriter:
         """The kernel took ``sent`` bytes of ``frame`` (maybe none): the rest
         heads the queue, pinned, for the I/O task."""
         self._pinned = bool(sent) or self._transport.sticky_writes
-        self._queue.appendleft(frame[sent:] if sent else frame)
+        self._own_queue().appendleft(frame[sent:] if sent else frame)
         self._queued_bytes += len(frame) - sent
         self._wake()
 
@@ -398,7 +423,7 @@ class FrameWriter:
         starts with the response head, which ``drop_oldest`` must never drop.
         """
         held = b"".join(self._queue)
-        self._queue.clear()
+        self._queue = _NO_QUEUE
         self._queued_bytes = 0
         self._write_now(held)
         if self._queue:
@@ -429,7 +454,7 @@ class FrameWriter:
         self.bytes_sent += sent
         self.quiet = 0
         if sent == len(data):
-            queue.clear()
+            self._queue = _NO_QUEUE
             self._queued_bytes = 0
         else:
             self._keep_unsent(data, sent)
@@ -504,7 +529,7 @@ class FrameWriter:
         outside the queue bounds (a snapshot sent from ``registered()``
         arrives whole), written as the socket takes them past the limit."""
         self._enter(_HELD)
-        self._queue.appendleft(head)
+        self._own_queue().appendleft(head)
         self._queued_bytes += len(head)
 
     def release(self) -> None:
@@ -588,6 +613,8 @@ class FrameWriter:
             self._wakeup = asyncio.get_running_loop().create_future()
             await self._wakeup
         frame = self._queue.popleft()
+        if not self._queue:
+            self._queue = _NO_QUEUE
         self._queued_bytes -= len(frame)
         self._pinned = False
         # Woken for a queue that drop_oldest emptied, the task may find the
@@ -600,7 +627,7 @@ class FrameWriter:
         if not self._queue:
             return []
         frames = list(self._queue)
-        self._queue.clear()
+        self._queue = _NO_QUEUE
         self._queued_bytes = 0
         self._pinned = False
         return frames
@@ -733,7 +760,7 @@ class FrameWriter:
         self._enter(_CLOSED)
         self._transport.close()
         cancel(self._io_task)
-        self._queue.clear()
+        self._queue = _NO_QUEUE
         self._queued_bytes = 0
         self._pinned = False
         self._coalescing = False
@@ -797,7 +824,7 @@ class CoalescingWriter(FrameWriter):
             return super()._push(frame, bounded)
         if bounded and queue and not self._fits(len(frame)):
             return False
-        queue.append(frame)
+        self._own_queue().append(frame)
         self._queued_bytes += len(frame)
         if not self._coalescing:
             self._coalescing = True

@@ -1328,3 +1328,48 @@ async def test_a_queue_the_io_task_takes_is_no_longer_coalescing() -> None:
     t.writable()
     await asyncio.wait_for(w.flush(), 1)
     assert bytes(t.wire) == ev(1) + ev(2)
+
+
+# --- memory of an idle stream ---------------------------------------------------------
+
+
+def test_a_writer_with_nothing_queued_holds_no_queue_of_its_own() -> None:
+    """An empty deque holds a 64-slot block (about 600 bytes) and ``clear()``
+    allocates a fresh one: a writer that queued its head and welcome and
+    wrote them must not keep that block for the life of an idle stream."""
+    import tracemalloc
+
+    transports = [ScriptedTransport() for _ in range(500)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        kept = []
+        for t in transports:
+            w, _, _ = writer(t, live=False)
+            w.hold(HEAD)
+            w.send(ev(0))  # the welcome, held behind the head
+            w.release()  # both written in one send
+            assert not w.pending
+            kept.append(w)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    per_writer = sum(s.size_diff for s in after.compare_to(before, "filename")) / len(kept)
+    # The writer, its limits and the helper's list: about 840 bytes; with a
+    # deque block of its own, over 2,000.
+    assert per_writer < 1200, per_writer
+    assert all(t.wire == HEAD + ev(0) for t in transports)
+
+
+async def test_a_queue_emptied_by_the_io_task_is_given_back_and_taken_again() -> None:
+    w, t, _ = await in_flight(ev(0))
+    assert w.send(ev(1))  # queued behind the batch in flight
+    t.writable()  # the batch, then the queue, go out
+    await turns()
+    assert not w.pending
+    t.script.extend([BLOCK])
+    assert w.send(ev(2))  # would block: queued again, on a queue of its own
+    assert w.queue_depth == 1
+    await turns()  # the I/O task takes it; the socket takes it now
+    assert t.wire == ev(0) + ev(1) + ev(2)
+    assert not w.pending
