@@ -651,7 +651,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:  # the full run's scenarios, each from the latest invocation that measured it
             names = [sc.name for sc in FULL]
             names += [n for n in _scenario_names(results) if n not in names]
-            picks = _pick([*_latest_results(but=path), results], names)
+            candidates = [*_latest_results(but=path), results]
+            picks = _pick(candidates, names)
+            missing = [n for n in names if not any(n in _scenario_names(r) for r in candidates)]
+            if missing and doc == DOC and DOC.exists():
+                # A new machine has no raw results of earlier runs: writing the
+                # doc would drop their sections.
+                side = BUILD / f"doc-{stamp}.md"
+                _log(
+                    f"no raw results in bench/.build for {', '.join(missing)}: the doc "
+                    f"would lose their sections, so this run's doc is {side.relative_to(REPO)}; "
+                    f"merge its sections into {DOC.relative_to(REPO)} by hand"
+                )
+                doc = side
         _write_doc(picks, doc)
     for e in errors:
         _log(f"FAILED {e}")
