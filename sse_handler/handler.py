@@ -36,7 +36,7 @@ from .lifecycle import CloseReason, OverflowPolicy
 from .outage import BrokerOutage
 from .routing import EventStreamRoute
 from .stats import EndpointStats, Snapshot
-from .tasks import log, spawn
+from .tasks import log, spawn, until_done
 from .transport import ClosedTransport, SocketTransport
 from .writer import Transport, WriteLimits, framed
 
@@ -593,8 +593,8 @@ class ServerSentEventHandler:
             # subscribing: it only knows the registry, so answer here.
             self._turn_away(conn, head, CloseReason.SHUTDOWN)
             return
-        # The head waits for what registered() sends at once (see FrameWriter.hold);
-        # a replay follows it on the wire, so the head goes out before that.
+        # The head waits for what the replay and registered() send at once
+        # (see FrameWriter.hold): they leave in one write, unless a hook waits.
         conn.writer.hold(head)
         self._connections[conn.cid] = conn
         if self.max_connection_age:
@@ -606,7 +606,6 @@ class ServerSentEventHandler:
         self.counters.opened += 1
         self._ensure_housekeeping()
         if conn.last_event_id:
-            conn.writer.release()
             self.counters.replays += 1
             if not await self._run_hook(conn, self.replay_events_since, conn, conn.last_event_id):
                 return
@@ -636,9 +635,10 @@ class ServerSentEventHandler:
             result = hook(*args)
             if inspect.isawaitable(result):
                 # An async hook may wait on anything: the client sees the
-                # stream open now, not when the hook is done.
-                conn.writer.release()
-                await result
+                # stream open as soon as it waits, not when it is done. One
+                # that does not wait (a replay from memory) adds to the held
+                # write: head, replay and welcome leave in one send.
+                await until_done(result, conn.writer.release)
         except ConnectionClosedError:
             return False  # the connection ended under the hook: not the hook's fault
         except Exception:

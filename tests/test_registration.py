@@ -111,6 +111,41 @@ async def test_an_async_hook_does_not_hold_the_head_back() -> None:
         client.close()
 
 
+async def test_a_replay_from_memory_leaves_with_the_head_and_welcome_in_one_send() -> None:
+    """A reconnect storm is a storm of replays: the head, the 50 events the
+    client missed and the welcome must not take 52 system calls."""
+    broker = MemoryBroker()
+    handler = Recording(connection_class=Welcome, broker=broker)
+    async with serve([handler.route("/events")], handler) as server:
+        first = await server.stream()
+        await first.events(2)
+        ids = [await handler.publish("default", ServerSentEvent(data=str(i))) for i in range(51)]
+        await first.events(51)
+        first.close()
+        client = await server.stream(headers={"Last-Event-ID": ids[0]})
+        events = await client.events(52)
+        assert [e.data for e in events[:50]] == [str(i) for i in range(1, 51)]
+        assert [e.event for e in events[50:]] == ["welcome", "rules"]
+        sock = handler.sockets[1]
+        assert len(sock.sends) == 1
+        assert sock.sends[0].startswith(b"HTTP/1.1 200 OK\r\n")
+        client.close()
+
+
+async def test_an_async_hook_that_does_not_wait_keeps_the_head_and_its_events_together() -> None:
+    class Quick(ServerSentEventConnection):
+        async def registered(self) -> None:
+            self.send(event="welcome", data=self.cid)
+
+    handler = Recording(connection_class=Quick)
+    async with serve([handler.route("/events")], handler) as server:
+        client = await server.stream()
+        assert (await client.next_event()).event == "welcome"
+        (sock,) = handler.sockets
+        assert len(sock.sends) == 1
+        client.close()
+
+
 async def test_a_large_snapshot_from_registered_is_not_bound_by_the_queue() -> None:
     """Frames behind the held head are as good as written: a snapshot larger
     than the queue bounds reaches the client whole and in order."""
