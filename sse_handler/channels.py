@@ -142,9 +142,10 @@ class ChannelRouter:
         socket instead of overflowing.
         """
         replay = await self.broker.replay(sorted(conn.channels), last_event_id)
-        for delivery in replay.deliveries:
-            await conn.writer.send_paced(delivery.frame)
-            self._cursors[conn] = delivery.position
+        deliveries = replay.deliveries
+        if deliveries:
+            await conn.writer.send_paced(*(delivery.frame for delivery in deliveries))
+            self._cursors[conn] = deliveries[-1].position
         return replay
 
     def release_held(self, conn: ServerSentEventConnection) -> None:

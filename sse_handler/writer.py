@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -353,17 +353,75 @@ class FrameWriter:
         if self.quiet >= quiet_ticks and self._state is _LIVE and not self.pending:
             self._push(frames[self._chunked])
 
-    async def send_paced(self, frame: bytes) -> None:
-        """``send``, but first wait for the reader while the queue is past half
-        its bounds: a replay larger than the queue goes out at the reader's pace
-        (a reader too slow for it meets the write deadline, ``slow``)."""
+    async def send_paced(self, *frames: bytes) -> None:
+        """``send`` each frame, but first wait for the reader while the queue is
+        past half its bounds: a replay larger than the queue goes out at the
+        reader's pace (a reader too slow for it meets the write deadline,
+        ``slow``). Frames go in batches of up to a quarter of the bounds, each
+        batch in one write when nothing waits (:meth:`send_many`)."""
         limits = self._limits
-        while self._state < _DRAINING and (
-            self._queued_bytes * 2 > limits.max_queue_bytes
-            or len(self._queue) * 2 > limits.max_queue_messages
-        ):
-            await self.flush()
-        self.send(frame)
+        most_frames = max(1, limits.max_queue_messages // 4)
+        most_bytes = max(1, limits.max_queue_bytes // 4)
+        start = 0
+        while start < len(frames):
+            end, size = start + 1, len(frames[start])
+            while (
+                end < len(frames)
+                and end - start < most_frames
+                and size + len(frames[end]) <= most_bytes
+            ):
+                size += len(frames[end])
+                end += 1
+            while self._state < _DRAINING and (
+                self._queued_bytes * 2 > limits.max_queue_bytes
+                or len(self._queue) * 2 > limits.max_queue_messages
+            ):
+                await self.flush()
+            self.send_many(frames[start:end])
+            start = end
+
+    def send_many(self, frames: Sequence[bytes]) -> None:
+        """Encoded events from the application, each size-checked, framed and
+        counted as by :meth:`send`, in one write when the stream has nothing
+        waiting (one system call for a replay instead of one per event).
+
+        What the socket does not take is queued as one frame taken in part is
+        (past the bounds: :meth:`send_paced` keeps batches within them); a
+        stream with frames waiting queues them one by one, bounded. Raises
+        :class:`ConnectionClosedError` once the stream is draining or closed.
+        """
+        out = self._checked(frames)
+        if self._state is not _LIVE or self._queue or self._inflight or self._coalescing:
+            self._push_each(out)
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        try:
+            sent = self._send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.close(self._transport.gone_reason(exc, CloseReason.WRITE_ERROR))
+            return
+        self.bytes_sent += sent
+        self.quiet = 0
+        self.events_sent += len(out)
+        if sent != len(data):
+            self._own_queue().extend(out)
+            self._queued_bytes += len(data)
+            self._keep_unsent(data, sent)
+
+    def _checked(self, frames: Sequence[bytes]) -> list[bytes]:
+        """``frames`` size-checked and framed, or an error (see :meth:`send_many`)."""
+        if self._state >= _DRAINING:
+            raise ConnectionClosedError(self._name, self._reason)
+        for frame in frames:
+            self._limits.check_event_size(frame)
+        return [chunk(frame) for frame in frames] if self._chunked else list(frames)
+
+    def _push_each(self, frames: list[bytes]) -> None:
+        for frame in frames:
+            if self._push(frame):
+                self.events_sent += 1
 
     def _push(self, frame: bytes, bounded: bool = True) -> bool:
         """Write now if nothing waits, else queue; False if the frame was dropped."""
@@ -810,6 +868,10 @@ class CoalescingWriter(FrameWriter):
     ) -> None:
         super().__init__(transport, limits, chunked=chunked, name=name, on_closed=on_closed)
         self._coalescer = coalescer
+
+    def send_many(self, frames: Sequence[bytes]) -> None:
+        """Each frame waits for the window like any event (one write at its end)."""
+        self._push_each(self._checked(frames))
 
     def deliver(self, frames: Framed) -> bool:
         """One event of a fan-out: queued for the window (see the class docstring)."""

@@ -320,3 +320,31 @@ async def test_a_registered_hook_that_never_returns_does_not_hold_up_the_server(
         assert closing in done, "close_all_connections() waited for the hook"
     assert len(handler) == 0
     await client.wait_closed()
+
+
+class WaitingReplays(MemoryBroker):
+    """A memory broker whose replays wait first, as a Redis read does."""
+
+    async def replay(self, channels: Collection[str], last_event_id: str) -> Replay:
+        await asyncio.sleep(0.01)
+        return await super().replay(channels, last_event_id)
+
+
+async def test_a_replay_that_waits_sends_the_head_first_then_the_missed_events_in_one_send() -> (
+    None
+):
+    handler = Recording(connection_class=Welcome, broker=WaitingReplays())
+    async with serve([handler.route("/events")], handler) as server:
+        first = await server.stream()
+        await first.events(2)
+        ids = [await handler.publish("default", ServerSentEvent(data=str(i))) for i in range(51)]
+        await first.events(51)
+        first.close()
+        client = await server.stream(headers={"Last-Event-ID": ids[0]})
+        events = await client.events(52)
+        assert [e.data for e in events[:50]] == [str(i) for i in range(1, 51)]
+        sends = handler.sockets[1].sends
+        assert len(sends) == 4  # the head; the 50 missed events; welcome; rules
+        assert sends[0].startswith(b"HTTP/1.1 200 OK\r\n")
+        assert sends[1].count(b"data: ") == 50
+        client.close()

@@ -1373,3 +1373,48 @@ async def test_a_queue_emptied_by_the_io_task_is_given_back_and_taken_again() ->
     await turns()  # the I/O task takes it; the socket takes it now
     assert t.wire == ev(0) + ev(1) + ev(2)
     assert not w.pending
+
+
+# --- several frames in one write (a replay) --------------------------------------------
+
+
+def test_send_many_writes_what_waits_for_nothing_in_one_send() -> None:
+    w, t, _ = writer(chunked=True)
+    w.send_many([ev(0), ev(1), ev(2)])
+    assert t.offered == [chunk(ev(0)) + chunk(ev(1)) + chunk(ev(2))]
+    assert (w.events_sent, w.pending) == (3, False)
+
+
+async def test_send_many_queues_what_the_socket_did_not_take_frame_by_frame() -> None:
+    w, t, _ = writer(ScriptedTransport(16))  # takes ev(0) and 5 bytes of ev(1)
+    w.send_many([ev(0), ev(1), ev(2)])
+    assert w.queue_depth == 2 and w.pinned  # the rest of ev(1), then ev(2)
+    assert w.queued_bytes == 33 - 16
+    assert w.events_sent == 3
+    await turns()
+    assert t.wire == ev(0) + ev(1) + ev(2)
+    assert not w.pending
+
+
+async def test_send_many_behind_waiting_frames_queues_each_in_order() -> None:
+    w, t, _ = await in_flight(ev(0))
+    w.send_many([ev(1), ev(2)])
+    assert w.queue_depth == 2
+    t.writable()
+    await turns()
+    assert t.wire == ev(0) + ev(1) + ev(2)
+
+
+def test_send_many_refuses_an_oversized_frame_before_writing_any() -> None:
+    w, t, _ = writer(max_event_size=11)
+    with pytest.raises(ValueError, match="max_event_size"):
+        w.send_many([ev(0), b"x" * 12])
+    assert t.offered == []
+    assert w.events_sent == 0
+
+
+async def test_send_paced_writes_batches_of_a_quarter_of_the_bounds() -> None:
+    w, t, _ = writer(max_queue_messages=8)
+    await w.send_paced(*(ev(i) for i in range(5)))
+    assert t.offered == [ev(0) + ev(1), ev(2) + ev(3), ev(4)]
+    assert w.events_sent == 5
