@@ -125,8 +125,11 @@ class DirectAccept:
         try:
             head = self._peek_head(sock)
             taken = None if head is None else self._stream_request(stream, address, head)
-        except OSError:
-            head = taken = None  # not readable yet, or gone: Tornado reads (and sees) it
+        except Exception:
+            # Not readable yet, or gone; or a head that fails a check Tornado
+            # also makes (e.g. a Host port too long to convert), or a router
+            # that raises: nothing is consumed, so Tornado reads it and answers.
+            head = taken = None
         if head is None or taken is None:
             self.fallback(stream, address)
             return
@@ -214,11 +217,17 @@ def _serve(
     # authorize() is async: watch for the client leaving meanwhile (the
     # stream is then closed when the endpoint takes it).
     stream.set_close_callback(_nothing)
-    spawn(_finish_later(delegate, pending), f"accepting {request.uri}")
+    spawn(_finish_later(delegate, pending, stream), f"accepting {request.uri}")
 
 
-async def _finish_later(delegate: StreamRequest, pending: Awaitable[None]) -> None:
-    await pending
+async def _finish_later(
+    delegate: StreamRequest, pending: Awaitable[None], stream: IOStream
+) -> None:
+    try:
+        await pending
+    except BaseException:
+        stream.close()  # as Tornado's path does: the client is not left waiting
+        raise
     delegate.finish()
 
 

@@ -97,6 +97,9 @@ async def _open_once_authorized(
     except Exception as exc:
         handler.release(request.remote_ip)
         return _failed(request, exc)
+    except BaseException:  # cancelled: no answer, but the slot goes back
+        handler.release(request.remote_ip)
+        raise
     return _open(request, handler, channels, decided)
 
 

@@ -57,7 +57,11 @@ def _step_through(
         waiting_on = coro.send(None)
     except StopIteration as done:
         return done.value
-    before_waiting()
+    try:
+        before_waiting()
+    except BaseException:
+        coro.close()
+        raise
     while True:
         try:
             sent = yield waiting_on

@@ -434,7 +434,15 @@ class FrameWriter:
             # hooks decide how much), held back up to HOLD_LIMIT bytes.
             self._own_queue().append(frame)
             self._queued_bytes += len(frame)
-            if self._queued_bytes >= HOLD_LIMIT and self._state is _HELD and not self._inflight:
+            # Not again while the socket holds back a remainder (pinned): the
+            # I/O task writes it; joining the growing queue per frame would
+            # copy it over and over.
+            if (
+                self._queued_bytes >= HOLD_LIMIT
+                and self._state is _HELD
+                and not self._inflight
+                and not self._pinned
+            ):
                 self._write_queue()
             return True
         if bounded and not self._fits(len(frame)):

@@ -350,3 +350,54 @@ def test_a_tls_server_reads_every_request_with_tornado() -> None:
     server = make_server(Application([]), ssl_options=tls_certificate().server_context())
     assert isinstance(server, BoundedHTTPServer)
     assert server.direct is None
+
+
+# --- failures on the way in ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "tornado"])
+async def test_a_cancelled_async_authorize_gives_its_slot_back(direct: bool) -> None:
+    """authorize() awaits a shared lookup that someone cancels: no stream, the
+    client's connection closed, and the slot under the cap given back."""
+
+    class CancelledLookup(Spy):
+        cancel = 2
+
+        async def authorize(self, request: HTTPServerRequest) -> bool:
+            if self.cancel:
+                self.cancel -= 1
+                lookup = asyncio.get_running_loop().create_future()
+                lookup.cancel()
+                await lookup
+            return True
+
+    handler = CancelledLookup(max_connections_per_ip=2)
+    async with server_for(handler, direct_accept=direct) as port:
+        for _ in range(2):
+            reader, writer = await sent(port, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert await read_to_eof(reader, timeout=5) == b""  # closed, not left waiting
+            writer.close()
+        # Both slots are free again: two streams open.
+        first = await exchange(port, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n", b": ok\n")
+        reader, writer = await sent(port, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            second = await reader.readuntil(b": ok\n")
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 200 OK")
+    assert second.startswith(b"HTTP/1.1 200 OK")
+    assert b"retry:" not in second
+    assert handler.counters.opened == 2
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "tornado"])
+async def test_a_host_whose_port_cannot_be_read_is_answered_by_tornado(direct: bool) -> None:
+    """A Host port too long for int() makes HTTPServerRequest raise ValueError:
+    the direct path leaves the request to Tornado, which ends the connection."""
+    handler = Spy()
+    async with server_for(handler, direct_accept=direct) as port:
+        request = b"GET /events HTTP/1.1\r\nHost: a:" + b"9" * 5000 + b"\r\n\r\n"
+        reader, writer = await sent(port, request)
+        data = await read_to_eof(reader, timeout=5)
+        writer.close()
+    assert data == b"" or data.startswith(b"HTTP/1.1 400 ")
+    assert handler.counters.opened == 0

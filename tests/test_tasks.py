@@ -64,3 +64,20 @@ async def test_errors_and_cancellation_reach_through() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert cleaned == ["finally"]
+
+
+async def test_a_callback_that_raises_closes_the_coroutine() -> None:
+    cleaned: list[str] = []
+
+    async def waits() -> None:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            cleaned.append("finally")
+
+    def broken() -> None:
+        raise RuntimeError("callback")
+
+    with pytest.raises(RuntimeError, match="callback"):
+        await until_done(waits(), broken)
+    assert cleaned == ["finally"]

@@ -1418,3 +1418,17 @@ async def test_send_paced_writes_batches_of_a_quarter_of_the_bounds() -> None:
     await w.send_paced(*(ev(i) for i in range(5)))
     assert t.offered == [ev(0) + ev(1), ev(2) + ev(3), ev(4)]
     assert w.events_sent == 5
+
+
+async def test_a_held_burst_the_socket_cannot_take_is_not_joined_again_per_frame() -> None:
+    """Past HOLD_LIMIT a held stream writes what it holds; when the socket
+    takes only part, the rest waits for the I/O task. Writing the whole
+    growing queue again for every later frame copied it once per frame
+    (a 3,000-event replay sent without waiting blocked the loop for 1.4 s)."""
+    w, t, _ = writer(ScriptedTransport(16, then=BLOCK), live=False)
+    w.hold(HEAD)
+    frame = b"data: " + b"x" * 1000 + b"\n\n"
+    for _ in range(200):  # about 200 KB, three times the hold limit
+        w.send(frame)
+    assert len(t.offered) == 1  # one write at the limit; the rest queued behind it
+    assert w.queue_depth > 100
