@@ -394,21 +394,10 @@ class FrameWriter:
         if self._state is not _LIVE or self._queue or self._inflight or self._coalescing:
             self._push_each(out)
             return
-        data = out[0] if len(out) == 1 else b"".join(out)
-        try:
-            sent = self._send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self.close(self._transport.gone_reason(exc, CloseReason.WRITE_ERROR))
-            return
-        self.bytes_sent += sent
-        self.quiet = 0
+        self._own_queue().extend(out)
+        self._queued_bytes += sum(map(len, out))
         self.events_sent += len(out)
-        if sent != len(data):
-            self._own_queue().extend(out)
-            self._queued_bytes += len(data)
-            self._keep_unsent(data, sent)
+        self._write_queued()
 
     def _checked(self, frames: Sequence[bytes]) -> list[bytes]:
         """``frames`` size-checked and framed, or an error (see :meth:`send_many`)."""
@@ -506,9 +495,14 @@ class FrameWriter:
         if not self._coalescing:
             return
         self._coalescing = False
-        queue = self._queue
-        if self._state is _CLOSED or not queue or self._inflight:
+        if self._state is _CLOSED or not self._queue or self._inflight:
             return  # (in flight: the I/O task takes the queue after its batch)
+        self._write_queued()
+
+    def _write_queued(self) -> None:
+        """The whole queue in one ``send``; the frames the socket does not take
+        stay queued, one by one, for the I/O task (:meth:`_keep_unsent`)."""
+        queue = self._queue
         data = queue[0] if len(queue) == 1 else b"".join(queue)
         try:
             sent = self._send(data)
