@@ -141,7 +141,7 @@ async def serve(
 
     With ``tls`` the server speaks HTTPS only (``HTTPServer(app, ssl_options=...)``)
     with :func:`tls_certificate`, and the :class:`Server`'s clients trust it.
-    With ``direct`` it is ``make_server(app)``, whose stream requests are read
+    With ``direct`` it is ``make_server(app, direct_accept=True)``, whose stream requests are read
     off the socket by :mod:`sse_handler.accept`; else Tornado's ``HTTPServer``.
     """
     sock, port = bind_unused_port()
@@ -149,7 +149,7 @@ async def serve(
     certificate = tls_certificate() if tls else None
     ssl_options = None if certificate is None else certificate.server_context()
     server = (
-        make_server(app, ssl_options=ssl_options)
+        make_server(app, ssl_options=ssl_options, direct_accept=True)
         if direct
         else HTTPServer(app, ssl_options=ssl_options)
     )

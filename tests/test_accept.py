@@ -1,4 +1,4 @@
-"""make_server takes a stream request off the socket itself (sse_handler.accept).
+"""make_server(direct_accept=True) takes a stream request off the socket (sse_handler.accept).
 
 A GET that the application routes to a stream endpoint, whose whole head is
 on the socket when the connection is accepted, never reaches Tornado's
@@ -58,7 +58,7 @@ class Hello(RequestHandler):
 async def server_for(handler: ServerSentEventHandler, **kwargs: Any) -> AsyncIterator[int]:
     sock, port = bind_unused_port()
     app = Application([handler.route("/events"), (r"/hello", Hello)])
-    server = make_server(app, **kwargs)
+    server = make_server(app, **{"direct_accept": True, **kwargs})
     server.add_sockets([sock])
     try:
         yield port
@@ -276,7 +276,7 @@ async def test_xheaders_give_the_same_remote_ip_as_tornados_path(
 async def test_a_unix_socket_stream_is_taken_directly(tmp_path: Any) -> None:
     handler = Spy()
     path = str(tmp_path / "sse.sock")
-    server = make_server(Application([handler.route("/events")]))
+    server = make_server(Application([handler.route("/events")]), direct_accept=True)
     server.add_socket(bind_unix_socket(path))
     try:
         sock = socket.socket(socket.AF_UNIX)
@@ -401,3 +401,8 @@ async def test_a_host_whose_port_cannot_be_read_is_answered_by_tornado(direct: b
         writer.close()
     assert data == b"" or data.startswith(b"HTTP/1.1 400 ")
     assert handler.counters.opened == 0
+
+
+def test_the_direct_accept_is_opt_in() -> None:
+    assert make_server(Application([])).direct is None
+    assert make_server(Application([]), direct_accept=True).direct is not None

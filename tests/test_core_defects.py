@@ -263,7 +263,7 @@ async def wide_server(handler: ServerSentEventHandler, direct: bool = False) -> 
     ``direct``, make_server's (stream requests read by sse_handler.accept)."""
     sockets = bind_sockets(0, "127.0.0.1", backlog=2048)
     app = Application([handler.route("/events")])
-    server = make_server(app) if direct else HTTPServer(app)
+    server = make_server(app, direct_accept=True) if direct else HTTPServer(app)
     server.add_sockets(sockets)
     try:
         yield sockets[0].getsockname()[1]
