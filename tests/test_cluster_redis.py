@@ -57,6 +57,11 @@ async def test_operations_reach_the_other_process(redis_server: RedisServer) -> 
     a, b = handler_on(redis_server.url), handler_on(redis_server.url)
     pa, pb = plane_of(a), plane_of(b)
     assert pa.process != pb.process
+    # As a server does before it serves (the demo does): each plane beats and
+    # listens before its first stream, so a request reaches the other at once.
+    # Without it a plane starts with its first tracked stream, and a request
+    # sent before its first heartbeat lands does not count it among the live.
+    await asyncio.gather(pa.start(), pb.start())
     async with serve([a.route("/a")], a) as sa, serve([b.route("/b")], b) as sb:
         on_a = await sa.stream("/a?channel=room&subject=alice")
         tabs = [
