@@ -8,10 +8,13 @@ all of them (framed once for both HTTP framings).
 
 The router owns the replay hand-off: while a connection's head and replay are
 going out, its channel events are held here (:meth:`ChannelRouter.hold`);
-then they are released minus those at or before the last replayed position.
-That cursor stays in force afterwards, because a broker's reader may still
-deliver an event it is catching up on after replay has read it from the
-history; it is forgotten with the connection.
+then they are released minus those at or before the connection's cursor: the
+last replayed position, or, when the replay sent nothing, the position of the
+client's ``Last-Event-ID`` (:attr:`~sse_handler.brokers.Replay.after`). That
+cursor stays in force afterwards, because a broker's reader may deliver late
+an event the replay read from the history, or one the client had already read
+from another process before its reader got to it; it is forgotten with the
+connection.
 """
 
 from __future__ import annotations
@@ -142,6 +145,10 @@ class ChannelRouter:
         socket instead of overflowing.
         """
         replay = await self.broker.replay(sorted(conn.channels), last_event_id)
+        if replay.reset is None and replay.after is not None:
+            # The client has everything up to its cursor: what a lagging
+            # reader delivers of that (held now, or live later) is dropped.
+            self._cursors[conn] = replay.after
         deliveries = replay.deliveries
         if deliveries:
             await conn.writer.send_paced(*(delivery.frame for delivery in deliveries))

@@ -19,6 +19,7 @@ from urllib.parse import quote
 import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
+from redis_server import RedisServer
 from support import DemoProcess, DemoTLS, free_port, wait_until
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.httpserver import HTTPServer
@@ -26,12 +27,14 @@ from tornado.httputil import HTTPHeaders
 from tornado.testing import bind_unused_port
 
 import sse_handler
+from sse_handler import ServerSentEvent
 from sse_handler.__main__ import main
 from sse_handler.admin import admin_routes
 from sse_handler.brokers import Delivery
 from sse_handler.brokers.memory import MemoryBroker
+from sse_handler.brokers.redis import RedisBroker
 from sse_handler.demo.app import DemoHandler, make_app
-from sse_handler.demo.page_stream import envelope
+from sse_handler.demo.page_stream import SharedBroker, envelope
 from sse_handler.parser import EventStreamParser, MessageEvent
 
 TOKEN = "s3cret-t\u00f6ken"  # non-ASCII: sent as UTF-8, compared as bytes
@@ -245,6 +248,32 @@ async def test_page_stream_resumes_with_last_event_id() -> None:
         for i, m in zip((1, 2), missed, strict=True)
     ]
     assert [e.event for e in got].count("welcome") == 1
+
+
+async def test_one_replay_answer_for_both_streams_is_rewritten_for_neither(
+    redis_server: RedisServer,
+) -> None:
+    # A RedisBroker answers clients that ask at once for the same channels and
+    # cursor with one Replay: the page stream's envelopes must not reach a
+    # client of /events that joined it (nor the reverse).
+    broker = RedisBroker(redis_server.url)
+    shared = SharedBroker(broker)
+    plain, page = shared.view(), shared.view(envelope)
+    try:
+        ids = [await broker.publish("a", ServerSentEvent(data=f"e{n}")) for n in range(3)]
+        for first, second in ((plain, page), (page, plain)):
+            answers = await asyncio.gather(
+                first.replay(["a"], ids[0]), second.replay(["a"], ids[0])
+            )
+            by_view = dict(zip((first, second), answers, strict=True))
+            assert [d.frame for d in by_view[plain].deliveries] == [
+                f"id: {ids[n]}\ndata: e{n}\n\n".encode() for n in (1, 2)
+            ]
+            assert [d.frame for d in by_view[page].deliveries] == [
+                envelope(d).frame for d in by_view[plain].deliveries
+            ]
+    finally:
+        await broker.close()
 
 
 @pytest.mark.parametrize("leaves", ["/events", "/page/events"])

@@ -6,6 +6,10 @@ scale-out storms of issue 11, reduced here to a few calls each).
   Pub/Sub connection must be subscribed too, not time out waiting for a
   confirmation that never comes. A handler that has just started meets
   exactly this when a reconnect storm arrives (a deploy).
+* A client that resumes on a process whose Pub/Sub reader lags behind it:
+  the process has not yet delivered the client's last event when the
+  client comes back with its id, so that event arrives live after the
+  (empty) replay. It must not be sent again.
 * Connections that end while the broker is closing (a shutdown): their
   unsubscribes must end quietly, not raise out of redis-py's closed
   connection (the channel router logs that as "Uncaught exception in
@@ -16,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 from redis_server import RedisServer
 from support import serve, wait_until
 
-from sse_handler import ServerSentEvent, ServerSentEventHandler
+from sse_handler import ServerSentEvent, ServerSentEventConnection, ServerSentEventHandler
 from sse_handler.brokers import Delivery
 from sse_handler.brokers.redis import RedisBroker
 
@@ -101,3 +106,63 @@ async def test_unsubscribes_while_the_broker_closes_end_quietly(
     )
     await closing
     assert [r for r in results if r is not None] == []
+
+
+class LaggingBroker(RedisBroker):
+    """A RedisBroker whose reader stops at each channel message while
+    :attr:`gate` is clear: a process that reads Pub/Sub late. (On localhost a
+    real reader lags by milliseconds, at random; the gate makes the lag
+    deterministic, the rest -- Redis, the reader, the replay -- is real.)"""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, timeout=1.0, block=1.0)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.stopped_at_gate = asyncio.Event()
+
+    async def _on_message(self, message: dict[str, Any]) -> None:
+        if message.get("type") == "message" and not self.gate.is_set():
+            self.stopped_at_gate.set()
+            await self.gate.wait()
+        await super()._on_message(message)
+
+
+async def test_a_client_ahead_of_a_lagging_reader_does_not_get_its_last_event_again(
+    redis_server: RedisServer,
+) -> None:
+    broker = LaggingBroker(redis_server.url)
+    publisher = fast_broker(redis_server.url)  # another process's publish
+    resumed = asyncio.Event()
+
+    class Handler(ServerSentEventHandler):
+        def on_connection_registered(self, conn: ServerSentEventConnection) -> None:
+            if conn.last_event_id:
+                resumed.set()  # its replay is done: it reads live events now
+
+    handler = Handler(broker=broker)
+    try:
+        async with serve([handler.route("/events")], handler) as server:
+            first = await server.stream("/events?channel=room")
+            await wait_until(reading(handler, "room"))
+            # The last event the client read elsewhere: published, stored,
+            # and not yet delivered by this process's reader.
+            broker.gate.clear()
+            seen_id = await publisher.publish("room", ServerSentEvent(data="seen"))
+            async with asyncio.timeout(5):
+                await broker.stopped_at_gate.wait()
+            second = await server.stream("/events?channel=room", {"Last-Event-ID": seen_id})
+            assert second.status == 200
+            async with asyncio.timeout(5):
+                await resumed.wait()
+            broker.gate.set()
+            next_id = await publisher.publish("room", ServerSentEvent(data="next"))
+            assert [(e.id, e.data) for e in await first.events(2)] == [
+                (seen_id, "seen"),
+                (next_id, "next"),
+            ]
+            assert [(e.id, e.data) for e in await second.events(1)] == [(next_id, "next")]
+            first.close()
+            second.close()
+    finally:
+        await broker.close()
+        await publisher.close()

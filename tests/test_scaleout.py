@@ -87,6 +87,10 @@ class Reader:
     channels: tuple[str, ...]
     seen: list[tuple[str, str]] = field(default_factory=list)  # (id, data)
     connections: int = 0
+    #: For each event in ``seen``: the connection (from 1) it came on, whether
+    #: before that connection's welcome (replayed) or after (live), and the
+    #: ``Last-Event-ID`` that connection resumed from -- to tell a defect's cause.
+    where: list[tuple[int, str, str | None]] = field(default_factory=list)
 
 
 async def publish_for(
@@ -127,6 +131,7 @@ async def read_with_cuts(
         assert "Content-Length" not in client.headers, "turned away instead of a stream"
         cut_after = rng.randint(*CUT_AFTER)
         read = 0
+        phase, resumed_from = "replayed", last_id
         while read < cut_after and markers_left:
             event = await client.next_event(timeout=EVENT_TIMEOUT)
             assert event.event != "reset", (
@@ -135,8 +140,10 @@ async def read_with_cuts(
             )
             if event.event == "welcome":
                 subscribed.set()  # subscribed; the replay (if any) came before it
+                phase = "live"
                 continue
             reader.seen.append((event.id, event.data))
+            reader.where.append((reader.connections, phase, resumed_from))
             last_id = event.id
             read += 1
             channel, _, n = event.data.partition(":")
@@ -163,8 +170,18 @@ def defects(reader: Reader, published: list[Published], order: Order) -> list[st
         problems.append(f"{len(unknown)} never published here, e.g. {sorted(unknown)[:5]}")
     twice = [event for event, n in collections.Counter(seen).items() if n > 1]
     if twice:
-        problems.append(f"{len(twice)} read more than once, e.g. {twice[:5]}")
-    backwards = [(x, y) for (x, _), (y, _) in itertools.pairwise(seen) if not order(x) < order(y)]
+        problems.append(
+            f"{len(twice)} read more than once, e.g. {twice[:5]}; the first came "
+            + "; ".join(
+                f"{event[1]} as {[reader.where[i] for i, e in enumerate(seen) if e == event]}"
+                for event in twice[:2]
+            )
+        )
+    backwards = [
+        (x, y, reader.where[i + 1])
+        for i, ((x, _), (y, _)) in enumerate(itertools.pairwise(seen))
+        if not order(x) < order(y)
+    ]
     if backwards:
         problems.append(f"{len(backwards)} ids not after their predecessor, e.g. {backwards[:3]}")
     if not problems and seen != expected:

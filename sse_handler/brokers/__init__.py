@@ -59,6 +59,12 @@ class Replay:
     #: Why the cursor could not be honoured (``"unknown_id"`` or
     #: ``"history_exceeded"``), else ``None``.
     reset: str | None = None
+    #: The position of the client's cursor, when the broker found it: the
+    #: client has every event up to there. Live events at or before it are
+    #: not sent again -- a process whose reader lags behind the client (it
+    #: read its last event from another process) may deliver them after the
+    #: replay. ``None``: the router knows only the events the replay sent.
+    after: Any = None
 
 
 class BrokerUnavailableError(SSEHandlerError):

@@ -267,8 +267,8 @@ class MemoryBroker:
             if first < len(deliveries):
                 runs.append(deliveries[first:])
         if len(runs) > 1:
-            return Replay(list(heapq.merge(*runs, key=_position)))
-        return Replay(runs[0] if runs else [])
+            return Replay(list(heapq.merge(*runs, key=_position)), after=cursor)
+        return Replay(runs[0] if runs else [], after=cursor)
 
     def _caller_id_position(self, channels: Collection[str], event_id: str) -> int | None:
         """Where an id that the publisher chose (not ours) sits, if still in history."""

@@ -907,7 +907,7 @@ class RedisBroker:
             raise _unavailable(self._where, exc) from exc
         if len(by_group) > 1:
             found.sort(key=lambda delivery: delivery.position)
-        return Replay(found)
+        return Replay(found, after=cursor)
 
     async def _replay_group(
         self, group: str, channels: list[str], cursor: wire.Position

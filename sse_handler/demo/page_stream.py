@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
@@ -159,7 +160,12 @@ class BrokerView:
     async def replay(self, channels: Collection[str], last_event_id: str) -> Replay:
         replay = await self._shared.broker.replay(channels, last_event_id)
         if self._transform is not None:
-            replay.deliveries = [self._transform(d) for d in replay.deliveries]
+            # A new Replay: a RedisBroker answers clients that asked for the
+            # same channels and cursor with one object, whichever view asked.
+            transform = self._transform
+            return dataclasses.replace(
+                replay, deliveries=[transform(d) for d in replay.deliveries]
+            )
         return replay
 
     def position(self, event_id: str) -> Any | None:
