@@ -1,4 +1,4 @@
-"""make_server(direct_accept=True) takes a stream request off the socket (sse_handler.accept).
+"""make_server() takes a stream request off the socket (sse_handler.accept; the default).
 
 A GET that the application routes to a stream endpoint, whose whole head is
 on the socket when the connection is accepted, never reaches Tornado's
@@ -403,6 +403,6 @@ async def test_a_host_whose_port_cannot_be_read_is_answered_by_tornado(direct: b
     assert handler.counters.opened == 0
 
 
-def test_the_direct_accept_is_opt_in() -> None:
-    assert make_server(Application([])).direct is None
-    assert make_server(Application([]), direct_accept=True).direct is not None
+def test_the_direct_accept_is_the_default() -> None:
+    assert make_server(Application([])).direct is not None
+    assert make_server(Application([]), direct_accept=False).direct is None
