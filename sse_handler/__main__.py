@@ -108,6 +108,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         help="with --redis: a crashed process leaves presence within SECONDS (default: 15)",
     )
     demo.add_argument(
+        "--history-size",
+        type=_event_count,
+        default=1000,
+        metavar="N",
+        help="events kept per channel for clients that resume with Last-Event-ID "
+        "(default: %(default)s)",
+    )
+    demo.add_argument(
         "--coalesce-window",
         type=_window_ms,
         default=0.0,
@@ -149,6 +157,13 @@ def _positive_seconds(value: str) -> float:
     if not 0 < seconds < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {value!r}")
     return seconds
+
+
+def _event_count(value: str) -> int:
+    count = int(value) if value.isascii() and value.isdigit() else 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of events, not {value!r}")
+    return count
 
 
 def _window_ms(value: str) -> float:
@@ -256,6 +271,7 @@ async def _demo(args: argparse.Namespace, ssl_context: ssl.SSLContext | None) ->
         jwt_secret=args.jwt_secret,
         presence_ttl=args.presence_ttl,
         coalesce_window=args.coalesce_window,
+        history_size=args.history_size,
     )
 
 

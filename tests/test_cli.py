@@ -22,6 +22,7 @@ from support import DemoProcess, free_port
 from tornado.testing import bind_unused_port
 
 import sse_handler
+from sse_handler.testing import EventStreamClient
 
 #: The console script that installing the package put next to this interpreter.
 SCRIPT = Path(sys.executable).with_name("sse-handler")
@@ -226,6 +227,42 @@ def test_a_coalesce_window_that_is_not_milliseconds_is_a_usage_error(value: str)
         f"expected milliseconds >= 0, not {value!r}"
     )
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "1.5", "many"])
+def test_a_history_size_that_is_not_a_positive_count_is_a_usage_error(value: str) -> None:
+    result = run("demo", "--port", str(free_port()), f"--history-size={value}")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        "sse-handler demo: error: argument --history-size: "
+        f"expected a positive number of events, not {value!r}"
+    )
+    assert "Traceback" not in result.stderr
+
+
+async def test_the_history_size_bounds_what_a_client_can_resume_from() -> None:
+    # Two events kept per channel: after four, a client that read only the
+    # first has missed one the history no longer holds (a reset); one that
+    # read the second gets the last two.
+    demo = DemoProcess("--history-size", "2", keep_stderr=True)
+    try:
+        await demo.start()
+        ids = [(await demo.publish(f"event {n}"))[1]["id"] for n in range(4)]
+        resumed = {}
+        for last in ids[:2]:
+            client = await EventStreamClient.connect(demo.url + "/events", {"Last-Event-ID": last})
+            try:
+                events = [await client.next_event()]
+                while events[-1].event != "welcome":
+                    events.append(await client.next_event())
+            finally:
+                client.close()
+            resumed[last] = [(e.event, e.data) for e in events[:-1]]
+    finally:
+        returncode = await demo.stop()
+    assert resumed[ids[0]] == [("reset", '{"reason":"history_exceeded"}')]
+    assert resumed[ids[1]] == [("message", "event 2"), ("message", "event 3")]
+    assert returncode == 0, demo.stderr
 
 
 async def test_the_coalesce_window_sends_events_of_one_window_together() -> None:

@@ -49,6 +49,11 @@ SUBSCRIPTIONS = (
     ("d", "c", "b", "a"),
 )
 PUBLISH_FOR = 10.0
+#: The demo's history per channel, far above what the run publishes: the test
+#: is about the hand-off, and a reader that falls behind under load (the
+#: clients share the test's process with the publishers) must not be reset
+#: for exceeding the default 1,000.
+HISTORY = ("--history-size", "100000")
 #: Publishes in flight per publisher ("as fast as they can, a few at a time").
 IN_FLIGHT = 2
 #: A client cuts its connection after this many events (drawn anew each time).
@@ -236,7 +241,7 @@ async def race(procs: list[LoggedDemoProcess], order: Order) -> list[Published]:
 
 @pytest.mark.timeout(60)
 async def test_resume_across_processes_redis(redis_server: RedisServer) -> None:
-    procs = [LoggedDemoProcess("--redis", redis_server.url) for _ in range(3)]
+    procs = [LoggedDemoProcess("--redis", redis_server.url, *HISTORY) for _ in range(3)]
     await asyncio.gather(*(p.start() for p in procs))
     try:
         await race(procs, redis_order)
@@ -249,7 +254,7 @@ async def test_resume_across_processes_redis(redis_server: RedisServer) -> None:
 
 @pytest.mark.timeout(60)
 async def test_resume_on_one_process_memory() -> None:
-    proc = LoggedDemoProcess()
+    proc = LoggedDemoProcess(*HISTORY)
     await proc.start()
     try:
         published = await race([proc], memory_order)

@@ -376,6 +376,7 @@ async def serve(
     jwt_secret: str | None = None,
     presence_ttl: float | None = None,
     coalesce_window: float = 0.0,
+    history_size: int = 1000,
 ) -> None:
     """Serve the demo until SIGINT or SIGTERM, then close the streams (grace 2 s).
 
@@ -390,6 +391,7 @@ async def serve(
     (seconds, with Redis) bounds how long a crashed process stays in
     presence (:class:`~sse_handler.brokers.redis_control.RedisControlPlane`).
     ``coalesce_window`` (seconds) is both stream handlers' ``coalesce_window``.
+    ``history_size`` is the broker's: events kept per channel for replay.
     """
     broker: Broker | None = None
     cluster: ControlPlane | None = None
@@ -398,11 +400,15 @@ async def serve(
         from ..brokers.redis_control import RedisControlPlane
 
         if redis_cluster:
-            broker = RedisBroker(redis_url, cluster=True, shard_by=by_prefix(":"))
+            broker = RedisBroker(
+                redis_url, cluster=True, shard_by=by_prefix(":"), history_size=history_size
+            )
         else:
-            broker = RedisBroker(redis_url)
+            broker = RedisBroker(redis_url, history_size=history_size)
         if presence_ttl is not None:
             cluster = RedisControlPlane.for_broker(broker, presence_ttl=presence_ttl)
+    else:
+        broker = MemoryBroker(history_size=history_size)
     app, handler = make_app(admin_token, broker, jwt_secret=jwt_secret, cluster=cluster)
     handler.coalesce_window = handler.page_stream.coalesce_window = coalesce_window
     # Reachable by other processes' admin requests before the first stream.
