@@ -20,6 +20,8 @@ from typing import Any, ClassVar, NamedTuple
 
 import pytest
 from support import Server, serve, wait_until
+from tornado.ioloop import IOLoop
+from tornado.platform.asyncio import BaseAsyncIOLoop
 
 from sse_handler import (
     CloseReason,
@@ -505,3 +507,23 @@ async def test_stats_count_events_and_bytes(way: Way) -> None:
         assert stats.state == "live"
         await client.events(3)
         client.close()
+
+
+async def test_a_stream_leaves_no_entry_in_tornados_handler_table(way: Way) -> None:
+    # Its socket is watched through the asyncio loop itself: Tornado's
+    # add_handler would keep a table entry, a set entry and an argument tuple
+    # per stream (about 220 bytes of an idle one).
+    handler = ServerSentEventHandler()
+    io_loop = IOLoop.current()
+    assert isinstance(io_loop, BaseAsyncIOLoop)
+    async with serve(
+        [handler.route("/events")], handler, tls=way.tls, direct=way.direct
+    ) as server:
+        before = len(io_loop.handlers)
+        clients = [await server.stream() for _ in range(20)]
+        await wait_until(lambda: len(handler) == 20)
+        assert len(io_loop.handlers) <= before
+        for client in clients:
+            client.close()
+        await wait_until(lambda: len(handler) == 0)
+        assert len(io_loop.handlers) <= before
