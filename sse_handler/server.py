@@ -95,7 +95,7 @@ class BoundedHTTPServer(HTTPServer):
         self,
         *args: Any,
         body_timeout: float | None = None,
-        direct_accept: bool = False,
+        direct_accept: bool = True,
         **kwargs: Any,
     ) -> None:
         super().initialize(*args, **kwargs)
