@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import uuid
 
 import pytest
 from redis_server import RedisCluster
@@ -124,5 +125,61 @@ async def test_a_reset_when_a_shard_lost_its_history(redis_cluster: RedisCluster
         after = await broker.publish("room0:chat", ServerSentEvent(data="4"))
         replay = await broker.replay(["room0:chat"], kept)
         assert (replay.reset, [d.id for d in replay.deliveries]) == (None, [after])
+    finally:
+        await broker.close()
+
+
+async def _publish_after(broker: RedisBroker, channel: str, earlier: str) -> str:
+    """Publish to ``channel`` until its id sorts after ``earlier`` (the groups'
+    sequences share the machine's clock: a later millisecond is a later id)."""
+    for attempt in range(100):
+        event_id = await broker.publish(channel, ServerSentEvent(data=f"after {attempt}"))
+        if wire_position(event_id) > wire_position(earlier):
+            return event_id
+        await asyncio.sleep(0.002)
+    raise AssertionError(f"no id of {channel} after {earlier}")
+
+
+def wire_position(event_id: str) -> tuple[int, int]:
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq)
+
+
+async def test_a_client_of_two_groups_resumes_from_the_newer_group_without_a_reset(
+    redis_cluster: RedisCluster,
+) -> None:
+    """A cursor from one group is not "from the future" for a group that
+    published last before it, nor unknown to a group that never published."""
+    broker = RedisBroker(redis_cluster.url, cluster=True, shard_by=by_prefix(), block=0.3)
+    try:
+        older = await broker.publish("room0:chat", ServerSentEvent(data="older"))
+        newer = await _publish_after(broker, "room1:chat", older)
+        # The client read both; its last event is the newer group's.
+        replay = await broker.replay(["room0:chat", "room1:chat"], newer)
+        assert (replay.reset, replay.deliveries) == (None, [])
+        # With a channel of a group (shard) that never published too.
+        replay = await broker.replay(["room0:chat", "room1:chat", "room2:quiet"], newer)
+        assert (replay.reset, replay.deliveries) == (None, [])
+        # What either group publishes next is replayed, in id order.
+        missed = [
+            await _publish_after(broker, "room0:chat", newer),
+            await broker.publish("room1:chat", ServerSentEvent(data="next")),
+        ]
+        replay = await broker.replay(["room0:chat", "room1:chat"], newer)
+        assert replay.reset is None
+        assert sorted(d.id for d in replay.deliveries) == sorted(missed)
+        assert [d.position for d in replay.deliveries] == sorted(
+            d.position for d in replay.deliveries
+        )
+        # A group whose history began after the cursor: new, or its shard lost
+        # its data meanwhile, which Redis cannot tell apart: a reset.
+        fresh = f"fresh{uuid.uuid4().hex}:chat"
+        await _publish_after(broker, fresh, newer)
+        replay = await broker.replay(["room0:chat", fresh], newer)
+        assert replay.reset == "history_exceeded"
+        # A cursor after every group's newest is still from the future.
+        future = f"{wire_position(missed[-1])[0] + 60_000}-0"
+        replay = await broker.replay(["room0:chat", "room1:chat"], future)
+        assert replay.reset == "unknown_id"
     finally:
         await broker.close()

@@ -105,6 +105,25 @@ def _not_sent(exc: BaseException) -> bool:
     )
 
 
+def _cursor_reset(cursor: wire.Position, snapshots: list[_Snapshot]) -> str | None:
+    """Why the histories of a client's groups cannot honour its cursor, if they cannot.
+
+    One id is a cursor over every group the client reads, yet came from one of
+    them: a group that published last before it, or never, is not a reason
+    for a reset. The cursor is from another history only when no group ever
+    published here, or it is past every group's newest id. It is older than
+    a group's history when that history began after it: the group's shard
+    lost its data meanwhile, or the group is new -- which the group alone
+    cannot tell apart, so both get ``history_exceeded``, never a silent gap.
+    """
+    known = [s for s in snapshots if s.last is not None and s.since is not None]
+    if not known or cursor > max(s.last for s in known if s.last is not None):
+        return "unknown_id"
+    if cursor > (0, 0) and any(s.since is not None and cursor < s.since for s in known):
+        return "history_exceeded"  # 0-0 asks for all there is
+    return None
+
+
 def _unavailable(url: str, exc: BaseException) -> BrokerUnavailableError:
     if _not_sent(exc):
         return BrokerUnavailableError(f"Redis at {url} is unavailable: {exc}", published=False)
@@ -897,35 +916,31 @@ class RedisBroker:
                 cursor = await self._caller_id_position(list(channels), last_event_id)
                 if cursor is None:
                     return Replay(reset="unknown_id")
-            found: list[Delivery] = []
-            for group, members in by_group.items():
-                replay = await self._replay_group(group, members, cursor)
-                if replay.reset is not None:
-                    return replay
-                found.extend(replay.deliveries)
+            first = wire.after(cursor)
+            if first is None:
+                return Replay(reset="unknown_id")  # past the largest id there can be
+            snapshots = {
+                group: (members, await self._read(group, members, [first] * len(members)))
+                for group, members in by_group.items()
+            }
         except (RedisError, OSError) as exc:
             raise _unavailable(self._where, exc) from exc
-        if len(by_group) > 1:
+        reset = _cursor_reset(cursor, [snapshot for _, snapshot in snapshots.values()])
+        if reset is not None:
+            return Replay(reset=reset)
+        found: list[Delivery] = []
+        for members, snapshot in snapshots.values():
+            replay = self._replayed(members, snapshot, cursor)
+            if replay.reset is not None:
+                return replay
+            found.extend(replay.deliveries)
+        if len(channels) > 1:
             found.sort(key=lambda delivery: delivery.position)
         return Replay(found, after=cursor)
 
-    async def _replay_group(
-        self, group: str, channels: list[str], cursor: wire.Position
-    ) -> Replay:
-        first = wire.after(cursor)
-        if first is None:
-            return Replay(reset="unknown_id")  # past the largest id there can be
-        snapshot = await self._read(group, channels, [first] * len(channels))
-        if snapshot.last is None or snapshot.since is None:
-            # Nothing was ever published in this history: the cursor is from
-            # another one (Redis restarted without its data, or another Redis).
-            return Replay(reset="unknown_id")
-        if cursor > snapshot.last:
-            return Replay(reset="unknown_id")  # from the future: another history
-        if (0, 0) < cursor < snapshot.since:
-            # From before this history (0-0 asks for all of it): the events
-            # after the cursor in the history it came from are gone.
-            return Replay(reset="history_exceeded")
+    def _replayed(self, channels: list[str], snapshot: _Snapshot, cursor: wire.Position) -> Replay:
+        """The events after ``cursor`` in one group's snapshot, or a reset
+        when a channel's stream no longer holds them."""
         found: list[Delivery] = []
         for channel, (newest, entries) in zip(channels, snapshot.channels, strict=True):
             if newest is None or newest <= cursor:
@@ -944,8 +959,6 @@ class RedisBroker:
                 # longer holds (trimmed, expired or evicted).
                 return Replay(reset="history_exceeded")
             found.extend(delivery for delivery, _ in deliveries)
-        if len(channels) > 1:
-            found.sort(key=lambda delivery: delivery.position)
         return Replay(found)
 
     async def _caller_id_position(
