@@ -9,14 +9,15 @@ TLS session goes on where Tornado's handshake left it.
 
 On plain sockets ``send`` *is* ``socket.send`` (one C-level call per frame);
 over TLS it turns ``SSLWantWriteError`` / ``SSLWantReadError`` into "took
-nothing", as ``SSLIOStream.write_to_fd`` does. Readiness goes straight to
-the asyncio loop under Tornado's IOLoop (``add_reader`` / ``add_writer``):
-Tornado's ``add_handler`` would add a dispatch table entry, a set entry and
-an argument tuple per socket, about 220 bytes of an idle stream's 2.7 KiB.
-:meth:`SocketTransport.close` removes the reader and writer (asyncio cancels
-a callback already due) before it closes the socket, and turns every later
-call into a no-op, so nothing touches a file descriptor number after it is
-closed (the kernel may already have given it to another socket).
+nothing", as ``SSLIOStream.write_to_fd`` does. Readiness comes from the
+loop's :mod:`~sse_handler.poller` (one epoll for the streams' sockets), not
+from Tornado's ``add_handler``, which would add a dispatch table entry, a set
+entry and an argument tuple per socket, nor from the asyncio loop's own
+``add_reader``, which costs a ``Handle`` and a ``SelectorKey`` per socket.
+:meth:`SocketTransport.close` removes the socket from the poller before it
+closes it, and turns every later call into a no-op, so nothing touches a
+file descriptor number after it is closed (the kernel may already have given
+it to another socket).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tornado.iostream import IOStream
 from tornado.platform.asyncio import BaseAsyncIOLoop
 
 from .lifecycle import CloseReason
+from .poller import Poller, poller_for
 
 __all__ = [
     "ClosedTransport",
@@ -57,7 +59,7 @@ class Detachable(Protocol):
 class SocketTransport:
     """A plain TCP or Unix socket of one stream (see the module docstring)."""
 
-    __slots__ = ("_loop", "_on_gone", "_on_writable", "_registered", "closed", "send", "sock")
+    __slots__ = ("_on_gone", "_on_writable", "_poller", "_registered", "closed", "send", "sock")
 
     sticky_writes = False
 
@@ -69,7 +71,7 @@ class SocketTransport:
         # Every IOLoop of Tornado 6 runs on asyncio; its selector_loop is the
         # asyncio loop itself, except on Windows' proactor (a selector thread).
         assert isinstance(io_loop, BaseAsyncIOLoop)
-        self._loop = io_loop.selector_loop
+        self._poller: Poller = poller_for(io_loop.selector_loop)
         self._registered = False
         self._on_gone: Callable[[CloseReason], None] | None = None
         self._on_writable: Callable[[], None] | None = None
@@ -79,7 +81,7 @@ class SocketTransport:
         if self.closed:
             return
         self._on_gone = on_gone
-        self._loop.add_reader(self.sock.fileno(), self._on_readable)
+        self._poller.add(self.sock.fileno(), self._on_readable)
         self._registered = True
 
     def want_writable(self, callback: Callable[[], None] | None) -> None:
@@ -89,10 +91,7 @@ class SocketTransport:
             self._on_writable = callback
             return
         self._on_writable = callback
-        if callback is not None:
-            self._loop.add_writer(self.sock.fileno(), self._writable)
-        else:
-            self._loop.remove_writer(self.sock.fileno())
+        self._poller.want_writes(self.sock.fileno(), None if callback is None else self._writable)
 
     def _writable(self) -> None:
         if self._on_writable is not None:
@@ -125,10 +124,7 @@ class SocketTransport:
         self.closed = True
         if self._registered:
             self._registered = False
-            fd = self.sock.fileno()
-            self._loop.remove_reader(fd)
-            if self._on_writable is not None:
-                self._loop.remove_writer(fd)
+            self._poller.remove(self.sock.fileno())
         self._on_gone = self._on_writable = None
         try:
             self.sock.close()
