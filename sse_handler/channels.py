@@ -92,11 +92,21 @@ class ChannelRouter:
         asked = False
         if channel not in self._subscribers and pending is None:
             asked = True
-            pending = self._subscribing[channel] = asyncio.ensure_future(
-                self.broker.subscribe(channel)
-            )
+            # Awaited here, not in a task of its own (a task per new channel
+            # is a measurable part of accepting per-user channels); the
+            # others wait on a future that says how it went.
+            done = self._subscribing[channel] = asyncio.get_running_loop().create_future()
             try:
-                await pending
+                await self.broker.subscribe(channel)
+            except BaseException as exc:
+                if isinstance(exc, Exception):
+                    done.set_exception(exc)
+                    done.exception()  # retrieved: nobody else may be waiting
+                else:
+                    done.cancel()
+                raise
+            else:
+                done.set_result(None)
             finally:
                 del self._subscribing[channel]
         elif pending is not None:

@@ -25,7 +25,12 @@ from typing import Any
 from redis_server import RedisServer
 from support import serve, wait_until
 
-from sse_handler import ServerSentEvent, ServerSentEventConnection, ServerSentEventHandler
+from sse_handler import (
+    BrokerUnavailableError,
+    ServerSentEvent,
+    ServerSentEventConnection,
+    ServerSentEventHandler,
+)
 from sse_handler.brokers import Delivery
 from sse_handler.brokers.redis import RedisBroker
 
@@ -166,3 +171,39 @@ async def test_a_client_ahead_of_a_lagging_reader_does_not_get_its_last_event_ag
     finally:
         await broker.close()
         await publisher.close()
+
+
+async def test_a_subscription_redis_never_confirms_fails_in_time_and_others_still_work(
+    redis_server: RedisServer,
+) -> None:
+    """One timer for every pending confirmation (not a wait_for per channel):
+    a SUBSCRIBE a paused Redis never answers fails after timeout + block with
+    BrokerUnavailableError; once Redis is back the channel subscribes."""
+    broker = fast_broker(redis_server.url)  # timeout + block = 2 s
+    got: list[Delivery] = []
+    broker.add_listener(got.append)
+    try:
+        await broker.subscribe("first")
+        await broker.publish("first", ServerSentEvent(data="1"))
+        await wait_until(lambda: len(got) == 1)
+        redis_server.pause()  # SIGSTOP: the connections stay up, nothing answers
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            results = await asyncio.wait_for(
+                asyncio.gather(
+                    *(broker.subscribe(f"late-{i}") for i in range(3)), return_exceptions=True
+                ),
+                10,
+            )
+            waited = loop.time() - started
+        finally:
+            redis_server.resume()
+        assert [type(result) for result in results] == [BrokerUnavailableError] * 3
+        assert 1.5 < waited < 6, waited
+        # Back: the same channel subscribes and receives.
+        await broker.subscribe("late-0")
+        event_id = await broker.publish("late-0", ServerSentEvent(data="2"))
+        await wait_until(lambda: [d.id for d in got[1:]] == [event_id], timeout=10)
+    finally:
+        await broker.close()

@@ -70,6 +70,7 @@ except ImportError as exc:  # pragma: no cover - depends on the extra
         "RedisBroker needs the redis extra: pip install 'sse_handler[redis]'"
     ) from exc
 
+from ..deadlines import Deadlines
 from ..event import ServerSentEvent
 from ..tasks import spawn
 from . import BrokerUnavailableError, Delivery, Listener, Replay, body_frame
@@ -103,6 +104,11 @@ def _not_sent(exc: BaseException) -> bool:
     return "connecting to" in text or text.startswith(
         ("Timeout connecting", "No connection available", "Too many connections")
     )
+
+
+def _unconfirmed(ack: asyncio.Future[None]) -> None:
+    if not ack.done():
+        ack.set_exception(TimeoutError("Redis did not confirm the SUBSCRIBE in time"))
 
 
 def _cursor_reset(cursor: wire.Position, snapshots: list[_Snapshot]) -> str | None:
@@ -316,8 +322,12 @@ class RedisBroker:
         #: The newest position delivered, per group: Pub/Sub delivers in the
         #: sequence's order, so everything up to it has been seen.
         self._seen: dict[str, wire.Position] = {}
-        #: Subscriptions not confirmed yet, and what waits for them.
+        #: Subscriptions not confirmed yet, and what waits for them; each
+        #: fails if Redis has not confirmed it within timeout + block.
         self._acks: dict[bytes, asyncio.Future[None]] = {}
+        self._ack_deadlines: Deadlines[asyncio.Future[None]] = Deadlines(
+            _unconfirmed, self._acks.values
+        )
         #: Channels to send the next SUBSCRIBE for, and the task sending it.
         self._outgoing: list[bytes] = []
         self._sending: asyncio.Future[Any] | None = None
@@ -515,7 +525,9 @@ class RedisBroker:
         self._groups[channel] = group
         self._topics[channel] = topic
         self._channels[topic] = channel
-        ack = self._acks[topic] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        ack = self._acks[topic] = loop.create_future()
+        self._ack_deadlines.add(loop.time() + self.timeout + self.block, ack)
         if self._reader is None:
             self._reader = spawn(self._supervise(), f"the Redis reader of {self._where}")
         try:
@@ -525,8 +537,10 @@ class RedisBroker:
                     self._sending = spawn(self._send_subscribes(), "sending SUBSCRIBE")
             self._wake.set()
             # Confirmed once Redis sends the reader its "subscribe" reply:
-            # from then on every publish reaches this process.
-            await asyncio.wait_for(asyncio.shield(ack), self.timeout + self.block)
+            # from then on every publish reaches this process. (Awaited
+            # directly: only this call waits for it, and a cancelled wait
+            # forgets the channel below.)
+            await ack
         except (RedisError, OSError, TimeoutError) as exc:
             self._forget(channel)
             raise _unavailable(self._where, exc) from exc
@@ -990,6 +1004,7 @@ class RedisBroker:
         """Stop the reader and release the connections; never raises (a
         process shutting down must get to its exit)."""
         self._closed = True
+        self._ack_deadlines.cancel()
         for ack in self._acks.values():
             if not ack.done():
                 ack.set_exception(BrokerUnavailableError("the broker is closing"))
