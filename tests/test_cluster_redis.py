@@ -307,3 +307,45 @@ async def test_presence_survives_a_redis_restart_and_changes_made_meanwhile(
         staying.close()
     assert a.broker is not None
     await a.broker.close()
+
+
+async def test_a_burst_of_joins_and_leaves_is_seen_whole_from_another_process(
+    redis_server: RedisServer,
+) -> None:
+    """The presence writer groups a batch by channel (one HSET and one PEXPIRE
+    per channel): every join and leave of a burst still reaches the roster."""
+    a = handler_on(redis_server.url)
+    b = handler_on(redis_server.url)
+    await asyncio.gather(plane_of(a).start(), plane_of(b).start())
+    async with serve([a.route("/a")], a) as sa:
+        room = await asyncio.gather(
+            *(sa.stream(f"/a?channel=room&subject=u{i}") for i in range(20))
+        )
+        own = await asyncio.gather(*(sa.stream(f"/a?channel=own-{i}") for i in range(10)))
+        await wait_until(lambda: len(a) == 30)
+
+        def cids(channel: str) -> set[str]:
+            return {c.cid for c in a.connections() if channel in c.channels}
+
+        async def seen_from_b(channel: str, wanted: set[str]) -> bool:
+            return {e.cid for e in await plane_of(b).presence(channel)} == wanted
+
+        await eventually(lambda: seen_from_b("room", cids("room")), 10)
+        for i in range(10):
+            channel = f"own-{i}"
+            await eventually(lambda c=channel: seen_from_b(c, cids(c)), 10)  # type: ignore[misc]
+        async with aioredis.Redis.from_url(redis_server.url) as raw:
+            keys = [k async for k in raw.scan_iter(match="*r:room")]
+            assert len(keys) == 1
+            assert 0 < await raw.pttl(keys[0]) <= int(TTL * 2000)
+        for client in room[:10]:
+            client.close()
+        await wait_until(lambda: len(a) == 20)
+        assert len(cids("room")) == 10
+        await eventually(lambda: seen_from_b("room", cids("room")), 10)
+        for client in [*room[10:], *own]:
+            client.close()
+    for handler in (a, b):
+        await handler.cluster.close()
+        assert handler.broker is not None
+        await handler.broker.close()

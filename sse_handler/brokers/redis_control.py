@@ -296,14 +296,23 @@ class RedisControlPlane(ControlPlane):
                 self._wake.set()
 
     async def _write(self, batch: dict[tuple[str, str], str | None]) -> None:
+        # Grouped by channel: a batch of joins to one channel is one HSET and
+        # one PEXPIRE, not two commands (and two replies to parse) per join.
+        joins: dict[str, dict[str, str]] = {}
+        leaves: dict[str, list[str]] = {}
+        for (channel, name), value in batch.items():
+            if value is None:
+                leaves.setdefault(channel, []).append(name)
+            else:
+                joins.setdefault(channel, {})[name] = value
+        ttl_ms = int(self.presence_ttl * 2000)
         async with self._redis.pipeline(transaction=False) as pipe:
-            for (channel, name), value in batch.items():
+            for channel, names in leaves.items():
+                pipe.hdel(self._roster_key(channel), *names)
+            for channel, fields in joins.items():
                 key = self._roster_key(channel)
-                if value is None:
-                    pipe.hdel(key, name)
-                else:
-                    pipe.hset(key, name, value)
-                    pipe.pexpire(key, int(self.presence_ttl * 2000))
+                pipe.hset(key, mapping=fields)
+                pipe.pexpire(key, ttl_ms)
             await pipe.execute()
 
     # ------------------------------------------------------------ presence
