@@ -17,14 +17,16 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import parse_head, read_to_eof, wait_until
-from tornado.httputil import HTTPServerRequest
+from tornado.httputil import HTTPHeaders, HTTPServerRequest
 from tornado.netutil import bind_unix_socket
 from tornado.testing import bind_unused_port
 from tornado.web import Application, HTTPError, RequestHandler
 
 from sse_handler import ServerSentEventConnection, ServerSentEventHandler
-from sse_handler.accept import DirectConnection
+from sse_handler.accept import DirectConnection, simple_headers
 from sse_handler.server import BoundedHTTPServer, make_server
 from sse_handler.writer import Transport
 
@@ -406,3 +408,47 @@ async def test_a_host_whose_port_cannot_be_read_is_answered_by_tornado(direct: b
 def test_the_direct_accept_is_the_default() -> None:
     assert make_server(Application([])).direct is not None
     assert make_server(Application([]), direct_accept=False).direct is None
+
+
+_NAME_CHARS = "aZ09-_!#~.:\t \r\x00é"
+_VALUE_CHARS = 'aZ09 \t:;,=/"()\x7f\x80\xff\r\x00é\u0100'
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.text(_NAME_CHARS, min_size=0, max_size=6),
+            st.text(_VALUE_CHARS, min_size=0, max_size=8),
+            st.sampled_from(["\r\n", "\n"]),
+        ),
+        max_size=5,
+    ),
+    st.sampled_from(["\r\n", "\n"]),
+)
+def test_the_quick_header_parse_agrees_with_tornados(
+    lines: list[tuple[str, str, str]], end: str
+) -> None:
+    """simple_headers() either declines (Tornado's parse decides) or gives
+    exactly what Tornado's parse gives, for heads Tornado accepts."""
+    text = "".join(f"{name}:{value}{eol}" for name, value, eol in lines) + end
+    quick = simple_headers(text)
+    if quick is None:
+        return
+    assert list(quick.get_all()) == list(HTTPHeaders.parse("\n" + text).get_all())
+
+
+def test_the_quick_header_parse_takes_the_usual_heads_and_declines_the_rest() -> None:
+    usual = "Host: a:1\r\nAccept: text/event-stream\r\nLast-Event-ID: 17-0\r\n\r\n"
+    assert dict(simple_headers(usual) or {}) == {
+        "Host": "a:1",
+        "Accept": "text/event-stream",
+        "Last-Event-Id": "17-0",
+    }
+    for declined in (
+        "Cookie: a=1\r\ncookie: b=2\r\n\r\n",  # a name twice: Tornado keeps both
+        "X: a\r\n  folded\r\n\r\n",  # obs-fold: Tornado refuses it
+        "Bad Name: x\r\n\r\n",
+        "X: a\x00b\r\n\r\n",
+    ):
+        assert simple_headers(declined) is None, declined
