@@ -41,6 +41,10 @@ __all__ = [
 # inside a multi-byte character, so splitting the encoded bytes equals splitting the text.
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
+# Compact JSON; allow_nan=False: NaN / Infinity are not JSON and JSON.parse rejects them.
+# One encoder for every event (json.dumps with options builds one per call).
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
 # WHATWG 9.2.6 would end an id at CR/LF (the rest becoming a new line, i.e. an injected
 # field) and ignores an id containing NUL altogether.
 _BAD_ID = re.compile(r"[\r\n\0]")
@@ -73,7 +77,9 @@ class ServerSentEvent:
     _frame: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_frame", _encode_frame(self))
+        object.__setattr__(
+            self, "_frame", _encode(self.data, self.event, self.id, self.retry, self.comment)
+        )
 
     def encode(self) -> bytes:
         """The wire frame: UTF-8, LF line endings, ending with a blank line."""
@@ -103,7 +109,20 @@ def as_event(event: ServerSentEvent | None, fields: EventFields) -> ServerSentEv
 
 
 def event_frame(event: ServerSentEvent | None, fields: EventFields) -> bytes:
-    """The frame of an event given as an object or as keyword fields."""
+    """The frame of an event given as an object or as keyword fields.
+
+    Fields are encoded as the object would encode them, without building it
+    (a frozen dataclass sets each field through ``object.__setattr__``: a
+    welcome event per accepted stream pays for that).
+    """
+    if event is None and fields.keys() <= _FIELD_NAMES:
+        return _encode(
+            fields.get("data"),
+            fields.get("event"),
+            fields.get("id"),
+            fields.get("retry"),
+            fields.get("comment"),
+        )
     return as_event(event, fields).encode()
 
 
@@ -129,13 +148,22 @@ def encode_retry(retry_ms: int) -> bytes:
     return ServerSentEvent(retry=retry_ms).encode()
 
 
-def _encode_frame(event: ServerSentEvent) -> bytes:
+_FIELD_NAMES = frozenset(EventFields.__annotations__)
+
+
+def _encode(
+    data: str | bytes | dict[str, Any] | list[Any] | None,
+    event: str | None,
+    event_id: str | None,
+    retry: int | None,
+    comment: str | None,
+) -> bytes:
     lines = [
-        *_comment_lines(event.comment),
-        *_event_lines(event.event),
-        *_id_lines(event.id),
-        *_retry_lines(event.retry),
-        *_data_lines(event.data),
+        *_comment_lines(comment),
+        *_event_lines(event),
+        *_id_lines(event_id),
+        *_retry_lines(retry),
+        *_data_lines(data),
     ]
     if not lines:
         # Every field None (or only event=""): the frame would be a bare blank line, which
@@ -206,8 +234,7 @@ def _data_bytes(data: str | bytes | dict[str, Any] | list[Any]) -> bytes:
         return data
     if isinstance(data, dict | list):
         try:
-            # allow_nan=False: NaN / Infinity are not JSON and JSON.parse rejects them.
-            text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            text = _JSON.encode(data)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"data is not JSON-serialisable ({exc})") from None
         return _utf8("data", text)

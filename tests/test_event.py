@@ -7,8 +7,10 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from sse_handler.event import ServerSentEvent, encode_comment, encode_retry
+from sse_handler.event import ServerSentEvent, encode_comment, encode_retry, event_frame
 
 # --- exact frames -------------------------------------------------------------------------
 
@@ -226,3 +228,35 @@ def test_encode_comment_and_retry_validate_like_the_fields() -> None:
 def test_accepted_edge_values(kwargs: dict[str, Any]) -> None:
     frame = ServerSentEvent(**kwargs).encode()
     assert frame.endswith(b"\n\n")
+
+
+_field_values = st.one_of(
+    st.none(),
+    st.text(max_size=6),
+    st.binary(max_size=4),
+    st.integers(min_value=-2, max_value=2**70),
+    st.booleans(),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+    st.just(float("nan")),
+)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["data", "event", "id", "retry", "comment", "other"]),
+        _field_values,
+        max_size=4,
+    )
+)
+def test_fields_given_as_keywords_encode_as_the_event_object_does(fields: dict[str, Any]) -> None:
+    """event_frame() encodes keyword fields without building the object: the
+    same frame, or the same error, as ServerSentEvent(**fields)."""
+    try:
+        expected: bytes | tuple[type, str] = ServerSentEvent(**fields).encode()
+    except (TypeError, ValueError) as exc:
+        expected = (type(exc), str(exc))
+    try:
+        got: bytes | tuple[type, str] = event_frame(None, fields)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        got = (type(exc), str(exc))
+    assert got == expected
