@@ -390,7 +390,7 @@ class ServerSentEventConnection:
         except Exception:
             log.exception("Uncaught exception in connection_closed of connection %s", self.cid)
         else:
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 spawn(result, f"connection_closed of connection {self.cid}")
         self.handler.connection_ended(self)
 

@@ -633,7 +633,7 @@ class ServerSentEventHandler:
             return False
         try:
             result = hook(*args)
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 # An async hook may wait on anything: the client sees the
                 # stream open as soon as it waits, not when it is done. One
                 # that does not wait (a replay from memory) adds to the held

@@ -26,6 +26,7 @@ import time
 from collections.abc import Awaitable, Collection, Iterable
 from dataclasses import dataclass, field
 from email.utils import formatdate
+from functools import cache
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
@@ -81,7 +82,7 @@ def accept_stream(
     except Exception as exc:
         handler.release(request.remote_ip)
         return _failed(request, exc)
-    if inspect.isawaitable(allowed):
+    if allowed is not None and inspect.isawaitable(allowed):
         return _open_once_authorized(request, handler, channels, allowed)
     return _open(request, handler, channels, allowed)
 
@@ -149,7 +150,7 @@ async def answer_head(
     try:
         channels = handler.channels_for(request, path_kwargs)
         allowed = handler.authorize(request)
-        if inspect.isawaitable(allowed):
+        if allowed is not None and inspect.isawaitable(allowed):
             allowed = await allowed
         _granted_channels(channels, allowed)
         headers = dict(_stream_headers(request, handler, chunked=False))
@@ -306,8 +307,7 @@ def _stream_headers(
     extra = handler.cors.headers(request.headers.get("Origin"))
     extra.update(handler.response_headers(request))
     for name, value in extra.items():
-        if any(c in name + value for c in "\r\n\0"):
-            raise ValueError(f"response header {name!r} contains CR, LF or NUL")
+        _check_header(name, value)
         headers.append((name, value))
     return headers
 
@@ -315,15 +315,33 @@ def _stream_headers(
 def _head(request: HTTPServerRequest, handler: ServerSentEventHandler) -> bytes:
     """The response head and the first comment (in the body's framing)."""
     chunked = chunked_for(request.version)
-    lines = ["HTTP/1.1 200 OK", f"Date: {_http_date()}"]
-    lines += [
-        f"{name}: {value}" for name, value in _stream_headers(request, handler, chunked=chunked)
-    ]
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    first = _FIRST_COMMENT
-    if handler.retry is not None:
-        first += encode_retry(handler.retry)
-    return head + (chunk(first) if chunked else first)
+    # The same lines as _stream_headers(), with the fixed ones joined once.
+    extra = handler.cors.headers(request.headers.get("Origin"))
+    extra.update(handler.response_headers(request))
+    lines = [f"HTTP/1.1 200 OK\r\nDate: {_http_date()}\r\n", _fixed_lines(chunked)]
+    for name, value in extra.items():
+        _check_header(name, value)
+        lines.append(f"{name}: {value}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1") + _first_bytes(handler.retry, chunked)
+
+
+@cache
+def _fixed_lines(chunked: bool) -> str:
+    framing = [("Transfer-Encoding", "chunked")] if chunked else []
+    return "".join(f"{name}: {value}\r\n" for name, value in [*STREAM_HEADERS, *framing])
+
+
+@cache
+def _first_bytes(retry: int | None, chunked: bool) -> bytes:
+    """The first comment, and the handler's retry, in the body's framing."""
+    first = _FIRST_COMMENT if retry is None else _FIRST_COMMENT + encode_retry(retry)
+    return chunk(first) if chunked else first
+
+
+def _check_header(name: str, value: str) -> None:
+    if any(c in name + value for c in "\r\n\0"):
+        raise ValueError(f"response header {name!r} contains CR, LF or NUL")
 
 
 _date_cache: tuple[int, str] = (0, "")
