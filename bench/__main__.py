@@ -250,7 +250,7 @@ def _milliseconds(value: str) -> list[float]:
 
 def _select(all_: Sequence[Any], names: str | None, what: str) -> list[Any]:
     if not names:
-        return list(all_)
+        return [x for x in all_ if not getattr(x, "on_request", False)]
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     known = {x.name: x for x in all_}
     unknown = [n for n in wanted if n not in known]

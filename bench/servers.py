@@ -71,6 +71,8 @@ class Server:
     metrics: bool = False
     #: Takes part in the TLS scenarios (its argv serves HTTPS given a certificate).
     tls: bool = False
+    #: Runs only when ``--servers`` names it (not a peer: a reference point).
+    on_request: bool = False
 
 
 def _tls_args(cert: Cert | None) -> list[str]:
@@ -109,6 +111,10 @@ def _sse_handler_frozen(port: int, workdir: Path, cert: Cert | None) -> list[str
 
 def _tornado(port: int, workdir: Path, cert: Cert | None) -> list[str]:
     return [sys.executable, str(APPS / "tornado_app.py"), "--port", str(port), *_tls_args(cert)]
+
+
+def _floor(port: int, workdir: Path, cert: Cert | None) -> list[str]:
+    return [sys.executable, str(APPS / "floor_app.py"), "--port", str(port)]
 
 
 def _starlette(port: int, workdir: Path, cert: Cert | None) -> list[str]:
@@ -217,6 +223,15 @@ SERVERS = (
     ),
     Server("aiohttp-sse", "aiohttp-sse on aiohttp", _aiohttp, _missing_peers),
     Server("nchan", "nginx + nchan (1 worker)", _nchan, _missing_nchan, tls=True),
+    Server(
+        "floor",
+        "no framework: plain asyncio and sockets on the same Python, one regex per request "
+        "head, one epoll for the streams (`bench/apps/floor_app.py`): what accepting and "
+        "writing cost in Python itself; only with `--servers floor`",
+        _floor,
+        lambda: None,
+        on_request=True,
+    ),
 )
 
 
