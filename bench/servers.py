@@ -310,11 +310,12 @@ def snapshot_baseline(ref: str, dest: Path) -> tuple[Server, str]:
 
 
 def coalescing(library: Server, ms: float) -> Server:
-    """sse_handler's demo with ``--coalesce-window MS``, as one more server
-    (plain HTTP only: the TLS app is not the demo's command line)."""
+    """sse_handler's demo with ``--coalesce-window MS``, as one more server;
+    over TLS with the demo's own ``--tls-cert`` / ``--tls-key``."""
 
     def argv(port: int, workdir: Path, cert: Cert | None) -> list[str]:
-        return [*library.argv(port, workdir, None), "--coalesce-window", f"{ms:g}"]
+        tls = [] if cert is None else ["--tls-cert", str(cert.cert), "--tls-key", str(cert.key)]
+        return [*library.argv(port, workdir, None), "--coalesce-window", f"{ms:g}", *tls]
 
     return replace(
         library,
@@ -322,7 +323,7 @@ def coalescing(library: Server, ms: float) -> Server:
         description=f"sse_handler's demo with `--coalesce-window {ms:g}` (events for one "
         f"stream within {ms:g} ms leave in one write)",
         argv=argv,
-        tls=False,
+        tls=True,
     )
 
 
