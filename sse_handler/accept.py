@@ -16,6 +16,8 @@ without this path, and Tornado answers it.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable
@@ -130,9 +132,42 @@ class DirectAccept:
         self.xheaders = xheaders
         self.protocol = protocol or "http"
         self.trusted_downstream = frozenset(trusted_downstream or ())
+        #: New connections served per turn of the event loop (see take()).
+        self.per_turn = 16
+        self._waiting: collections.deque[tuple[IOStream, Any]] = collections.deque()
+        self._scheduled = False
 
     def take(self, stream: IOStream, address: Any) -> None:
-        """Serve a new connection: its stream request here, anything else by Tornado."""
+        """Serve a new connection: its stream request here, anything else by Tornado.
+
+        Connections are served at most :attr:`per_turn` per turn of the event
+        loop, in order of arrival: Tornado accepts up to 128 at once, and
+        serving them all in one callback would hold back, for as long as that
+        takes, every other stream's events waiting on the loop (a reconnect
+        storm or a deploy would make everyone's events late).
+        """
+        self._waiting.append((stream, address))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._serve_some)
+
+    def _serve_some(self) -> None:
+        waiting = self._waiting
+        try:
+            for _ in range(min(self.per_turn, len(waiting))):
+                stream, address = waiting.popleft()
+                try:
+                    self._take_now(stream, address)
+                except Exception:
+                    log.exception("Uncaught exception while accepting a connection")
+                    stream.close()
+        finally:
+            if waiting:
+                asyncio.get_running_loop().call_soon(self._serve_some)
+            else:
+                self._scheduled = False
+
+    def _take_now(self, stream: IOStream, address: Any) -> None:
         sock = stream.socket
         try:
             head = self._peek_head(sock)

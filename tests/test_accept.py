@@ -11,6 +11,7 @@ does, and that every other request still gets Tornado's own answer.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -452,3 +453,30 @@ def test_the_quick_header_parse_takes_the_usual_heads_and_declines_the_rest() ->
         "X: a\x00b\r\n\r\n",
     ):
         assert simple_headers(declined) is None, declined
+
+
+async def test_a_burst_of_new_streams_is_served_a_few_per_turn_of_the_loop() -> None:
+    """Tornado accepts up to 128 connections at once; they are served at most
+    per_turn (16) per turn of the loop, so that other streams' events are not
+    held back for the whole burst."""
+    handler = Spy()
+    async with server_for(handler) as port:
+        socks = []
+        for _ in range(120):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+            socks.append(sock)
+        try:
+            seen = [len(handler)]
+            for _ in range(2000):
+                await asyncio.sleep(0)
+                seen.append(len(handler))
+                if seen[-1] == len(socks):
+                    break
+            assert seen[-1] == len(socks)
+            steps = [b - a for a, b in itertools.pairwise(seen)]
+            assert max(steps) <= 16, steps
+            assert sum(1 for step in steps if step) >= len(socks) // 16
+        finally:
+            for sock in socks:
+                sock.close()

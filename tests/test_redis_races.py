@@ -19,6 +19,7 @@ scale-out storms of issue 11, reduced here to a few calls each).
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Callable
 from typing import Any
 
@@ -206,4 +207,36 @@ async def test_a_subscription_redis_never_confirms_fails_in_time_and_others_stil
         event_id = await broker.publish("late-0", ServerSentEvent(data="2"))
         await wait_until(lambda: [d.id for d in got[1:]] == [event_id], timeout=10)
     finally:
+        await broker.close()
+
+
+async def test_a_burst_of_confirmations_is_handled_a_few_per_turn_of_the_loop(
+    redis_server: RedisServer,
+) -> None:
+    """The reader handles at most 32 Pub/Sub messages per turn of the loop: the
+    confirmations of a thousand new channels arrive at once, and each wakes
+    a subscriber; all of them in one turn would hold back everything else."""
+    broker = fast_broker(redis_server.url)
+    turn = 0
+    done_in: list[int] = []
+
+    async def ticker() -> None:
+        nonlocal turn
+        while True:
+            await asyncio.sleep(0)
+            turn += 1
+
+    async def subscribe(channel: str) -> None:
+        await broker.subscribe(channel)
+        done_in.append(turn)
+
+    ticking = asyncio.ensure_future(ticker())
+    try:
+        await broker.subscribe("first")  # the reader is up
+        await asyncio.gather(*(subscribe(f"user-{i}") for i in range(1000)))
+        per_turn = collections.Counter(done_in)
+        assert len(done_in) == 1000
+        assert max(per_turn.values()) <= 40, per_turn
+    finally:
+        ticking.cancel()
         await broker.close()

@@ -106,6 +106,10 @@ def _not_sent(exc: BaseException) -> bool:
     )
 
 
+#: Pub/Sub messages the reader handles per turn of the event loop.
+_MESSAGES_PER_TURN = 32
+
+
 def _unconfirmed(ack: asyncio.Future[None]) -> None:
     if not ack.done():
         ack.set_exception(TimeoutError("Redis did not confirm the SUBSCRIBE in time"))
@@ -629,6 +633,7 @@ class RedisBroker:
 
     async def _read_loop(self) -> None:
         backoff = 0.05
+        read = 0
         while not self._closed:
             if not self._topics:
                 # Nothing to read: wait for a subscription.
@@ -641,6 +646,14 @@ class RedisBroker:
                 message = await self._pubsub.get_message(timeout=self.block)
                 if message is not None:
                     await self._on_message(message)
+                    read += 1
+                    if read >= _MESSAGES_PER_TURN:
+                        # Buffered messages are read without a wait; a burst
+                        # (the confirmations of thousands of new channels, each
+                        # waking a stream's registration) would otherwise take
+                        # the loop for as long as it lasts.
+                        read = 0
+                        await asyncio.sleep(0)
             except (RedisError, OSError) as exc:
                 self._read_failed(exc)
                 self._log_read_failure(exc)

@@ -67,6 +67,9 @@ from .redis import RedisBroker, channel_key, redacted_url
 
 __all__ = ["RedisControlPlane"]
 
+#: Channels whose presence one pipeline writes (see RedisControlPlane._write).
+_CHANNELS_PER_WRITE = 64
+
 log = logging.getLogger("sse_handler.redis")
 
 #: The operations another process may ask for.
@@ -306,14 +309,23 @@ class RedisControlPlane(ControlPlane):
             else:
                 joins.setdefault(channel, {})[name] = value
         ttl_ms = int(self.presence_ttl * 2000)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for channel, names in leaves.items():
-                pipe.hdel(self._roster_key(channel), *names)
-            for channel, fields in joins.items():
-                key = self._roster_key(channel)
-                pipe.hset(key, mapping=fields)
-                pipe.pexpire(key, ttl_ms)
-            await pipe.execute()
+        ops: list[tuple[str, list[str] | dict[str, str]]] = [
+            *leaves.items(),
+            *joins.items(),
+        ]
+        # A few channels per round trip: thousands of per-user channels in one
+        # pipeline would be packed, and their replies parsed, in one turn of
+        # the loop, holding back every stream's events meanwhile.
+        for start in range(0, len(ops), _CHANNELS_PER_WRITE):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for channel, change in ops[start : start + _CHANNELS_PER_WRITE]:
+                    key = self._roster_key(channel)
+                    if isinstance(change, list):
+                        pipe.hdel(key, *change)
+                    else:
+                        pipe.hset(key, mapping=change)
+                        pipe.pexpire(key, ttl_ms)
+                await pipe.execute()
 
     # ------------------------------------------------------------ presence
 
