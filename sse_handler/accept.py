@@ -25,6 +25,7 @@ from typing import Any
 
 from tornado import httputil
 from tornado.concurrent import Future
+from tornado.escape import native_str
 from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
 from tornado.iostream import IOStream
 from tornado.netutil import is_valid_ip
@@ -53,6 +54,7 @@ _FIELD = re.compile(r"([^:\r\n]+):[ \t]*(.*?)[ \t]*\r?\n")
 # Most heads fit; a longer one is peeked again up to max_header_size.
 _FIRST_PEEK = 4096
 _STREAM_VERSIONS = ("HTTP/1.1", "HTTP/1.0")
+_INET = (socket.AF_INET, socket.AF_INET6)
 
 Fallback = Callable[[IOStream, Any], None]
 
@@ -61,15 +63,22 @@ class RequestContext:
     """What ``HTTPServerRequest`` and the access log read off a connection:
     the client's address (after ``xheaders``) and the scheme."""
 
-    __slots__ = ("address", "protocol", "remote_ip")
+    __slots__ = ("address", "inet", "protocol", "remote_ip")
 
-    def __init__(self, address: Any, remote_ip: str, protocol: str) -> None:
+    def __init__(self, address: Any, remote_ip: str, protocol: str, inet: bool = True) -> None:
         self.address = address
         self.remote_ip = remote_ip
         self.protocol = protocol
+        #: An IPv4 or IPv6 connection (else a Unix socket's, say).
+        self.inet = inet
 
     def __str__(self) -> str:
-        return self.remote_ip
+        # As Tornado's own context: the IP, else the socket's address.
+        if self.inet:
+            return self.remote_ip
+        if isinstance(self.address, bytes):
+            return native_str(self.address)
+        return str(self.address)
 
 
 class DirectConnection(httputil.HTTPConnection):
@@ -226,7 +235,7 @@ class DirectAccept:
     def _context(self, stream: IOStream, address: Any, headers: HTTPHeaders) -> RequestContext:
         """The client's address and scheme, as Tornado's ``HTTPServer`` sets them."""
         family = stream.socket.family
-        inet = family in (socket.AF_INET, socket.AF_INET6) and address
+        inet = family in _INET and address
         remote_ip = address[0] if inet else "0.0.0.0"
         protocol = self.protocol
         if self.xheaders:
@@ -242,7 +251,7 @@ class DirectAccept:
             scheme = scheme.split(",")[-1].strip() if scheme else scheme
             if scheme in ("http", "https"):
                 protocol = scheme
-        return RequestContext(address, remote_ip, protocol)
+        return RequestContext(address, remote_ip, protocol, family in _INET)
 
 
 def simple_headers(text: str) -> HTTPHeaders | None:

@@ -39,6 +39,8 @@ class Spy(ServerSentEventHandler):
         super().__init__(**settings)
         self.came_on: list[type] = []
         self.remote_ips: list[str | None] = []
+        #: What the access log prints for the connection.
+        self.contexts: list[str] = []
 
     def get_connection_impl(
         self,
@@ -49,6 +51,7 @@ class Spy(ServerSentEventHandler):
     ) -> ServerSentEventConnection:
         self.came_on.append(type(request.connection))
         self.remote_ips.append(request.remote_ip)
+        self.contexts.append(str(request.connection.context))  # type: ignore[attr-defined]
         return super().get_connection_impl(request, cid, transport, last_event_id)
 
 
@@ -276,10 +279,11 @@ async def test_xheaders_give_the_same_remote_ip_as_tornados_path(
     assert handler.remote_ips == [expected, expected]
 
 
-async def test_a_unix_socket_stream_is_taken_directly(tmp_path: Any) -> None:
+@pytest.mark.parametrize("direct", [True, False])
+async def test_a_unix_socket_stream_is_taken_directly(tmp_path: Any, direct: bool) -> None:
     handler = Spy()
     path = str(tmp_path / "sse.sock")
-    server = make_server(Application([handler.route("/events")]), direct_accept=True)
+    server = make_server(Application([handler.route("/events")]), direct_accept=direct)
     server.add_socket(bind_unix_socket(path))
     try:
         sock = socket.socket(socket.AF_UNIX)
@@ -293,8 +297,11 @@ async def test_a_unix_socket_stream_is_taken_directly(tmp_path: Any) -> None:
     finally:
         server.stop()
         await handler.shutdown(grace=0.2)
-    assert handler.came_on == [DirectConnection]
+    assert (handler.came_on[0] is DirectConnection) is direct
     assert handler.remote_ips == ["0.0.0.0"]
+    # What the access log prints: the socket's address, on both paths (an
+    # unnamed client socket's is empty), not an IP it never had.
+    assert handler.contexts == [""]
 
 
 async def test_pipelined_bytes_after_a_stream_request_are_dropped() -> None:
