@@ -51,14 +51,7 @@ async def test_errors_and_cancellation_reach_through() -> None:
         await until_done(fails(), lambda: None)
 
     cleaned: list[str] = []
-
-    async def forever() -> None:
-        try:
-            await asyncio.sleep(60)
-        finally:
-            cleaned.append("finally")
-
-    task = asyncio.ensure_future(until_done(forever(), lambda: None))
+    task = asyncio.ensure_future(until_done(_waits_long(cleaned), lambda: None))
     await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -69,15 +62,17 @@ async def test_errors_and_cancellation_reach_through() -> None:
 async def test_a_callback_that_raises_closes_the_coroutine() -> None:
     cleaned: list[str] = []
 
-    async def waits() -> None:
-        try:
-            await asyncio.sleep(60)
-        finally:
-            cleaned.append("finally")
-
     def broken() -> None:
         raise RuntimeError("callback")
 
     with pytest.raises(RuntimeError, match="callback"):
-        await until_done(waits(), broken)
+        await until_done(_waits_long(cleaned), broken)
     assert cleaned == ["finally"]
+
+
+async def _waits_long(cleaned: list[str]) -> None:
+    """Waits a minute; says so in ``cleaned`` however it ends."""
+    try:
+        await asyncio.sleep(60)
+    finally:
+        cleaned.append("finally")
