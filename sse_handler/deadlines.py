@@ -15,31 +15,31 @@ import asyncio
 import heapq
 import itertools
 from collections.abc import Callable, Collection, Hashable
-from typing import Generic, TypeVar
+from typing import Any
 
 __all__ = ["Deadlines"]
 
-Key = TypeVar("Key", bound=Hashable)
 
-
-class Deadlines(Generic[Key]):
+class Deadlines:
     """Calls ``due(key)`` once for each key added, at (or just after) its time.
 
     Times are ``loop.time()`` values. ``live()`` gives the keys still worth
     keeping when the heap is compacted.
     """
 
-    def __init__(self, due: Callable[[Key], None], live: Callable[[], Collection[Key]]) -> None:
+    def __init__(
+        self, due: Callable[[Any], None], live: Callable[[], Collection[Hashable]]
+    ) -> None:
         self._due = due
         self._live = live
-        self._heap: list[tuple[float, int, Key]] = []
+        self._heap: list[tuple[float, int, Hashable]] = []
         self._order = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self._heap)
 
-    def add(self, when: float, key: Key) -> None:
+    def add(self, when: float, key: Hashable) -> None:
         heapq.heappush(self._heap, (when, next(self._order), key))
         if len(self._heap) > 64 and len(self._heap) > 2 * len(self._live()):
             live = set(self._live())

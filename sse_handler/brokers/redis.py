@@ -329,9 +329,7 @@ class RedisBroker:
         #: Subscriptions not confirmed yet, and what waits for them; each
         #: fails if Redis has not confirmed it within timeout + block.
         self._acks: dict[bytes, asyncio.Future[None]] = {}
-        self._ack_deadlines: Deadlines[asyncio.Future[None]] = Deadlines(
-            _unconfirmed, self._acks.values
-        )
+        self._ack_deadlines = Deadlines(_unconfirmed, self._acks.values)
         #: Channels to send the next SUBSCRIBE for, and the task sending it.
         self._outgoing: list[bytes] = []
         self._sending: asyncio.Future[Any] | None = None
