@@ -12,6 +12,11 @@ request is taken here and given to that endpoint as Tornado would give it.
 In every other case (another route or method, a head not complete yet, input
 Tornado would refuse) the connection goes to Tornado untouched, exactly as
 without this path, and Tornado answers it.
+
+The connection arrives as the accepted socket, before Tornado wraps it in an
+``IOStream``: a stream's socket goes to its transport without one, and only
+a connection that Tornado serves, or that waits on an ``async authorize()``,
+gets one.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ _FIRST_PEEK = 4096
 _STREAM_VERSIONS = ("HTTP/1.1", "HTTP/1.0")
 _INET = (socket.AF_INET, socket.AF_INET6)
 
-Fallback = Callable[[IOStream, Any], None]
+Fallback = Callable[[socket.socket, Any], None]
 
 
 class RequestContext:
@@ -86,13 +91,33 @@ class DirectConnection(httputil.HTTPConnection):
     stream, or answered once with ``Connection: close`` (the request was read
     by this path, not by Tornado, so nothing would read the next one)."""
 
-    def __init__(self, stream: IOStream, context: RequestContext) -> None:
-        self.stream = stream
+    def __init__(self, sock: socket.socket, context: RequestContext) -> None:
+        self.sock = sock
         self.context = context
+        self._stream: IOStream | None = None
         self._out: list[bytes] = []
+
+    @property
+    def stream(self) -> IOStream:
+        """The socket as Tornado's ``IOStream``, made on first use (an answer,
+        or a watch for the client leaving during an ``async authorize()``)."""
+        if self._stream is None:
+            self._stream = IOStream(self.sock)
+        return self._stream
 
     def detach(self) -> IOStream:
         return self.stream
+
+    def detach_socket(self) -> socket.socket | None:
+        """The socket for a stream's transport; ``None`` if the client left
+        while an ``IOStream`` watched it."""
+        stream = self._stream
+        if stream is None:
+            return self.sock
+        if stream.closed():
+            return None
+        stream.io_loop.remove_handler(self.sock.fileno())
+        return self.sock
 
     def write_headers(
         self,
@@ -120,7 +145,7 @@ class DirectConnection(httputil.HTTPConnection):
 class DirectAccept:
     """The first request of new connections, for one server (module docstring).
 
-    ``fallback(stream, address)`` serves a connection through Tornado.
+    ``fallback(sock, address)`` serves a connection through Tornado.
     ``xheaders``, ``protocol`` and ``trusted_downstream`` are the
     ``HTTPServer``'s, applied as Tornado applies them.
     """
@@ -143,10 +168,10 @@ class DirectAccept:
         self.trusted_downstream = frozenset(trusted_downstream or ())
         #: New connections served per turn of the event loop (see take()).
         self.per_turn = 16
-        self._waiting: collections.deque[tuple[IOStream, Any]] = collections.deque()
+        self._waiting: collections.deque[tuple[socket.socket, Any]] = collections.deque()
         self._scheduled = False
 
-    def take(self, stream: IOStream, address: Any) -> None:
+    def take(self, sock: socket.socket, address: Any) -> None:
         """Serve a new connection: its stream request here, anything else by Tornado.
 
         Connections are served at most :attr:`per_turn` per turn of the event
@@ -155,7 +180,7 @@ class DirectAccept:
         takes, every other stream's events waiting on the loop (a reconnect
         storm or a deploy would make everyone's events late).
         """
-        self._waiting.append((stream, address))
+        self._waiting.append((sock, address))
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._serve_some)
@@ -164,37 +189,37 @@ class DirectAccept:
         waiting = self._waiting
         try:
             for _ in range(min(self.per_turn, len(waiting))):
-                stream, address = waiting.popleft()
+                sock, address = waiting.popleft()
                 try:
-                    self._take_now(stream, address)
+                    self._take_now(sock, address)
                 except Exception:
                     log.exception("Uncaught exception while accepting a connection")
-                    stream.close()
+                    sock.close()
         finally:
             if waiting:
                 asyncio.get_running_loop().call_soon(self._serve_some)
             else:
                 self._scheduled = False
 
-    def _take_now(self, stream: IOStream, address: Any) -> None:
-        sock = stream.socket
+    def _take_now(self, sock: socket.socket, address: Any) -> None:
         try:
+            sock.setblocking(False)  # as IOStream would make it
             head = self._peek_head(sock)
-            taken = None if head is None else self._stream_request(stream, address, head)
+            taken = None if head is None else self._stream_request(sock, address, head)
         except Exception:
             # Not readable yet, or gone; or a head that fails a check Tornado
             # also makes (e.g. a Host port too long to convert), or a router
             # that raises: nothing is consumed, so Tornado reads it and answers.
             head = taken = None
         if head is None or taken is None:
-            self.fallback(stream, address)
+            self.fallback(sock, address)
             return
-        request, delegate, start_line = taken
+        request, delegate, start_line, conn = taken
         try:
             sock.recv(len(head))  # the head was only peeked: consume it
         except OSError:
             pass  # the client is gone; the stream sees it on its first write
-        _serve(request, delegate, start_line, stream)
+        _serve(request, delegate, start_line, conn)
 
     def _peek_head(self, sock: socket.socket) -> bytes | None:
         data = sock.recv(_FIRST_PEEK, socket.MSG_PEEK)
@@ -207,8 +232,8 @@ class DirectAccept:
         return data[: end.end()]
 
     def _stream_request(
-        self, stream: IOStream, address: Any, head: bytes
-    ) -> tuple[HTTPServerRequest, StreamRequest, RequestStartLine] | None:
+        self, sock: socket.socket, address: Any, head: bytes
+    ) -> tuple[HTTPServerRequest, StreamRequest, RequestStartLine, DirectConnection] | None:
         """The request and its endpoint's delegate, if the head is a GET that
         Tornado would accept and route to a stream endpoint."""
         # As Tornado parses a head (HTTP1Connection._parse_headers).
@@ -223,18 +248,18 @@ class DirectAccept:
             headers = simple_headers(text[eol + 1 :]) or HTTPHeaders.parse(text[eol:])
             if declares_body(headers):
                 return None
-            conn = DirectConnection(stream, self._context(stream, address, headers))
+            conn = DirectConnection(sock, self._context(sock, address, headers))
             request = HTTPServerRequest(start_line=start_line, headers=headers, connection=conn)
         except httputil.HTTPInputError:
             return None
         delegate = self.app.find_handler(request)
         if not isinstance(delegate, StreamRequest):
             return None
-        return request, delegate, start_line
+        return request, delegate, start_line, conn
 
-    def _context(self, stream: IOStream, address: Any, headers: HTTPHeaders) -> RequestContext:
+    def _context(self, sock: socket.socket, address: Any, headers: HTTPHeaders) -> RequestContext:
         """The client's address and scheme, as Tornado's ``HTTPServer`` sets them."""
-        family = stream.socket.family
+        family = sock.family
         inet = family in _INET and address
         remote_ip = address[0] if inet else "0.0.0.0"
         protocol = self.protocol
@@ -276,20 +301,21 @@ def _serve(
     request: HTTPServerRequest,
     delegate: StreamRequest,
     start_line: RequestStartLine,
-    stream: IOStream,
+    conn: DirectConnection,
 ) -> None:
     """Give the request to its endpoint as Tornado's HTTP1Connection would."""
     try:
         pending = delegate.headers_received(start_line, request.headers)
     except Exception:
         log.exception("Uncaught exception while accepting %s", request.uri)
-        stream.close()
+        conn.stream.close()
         return
     if pending is None:
         delegate.finish()  # writes the answer, if the request got one
         return
     # authorize() is async: watch for the client leaving meanwhile (the
     # stream is then closed when the endpoint takes it).
+    stream = conn.stream
     stream.set_close_callback(_nothing)
     spawn(_finish_later(delegate, pending, stream), f"accepting {request.uri}")
 

@@ -112,13 +112,18 @@ class BoundedHTTPServer(HTTPServer):
                 trusted_downstream=self.trusted_downstream,
             )
 
-    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
-        if self.direct is not None and type(stream) is IOStream:
-            self.direct.take(stream, address)
+    def _handle_connection(self, connection: socket.socket, address: Any) -> None:
+        # TCPServer's callback for each accepted socket, which it wraps in an
+        # IOStream for handle_stream(); the direct path takes the socket first.
+        if self.direct is not None:
+            self.direct.take(connection, address)
             return
-        self._serve_with_tornado(stream, address)
+        super()._handle_connection(connection, address)
 
-    def _serve_with_tornado(self, stream: IOStream, address: tuple[Any, ...]) -> None:
+    def _serve_with_tornado(self, connection: socket.socket, address: Any) -> None:
+        super()._handle_connection(connection, address)
+
+    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         # TCPServer builds the IOStream; a subclass of the same layout that
         # adds only close_fd takes its place before the first read.
         guarded = _GUARDED.get(type(stream))
