@@ -23,19 +23,25 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from tornado import httputil
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream, SSLIOStream, UnsatisfiableReadError
 from tornado.log import access_log
+from tornado.routing import RuleRouter
 from tornado.web import Application
 
 from .accept import DirectAccept
 from .closing import LINGER_SECONDS, answer_and_close, declares_body, shut_write
 from .response import Answer
+from .routing import EventStreamRoute
 from .tasks import log
+from .transport import tune_listener
+
+if TYPE_CHECKING:
+    from .handler import ServerSentEventHandler
 
 __all__ = ["BoundedHTTPServer", "answer_and_close", "make_server"]
 
@@ -111,6 +117,27 @@ class BoundedHTTPServer(HTTPServer):
                 protocol=self.protocol,
                 trusted_downstream=self.trusted_downstream,
             )
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        sockets = list(sockets)
+        if self.direct is not None:
+            self._tune_listeners(sockets)
+        super().add_sockets(sockets)
+
+    def _tune_listeners(self, sockets: list[socket.socket]) -> None:
+        """Give the listening sockets the options of the application's (first)
+        stream endpoint: every accepted socket inherits them, and a stream's
+        accept then checks them with one ``getsockopt`` instead of setting
+        them with seven (:func:`~sse_handler.transport.tune_socket`)."""
+        assert self.direct is not None
+        endpoint = _first_stream_endpoint(self.direct.app.default_router)
+        if endpoint is None:
+            return
+        tuning = (endpoint.dead_peer_timeout, endpoint.kernel_buffer)
+        # A Unix socket's streams have nothing to tune: their check fails and
+        # they go through tune_socket(), which returns at once.
+        if any([tune_listener(sock, *tuning) for sock in sockets]):
+            self.direct.listener_tuning = tuning
 
     def _handle_connection(self, connection: socket.socket, address: Any) -> None:
         # TCPServer's callback for each accepted socket, which it wraps in an
@@ -268,6 +295,20 @@ class _RequestGuard(httputil.HTTPMessageDelegate):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+
+def _first_stream_endpoint(router: RuleRouter) -> ServerSentEventHandler | None:
+    """The handler of the first stream route in ``router``'s rules, nested
+    routers included."""
+    for rule in router.rules:
+        target = rule.target
+        if isinstance(target, EventStreamRoute):
+            return target.handler
+        if isinstance(target, RuleRouter):
+            found = _first_stream_endpoint(target)
+            if found is not None:
+                return found
+    return None
 
 
 def _peer(sock: socket.socket) -> str:

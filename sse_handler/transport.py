@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
+import sys
 from collections.abc import Callable
 from typing import Protocol, cast
 
@@ -43,11 +44,17 @@ __all__ = [
     "SocketTransport",
     "TLSTransport",
     "take_transport",
+    "tune_listener",
     "tune_socket",
 ]
 
 # Linux's value where the socket module lacks the name (Python < 3.12 on some builds).
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+_TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
+
+
+#: The settings of :func:`tune_socket`: (dead_peer_timeout, kernel_buffer).
+Tuning = tuple[float, int]
 
 
 class Detachable(Protocol):
@@ -59,7 +66,10 @@ class Detachable(Protocol):
 
 class SocketDetachable(Protocol):
     """A connection that holds its socket without an ``IOStream``
-    (:class:`sse_handler.accept.DirectConnection`): ``None`` if the client left."""
+    (:class:`sse_handler.accept.DirectConnection`): ``None`` if the client left.
+    ``listener_tuning``: what its listening socket was tuned with, if it was."""
+
+    listener_tuning: Tuning | None
 
     def detach_socket(self) -> socket.socket | None: ...
 
@@ -241,10 +251,12 @@ def take_transport(
     detach_socket = getattr(conn, "detach_socket", None)
     if detach_socket is not None:
         # accept.DirectConnection: the socket as accepted, no IOStream made.
-        sock = cast(SocketDetachable, conn).detach_socket()
+        direct = cast(SocketDetachable, conn)
+        sock = direct.detach_socket()
         if sock is None:
             return ClosedTransport()
         io_loop = IOLoop.current()
+        inherited = direct.listener_tuning
     else:
         # Tornado's HTTP1Connection hands over its IOStream.
         stream = cast(Detachable, conn).detach()
@@ -253,13 +265,19 @@ def take_transport(
         sock = stream.socket
         io_loop = stream.io_loop
         io_loop.remove_handler(sock.fileno())
-    tune_socket(sock, dead_peer_timeout, kernel_buffer)
+        inherited = None
+    tune_socket(sock, dead_peer_timeout, kernel_buffer, inherited)
     if isinstance(sock, ssl.SSLSocket):
         return TLSTransport(sock, io_loop)
     return SocketTransport(sock, io_loop)
 
 
-def tune_socket(sock: socket.socket, dead_peer_timeout: float, kernel_buffer: int = 0) -> None:
+def tune_socket(
+    sock: socket.socket,
+    dead_peer_timeout: float,
+    kernel_buffer: int = 0,
+    inherited: Tuning | None = None,
+) -> None:
     """TCP_NODELAY, a bound on unsent bytes in the kernel, and dead-peer detection.
 
     ``kernel_buffer`` sets TCP_NOTSENT_LOWAT: the kernel then takes no more
@@ -270,7 +288,16 @@ def tune_socket(sock: socket.socket, dead_peer_timeout: float, kernel_buffer: in
     TCP keepalive probes catch a dead peer on an idle stream; TCP_USER_TIMEOUT
     catches it while unacknowledged data is outstanding. Both are set from one
     timeout; the probes start at a third of it so the peer is gone well within.
+
+    ``inherited``: the settings the listening socket was tuned with
+    (:func:`tune_listener`). Linux gives an accepted socket its listener's
+    options, so when they are the ones wanted, one ``getsockopt`` of the
+    last option set confirms it (a connection established before the
+    listener was tuned has none) instead of seven ``setsockopt``.
     """
+    wanted = (dead_peer_timeout, kernel_buffer)
+    if inherited == wanted and _has_tuning(sock, dead_peer_timeout, kernel_buffer):
+        return
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
@@ -280,7 +307,13 @@ def tune_socket(sock: socket.socket, dead_peer_timeout: float, kernel_buffer: in
             sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, kernel_buffer)
         except OSError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, kernel_buffer)
+    elif inherited is not None and inherited[1]:
+        # The listener's bound, taken back: 0 is the system's default.
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, 0)
     if not dead_peer_timeout:
+        if inherited is not None and inherited[0]:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, 0)
         return
     idle = max(1, int(dead_peer_timeout / 3))
     interval = max(1, int(dead_peer_timeout / 9))
@@ -294,3 +327,29 @@ def tune_socket(sock: socket.socket, dead_peer_timeout: float, kernel_buffer: in
         option = getattr(socket, name, None)
         if option is not None:  # Linux has all four; other systems some
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+def tune_listener(sock: socket.socket, dead_peer_timeout: float, kernel_buffer: int) -> bool:
+    """Tune a listening TCP socket as :func:`tune_socket` tunes a stream's, so
+    that the streams accepted from it inherit the options (Linux only: other
+    systems differ in what an accepted socket inherits). True if it was."""
+    if sys.platform != "linux" or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        tune_socket(sock, dead_peer_timeout, kernel_buffer)
+    except OSError:
+        return False
+    return True
+
+
+def _has_tuning(sock: socket.socket, dead_peer_timeout: float, kernel_buffer: int) -> bool:
+    """Does ``sock`` have the last option :func:`tune_socket` would set?"""
+    try:
+        if dead_peer_timeout:
+            got = sock.getsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT)
+            return bool(got == int(dead_peer_timeout * 1000))
+        if kernel_buffer:
+            return bool(sock.getsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT) == kernel_buffer)
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+    except OSError:
+        return False
