@@ -761,7 +761,11 @@ def _kept_headers(headers: HTTPHeaders, kept: frozenset[str]) -> HTTPHeaders:
     copy = HTTPHeaders()
     for name, value in headers.get_all():
         if name.lower() in kept:
-            copy.add(name, value)
+            if name in copy:
+                copy.add(name, value)  # a repeated header keeps every value
+            else:
+                # Checked when the request was parsed: add() would check again.
+                copy[name] = value
     return copy
 
 

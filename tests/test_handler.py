@@ -100,6 +100,27 @@ async def test_welcome_on_registration_and_hooks_order() -> None:
         assert handler.deregistered == [cid]
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["tornado", "direct"])
+async def test_a_registered_connection_keeps_every_value_of_a_kept_header(direct: bool) -> None:
+    handler = ServerSentEventHandler(kept_headers=("X-Tag", "Origin"))
+    async with serve([handler.route("/events")], handler, direct=direct) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(
+            b"GET /events HTTP/1.1\r\nHost: x\r\nX-Tag: a\r\nAccept: text/event-stream\r\n"
+            b"x-tag: b\r\nOrigin: https://o.example\r\n\r\n"
+        )
+        await wait_until(lambda: len(handler) == 1)
+        conn = handler.connections()[0]
+        await wait_until(lambda: "Accept" not in conn.headers)
+        assert conn.headers.get_list("X-Tag") == ["a", "b"]
+        assert list(conn.headers.get_all()) == [
+            ("X-Tag", "a"),
+            ("X-Tag", "b"),
+            ("Origin", "https://o.example"),
+        ]
+        sock.close()
+
+
 async def test_send_one_send_all_and_encode_once() -> None:
     handler = RecordingHandler()
     async with serve([handler.route("/events")], handler) as server:
