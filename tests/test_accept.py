@@ -59,6 +59,9 @@ class Hello(RequestHandler):
     def get(self) -> None:
         self.write("hello")
 
+    def post(self) -> None:
+        self.write(b"got " + self.request.body)
+
 
 @asynccontextmanager
 async def server_for(handler: ServerSentEventHandler, **kwargs: Any) -> AsyncIterator[int]:
@@ -184,6 +187,37 @@ async def test_other_routes_and_methods_keep_tornados_answers_and_keep_alive() -
             port, b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
         )
         assert head.startswith(b"HTTP/1.1 405 ")
+    assert handler.came_on == []
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "answer"),
+    [
+        (b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nabcde", b"got abcde"),
+        (b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Long: " + b"y" * 6000 + b"\r\n\r\n", b"hello"),
+        (
+            b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\nGET /hello HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"hello",
+        ),
+    ],
+    ids=["a-body", "a-head-past-the-first-read", "two-pipelined"],
+)
+async def test_a_request_left_to_tornado_reaches_it_whole(
+    request_bytes: bytes, answer: bytes
+) -> None:
+    """A request the direct accept looks at and leaves to Tornado reaches
+    Tornado whole: a body after the head, a head longer than the first
+    look, a second request pipelined behind the first."""
+    handler = Spy()
+    async with server_for(handler) as port:
+        reader, writer = await sent(port, request_bytes)
+        async with asyncio.timeout(5):
+            data = await reader.readuntil(answer)
+            if request_bytes.count(b"GET /hello") == 2:
+                data += await reader.readuntil(answer)
+        writer.close()
+    assert data.startswith(b"HTTP/1.1 200 OK")
+    assert data.count(b"HTTP/1.1 200 OK") == request_bytes.count(b"HTTP/1.1\r\n")
     assert handler.came_on == []
 
 
