@@ -73,6 +73,13 @@ def make_server(
     Plain TCP and Unix sockets only: over TLS every request is Tornado's.
     ``direct_accept=False`` leaves every request to Tornado.
 
+    With ``direct_accept``, on Linux, the listening TCP sockets get the
+    socket options of the application's first stream endpoint (TCP_NODELAY,
+    ``kernel_buffer``'s TCP_NOTSENT_LOWAT, ``dead_peer_timeout``'s keepalive
+    and TCP_USER_TIMEOUT): every accepted connection inherits them, the
+    connections of other routes too, and a stream then checks them with one
+    ``getsockopt`` instead of setting seven options.
+
     Other keywords go to ``HTTPServer``. Once a stream is accepted the
     connection leaves Tornado, so these bounds apply to the request phase only.
     """
