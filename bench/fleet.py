@@ -63,6 +63,7 @@ from .run import (
     _wait_ready,
     _warm_up,
     free_port,
+    interleaved_runs,
     wait_quiet,
 )
 from .servers import APPS, BUILD, NCHAN_MODULE
@@ -486,23 +487,12 @@ def main(
     """Run the scenarios ``names`` ``runs`` times, interleaved; the raw results."""
     from .fleet_report import figures
 
-    raw: list[dict[str, Any]] = []
-    errors: list[str] = []
-    for i in range(runs):
-        for name in names:
-            sc = FLEET[name]
-            for server in servers:
-                log(f"run {i + 1}/{runs}: {server}, {sc.name}: {sc.title}")
-                run = run_storm if sc.kind == "storm" else run_fleet
-                try:
-                    result = run(server, sc, loadgen, cwd)
-                except BenchError as exc:
-                    errors.append(f"run {i + 1}, {sc.name}, {server}: {exc}")
-                    log(f"  failed: {exc}")
-                    continue
-                raw.append({"run": i + 1, **result})
-                f = figures(raw[-1])
-                log("  " + ", ".join(f"{k}={v:.4g}" for k, v in f.items()))
+    def run_one(sc: FleetScenario, server: str) -> dict[str, Any]:
+        run = run_storm if sc.kind == "storm" else run_fleet
+        return run(server, sc, loadgen, cwd)
+
+    plan = [(FLEET[name], server) for name in names for server in servers]
+    raw, errors = interleaved_runs(runs, plan, run_one, figures, log)
     return {
         "argv": list(argv),
         "date": time.strftime("%Y-%m-%d"),

@@ -14,12 +14,15 @@ from typing import Any
 from .fleet import BROADCASTS, FLEET, KEEPALIVE, LIVE, LIVE_RATE, PER_LOADGEN, WINDOW
 from .scaleout import figures as storm_figures
 from .servers import BUILD
+from .tables import NONE, X
+from .tables import fmt as _fmt
+from .tables import median as _median
+from .tables import ratio as _ratio
+from .tables import runs as _runs
 
 __all__ = ["SECTION", "extrapolate", "figures", "latest_results", "section"]
 
 SECTION = "## One process: a reconnect storm and the biggest fleet"
-X = "\N{MULTIPLICATION SIGN}"
-NONE = "\N{EN DASH}"
 NAN = math.nan
 #: Issue 15's targets.
 RSS_TARGET_KIB = 4.0
@@ -80,23 +83,6 @@ def figures(r: dict[str, Any]) -> dict[str, float]:
     out["broadcast_lost"] = lost
     out["broadcast_failed"] = failed
     return out
-
-
-def _median(values: Sequence[float]) -> float:
-    values = [v for v in values if v == v]
-    return statistics.median(values) if values else NAN
-
-
-def _fmt(v: float, spec: str = ".2f") -> str:
-    return NONE if v != v else format(v, spec)
-
-
-def _runs(values: Sequence[float], spec: str = ".2f") -> str:
-    return ", ".join(_fmt(v, spec) for v in values)
-
-
-def _ratio(a: float, b: float) -> str:
-    return NONE if a != a or b != b or b == 0 else f"{a / b:.2f}{X}"
 
 
 def _load(path: Any) -> dict[str, Any] | None:

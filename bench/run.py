@@ -30,6 +30,7 @@ import ssl
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -172,6 +173,33 @@ def others_load(seconds: float = 1.0) -> float:
     busy, own = machine_busy_seconds(), time.process_time()
     time.sleep(seconds)
     return (machine_busy_seconds() - busy - (time.process_time() - own)) / seconds
+
+
+def interleaved_runs(
+    runs: int,
+    plan: Sequence[tuple[Any, str]],
+    run_one: Callable[[Any, str], dict[str, Any]],
+    figures: Callable[[dict[str, Any]], dict[str, float]],
+    log: Callable[[str], None],
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """``runs`` rounds of ``plan`` (scenario, server) in order, interleaved:
+    each round runs every pair once. The raw results (each with its round's
+    ``run``) and one line per failed run; each run's figures are logged."""
+    raw: list[dict[str, Any]] = []
+    errors: list[str] = []
+    for i in range(runs):
+        for sc, server in plan:
+            log(f"run {i + 1}/{runs}: {server}, {sc.name}: {sc.title}")
+            try:
+                result = run_one(sc, server)
+            except BenchError as exc:
+                errors.append(f"run {i + 1}, {sc.name}, {server}: {exc}")
+                log(f"  failed: {exc}")
+                continue
+            raw.append({"run": i + 1, **result})
+            f = figures(raw[-1])
+            log("  " + ", ".join(f"{k}={v:.4g}" for k, v in f.items()))
+    return raw, errors
 
 
 def wait_quiet(max_wait: float = QUIET_WAIT) -> float:

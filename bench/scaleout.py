@@ -36,7 +36,6 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,9 +58,15 @@ from .run import (
     _wait_ready,
     _warm_up,
     free_port,
+    interleaved_runs,
     wait_quiet,
 )
 from .servers import BUILD, NCHAN_MODULE
+from .tables import NONE, X
+from .tables import fmt as _fmt
+from .tables import median as _median
+from .tables import ratio as _ratio
+from .tables import runs as _runs
 
 __all__ = [
     "SCALEOUT",
@@ -76,8 +81,6 @@ __all__ = [
 ]
 
 PROCESSES = 2
-X = "\N{MULTIPLICATION SIGN}"
-NONE = "\N{EN DASH}"
 SECTION = "## Scale-out on Redis"
 #: perchannel: live clients opened before the accept, the events/s they receive
 #: through it, and the window measured before it with nothing else going on.
@@ -443,23 +446,6 @@ def live_figures(live: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _median(values: Sequence[float]) -> float:
-    values = [v for v in values if v == v]
-    return statistics.median(values) if values else float("nan")
-
-
-def _fmt(v: float, spec: str = ".2f") -> str:
-    return NONE if v != v else format(v, spec)
-
-
-def _runs(values: Sequence[float], spec: str = ".2f") -> str:
-    return ", ".join(_fmt(v, spec) for v in values)
-
-
-def _ratio(a: float, b: float) -> str:
-    return NONE if a != a or b != b or b == 0 else f"{a / b:.2f}{X}"
-
-
 def section(results: dict[str, Any]) -> str:
     """The Markdown of the "Scale-out on Redis" section, from one invocation's results."""
     runs: dict[str, dict[str, list[dict[str, float]]]] = {}
@@ -756,22 +742,10 @@ def main(
     import redis as redis_py
 
     machine = {**machine, "redis": _redis_version(), "redis_py": redis_py.__version__}
-    raw: list[dict[str, Any]] = []
-    errors: list[str] = []
-    for i in range(runs):
-        for name in names:
-            for sc in SCALEOUT[name]:
-                for server in servers:
-                    log(f"run {i + 1}/{runs}: {server}, {sc.name}: {sc.title}")
-                    try:
-                        result = run_scaleout(server, sc, loadgen, cwd)
-                    except BenchError as exc:
-                        errors.append(f"run {i + 1}, {sc.name}, {server}: {exc}")
-                        log(f"  failed: {exc}")
-                        continue
-                    raw.append({"run": i + 1, **result})
-                    f = figures(raw[-1])
-                    log("  " + ", ".join(f"{k}={v:.4g}" for k, v in f.items()))
+    plan = [(sc, server) for name in names for sc in SCALEOUT[name] for server in servers]
+    raw, errors = interleaved_runs(
+        runs, plan, lambda sc, server: run_scaleout(server, sc, loadgen, cwd), figures, log
+    )
     return {
         "argv": list(argv),
         "date": time.strftime("%Y-%m-%d"),
