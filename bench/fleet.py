@@ -39,7 +39,6 @@ import dataclasses
 import http.client
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -66,7 +65,7 @@ from .run import (
     interleaved_runs,
     wait_quiet,
 )
-from .servers import APPS, BUILD, NCHAN_MODULE
+from .servers import APPS, BUILD, nginx_head
 
 __all__ = ["FLEET", "KEEPALIVE", "FleetScenario", "main", "run_fleet", "run_storm"]
 
@@ -128,25 +127,10 @@ def nchan_conf(port: int, workdir: Path, keepalive: float | None) -> str:
     streams made nginx log "worker_connections are not enough, reusing
     connections" and close some of them (nchan takes connection slots of its
     own); the sockets stay under ``worker_rlimit_nofile``."""
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    temp = "\n".join(
-        f"    {kind}_temp_path {workdir / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
     ping = f"\n            nchan_eventsource_ping_interval {keepalive:g};" if keepalive else ""
-    return f"""load_module {NCHAN_MODULE};
-{user}worker_processes 1;
-worker_rlimit_nofile 20000;
-daemon off;
-pid {workdir / "nginx.pid"};
-error_log {workdir / "error.log"} warn;
-events {{
-    worker_connections 40000;
-}}
-http {{
-    access_log off;
-{temp}
-    map $arg_channel $bench_channel {{
+    return (
+        nginx_head(workdir, worker_connections=40000)
+        + f"""    map $arg_channel $bench_channel {{
         "" bench;
         default $arg_channel;
     }}
@@ -169,6 +153,7 @@ http {{
     }}
 }}
 """
+    )
 
 
 def _server_argv(server: str, sc: FleetScenario, port: int, workdir: Path) -> list[str]:

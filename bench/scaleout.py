@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -61,7 +60,7 @@ from .run import (
     interleaved_runs,
     wait_quiet,
 )
-from .servers import BUILD, NCHAN_MODULE
+from .servers import BUILD, nginx_head
 from .tables import NONE, X
 from .tables import fmt as _fmt
 from .tables import median as _median
@@ -153,28 +152,13 @@ def nchan_redis_conf(port: int, redis_port: int, workdir: Path) -> str:
     storm meets the same queue; 1,000 messages of history per channel, like
     the RedisBroker's default ``history_size``.
     """
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    temp = "\n".join(
-        f"    {kind}_temp_path {workdir / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
     channel = """            nchan_channel_id $bench_channel;
             nchan_redis_pass bench_redis;
             nchan_message_buffer_length 1000;
             nchan_message_timeout 1h;"""
-    return f"""load_module {NCHAN_MODULE};
-{user}worker_processes 1;
-worker_rlimit_nofile 20000;
-daemon off;
-pid {workdir / "nginx.pid"};
-error_log {workdir / "error.log"} warn;
-events {{
-    worker_connections 20000;
-}}
-http {{
-    access_log off;
-{temp}
-    map $arg_channel $bench_channel {{
+    return (
+        nginx_head(workdir)
+        + f"""    map $arg_channel $bench_channel {{
         "" bench;
         default $arg_channel;
     }}
@@ -196,6 +180,7 @@ http {{
     }}
 }}
 """
+    )
 
 
 def _argv(server: str, port: int, redis_port: int, workdir: Path) -> list[str]:

@@ -129,24 +129,11 @@ def _aiohttp(port: int, workdir: Path, cert: Cert | None) -> list[str]:
     return [str(PEERS_PYTHON), str(APPS / "aiohttp_app.py"), "--port", str(port)]
 
 
-def nginx_conf(port: int, workdir: Path, cert: Cert | None = None) -> str:
-    """One worker, one channel: nchan's eventsource subscriber and its publisher.
-
-    With ``cert``: over TLS (HTTP/1.1). nginx 1.22 leaves TLS 1.3 out of its
-    default protocols and takes the client's order of cipher suites; with TLS 1.3
-    allowed and its own order preferred it negotiates what Python's default
-    server context does with the load generator (TLS 1.3, TLS_AES_256_GCM_SHA384).
-    """
+def nginx_head(workdir: Path, worker_connections: int = 20000) -> str:
+    """The start of every nginx configuration of the bench, up to and with
+    the ``http`` block's first lines: nchan's module, one worker, the
+    open-files limit, files under ``workdir``."""
     user = "user root;\n" if os.geteuid() == 0 else ""
-    listen = f"listen 127.0.0.1:{port};"
-    if cert is not None:
-        listen = (
-            f"listen 127.0.0.1:{port} ssl;\n"
-            f"        ssl_certificate {cert.cert};\n"
-            f"        ssl_certificate_key {cert.key};\n"
-            "        ssl_protocols TLSv1.2 TLSv1.3;\n"
-            "        ssl_prefer_server_ciphers on;"
-        )
     temp = "\n".join(
         f"    {kind}_temp_path {workdir / kind};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -158,12 +145,34 @@ daemon off;
 pid {workdir / "nginx.pid"};
 error_log {workdir / "error.log"} warn;
 events {{
-    worker_connections 20000;
+    worker_connections {worker_connections};
 }}
 http {{
     access_log off;
 {temp}
-    server {{
+"""
+
+
+def nginx_conf(port: int, workdir: Path, cert: Cert | None = None) -> str:
+    """One worker, one channel: nchan's eventsource subscriber and its publisher.
+
+    With ``cert``: over TLS (HTTP/1.1). nginx 1.22 leaves TLS 1.3 out of its
+    default protocols and takes the client's order of cipher suites; with TLS 1.3
+    allowed and its own order preferred it negotiates what Python's default
+    server context does with the load generator (TLS 1.3, TLS_AES_256_GCM_SHA384).
+    """
+    listen = f"listen 127.0.0.1:{port};"
+    if cert is not None:
+        listen = (
+            f"listen 127.0.0.1:{port} ssl;\n"
+            f"        ssl_certificate {cert.cert};\n"
+            f"        ssl_certificate_key {cert.key};\n"
+            "        ssl_protocols TLSv1.2 TLSv1.3;\n"
+            "        ssl_prefer_server_ciphers on;"
+        )
+    return (
+        nginx_head(workdir)
+        + f"""    server {{
         {listen}
         location = /events {{
             nchan_subscriber eventsource;
@@ -178,6 +187,7 @@ http {{
     }}
 }}
 """
+    )
 
 
 def _nchan(port: int, workdir: Path, cert: Cert | None) -> list[str]:
