@@ -670,21 +670,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if errors else 0
 
 
-def _scaleout(args: argparse.Namespace, names: list[str], argv: list[str]) -> int:
-    """The scale-out scenarios on Redis (bench/scaleout.py): their own runs, their
-    own raw results (``bench/.build/scaleout-results-*.json``) and their section of
-    the doc, spliced into it in place."""
-    other = [n for n in names if n not in scaleout.SCALEOUT]
-    if other:
-        raise SystemExit(f"the scale-out scenarios run on their own, not with: {', '.join(other)}")
+def _separate_servers(args: argparse.Namespace, what: str, missing: str | None) -> list[str]:
+    """The servers asked of scenarios that run on their own (scale-out,
+    one-process): sse_handler and nchan only, no ``--baseline``; ``missing``
+    (what the scenarios lack) or nchan's lack stops the run."""
+    if args.baseline:
+        raise SystemExit(f"--baseline is for the plain scenarios, not the {what} ones")
     known = ("sse_handler", "nchan")
     servers = [s.strip() for s in (args.servers or ",".join(known)).split(",") if s.strip()]
     if any(s not in known for s in servers):
-        raise SystemExit(f"the scale-out scenarios know the servers {', '.join(known)}")
+        raise SystemExit(f"the {what} scenarios know the servers {', '.join(known)}")
     nchan = next(s for s in SERVERS if s.name == "nchan")
-    why = scaleout.redis_missing() or (nchan.missing() if "nchan" in servers else None)
+    why = missing or (nchan.missing() if "nchan" in servers else None)
     if why:
         raise SystemExit(why)
+    return servers
+
+
+def _separate_setup() -> tuple[Path, Path, str]:
+    """The load generator, and a copy of the work tree to serve sse_handler
+    from (with its commit), for scenarios that run on their own."""
     _raise_fd_limit()
     BUILD.mkdir(exist_ok=True)
     _log("building the load generator")
@@ -692,6 +697,18 @@ def _scaleout(args: argparse.Namespace, names: list[str], argv: list[str]) -> in
     snapshot = BUILD / "snapshot"
     _, commit = snapshot_library(list(SERVERS), snapshot)
     _log(f"sse_handler is served from a copy of the work tree ({commit}) in {snapshot}")
+    return loadgen, snapshot, commit
+
+
+def _scaleout(args: argparse.Namespace, names: list[str], argv: list[str]) -> int:
+    """The scale-out scenarios on Redis (bench/scaleout.py): their own runs, their
+    own raw results (``bench/.build/scaleout-results-*.json``) and their section of
+    the doc, spliced into it in place."""
+    other = [n for n in names if n not in scaleout.SCALEOUT]
+    if other:
+        raise SystemExit(f"the scale-out scenarios run on their own, not with: {', '.join(other)}")
+    servers = _separate_servers(args, "scale-out", scaleout.redis_missing())
+    loadgen, snapshot, commit = _separate_setup()
     results = scaleout.main(
         names, servers, args.runs or 3, loadgen, snapshot,
         {**machine_info(), "commit": commit}, argv, _log,
@@ -720,21 +737,8 @@ def _fleet(args: argparse.Namespace, names: list[str], argv: list[str]) -> int:
         raise SystemExit(
             f"the one-process scenarios run on their own, not with: {', '.join(other)}"
         )
-    known = ("sse_handler", "nchan")
-    servers = [s.strip() for s in (args.servers or ",".join(known)).split(",") if s.strip()]
-    if any(s not in known for s in servers):
-        raise SystemExit(f"the one-process scenarios know the servers {', '.join(known)}")
-    nchan = next(s for s in SERVERS if s.name == "nchan")
-    why = nchan.missing() if "nchan" in servers else None
-    if why:
-        raise SystemExit(why)
-    _raise_fd_limit()
-    BUILD.mkdir(exist_ok=True)
-    _log("building the load generator")
-    loadgen = build_loadgen()
-    snapshot = BUILD / "snapshot"
-    _, commit = snapshot_library(list(SERVERS), snapshot)
-    _log(f"sse_handler is served from a copy of the work tree ({commit}) in {snapshot}")
+    servers = _separate_servers(args, "one-process", None)
+    loadgen, snapshot, commit = _separate_setup()
     results = fleet.main(
         names, servers, args.runs or 3, loadgen, snapshot,
         {**machine_info(), "commit": commit}, argv, _log,
