@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .fleet import BROADCASTS, FLEET, KEEPALIVE, LIVE, LIVE_RATE, PER_LOADGEN, WINDOW
+from .scaleout import STORM_WORST
 from .scaleout import figures as storm_figures
 from .servers import BUILD
 from .tables import NONE, X
@@ -193,14 +194,7 @@ def _storm(f: _Figures, servers: list[str]) -> list[str]:
         out.append(
             f"| {label} | " + " | ".join(cells) + f" | {ratio} | {_runs(f.paired(name, key))} |"
         )
-    for label, key in (
-        ("lost, worst run", "lost"),
-        ("duplicated, worst run", "duplicates"),
-        ("reset events, worst run", "resets"),
-        ("failed reconnects, worst run", "reconnect_failed"),
-        ("streams the server closed after the reconnect, worst run", "disconnected"),
-        ("… reopened after the retry delay, worst run", "retried"),
-    ):
+    for label, key in STORM_WORST:
         cells = [_fmt(f.worst(name, s, key), ".0f") for s in servers]
         out.append(f"| {label} | " + " | ".join(cells) + " | | |")
     out.append("")

@@ -130,6 +130,17 @@ SCALEOUT: dict[str, tuple[RedisScenario, ...]] = {
 }
 
 
+#: The storm's failure rows: (label, figure), the worst run of each.
+STORM_WORST = (
+    ("lost, worst run", "lost"),
+    ("duplicated, worst run", "duplicates"),
+    ("reset events, worst run", "resets"),
+    ("failed reconnects, worst run", "reconnect_failed"),
+    ("streams the server closed after the reconnect, worst run", "disconnected"),
+    ("… reopened after the retry delay, worst run", "retried"),
+)
+
+
 def redis_missing() -> str | None:
     return None if shutil.which("redis-server") else "no redis-server (Debian: redis-server)"
 
@@ -554,14 +565,7 @@ def section(results: dict[str, Any]) -> str:
                 f"| {label} | " + " | ".join(cells) + f" | {ratio} | "
                 + _runs(paired(sc, key)) + " |"
             )  # fmt: skip
-        for label, key in (
-            ("lost, worst run", "lost"),
-            ("duplicated, worst run", "duplicates"),
-            ("reset events, worst run", "resets"),
-            ("failed reconnects, worst run", "reconnect_failed"),
-            ("streams the server closed after the reconnect, worst run", "disconnected"),
-            ("… reopened after the retry delay, worst run", "retried"),
-        ):
+        for label, key in STORM_WORST:
             cells = [_fmt(worst(sc, s, key), ".0f") for s in servers]
             out.append(f"| {label} | " + " | ".join(cells) + " | | |")
         out.append("")
