@@ -102,9 +102,6 @@ class DirectConnection(httputil.HTTPConnection):
             self._stream = IOStream(self.sock)
         return self._stream
 
-    def detach(self) -> IOStream:
-        return self.stream
-
     def detach_socket(self) -> socket.socket | None:
         """The socket for a stream's transport; ``None`` if the client left
         while an ``IOStream`` watched it."""

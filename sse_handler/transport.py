@@ -58,8 +58,8 @@ Tuning = tuple[float, int]
 
 
 class Detachable(Protocol):
-    """A request's connection that can hand its socket over: Tornado's
-    ``HTTP1Connection``, or :class:`sse_handler.accept.DirectConnection`."""
+    """A request's connection that hands its ``IOStream`` over: Tornado's
+    ``HTTP1Connection``."""
 
     def detach(self) -> IOStream: ...
 
@@ -247,9 +247,8 @@ def take_transport(
     remaining connections) reaches this socket.
     """
     conn = request.connection
-    # (getattr, not a runtime-checked Protocol: isinstance() of one costs microseconds)
-    detach_socket = getattr(conn, "detach_socket", None)
-    if detach_socket is not None:
+    # (hasattr, not a runtime-checked Protocol: isinstance() of one costs microseconds)
+    if hasattr(conn, "detach_socket"):
         # accept.DirectConnection: the socket as accepted, no IOStream made.
         direct = cast(SocketDetachable, conn)
         sock = direct.detach_socket()
