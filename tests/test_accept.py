@@ -521,3 +521,52 @@ async def test_a_burst_of_new_streams_is_served_a_few_per_turn_of_the_loop() -> 
         finally:
             for sock in socks:
                 sock.close()
+
+
+async def test_a_burst_of_mixed_requests_gets_each_its_own_answer() -> None:
+    """A turn serves its batch in phases (peek all, route all, serve each):
+    streams, requests for Tornado, heads not there yet and clients already
+    gone, interleaved in one burst, each get what they would get alone."""
+    handler = Spy()
+    async with server_for(handler) as port:
+        kinds = ["stream", "hello", "late", "gone"] * 8
+        socks = []
+        for kind in kinds:
+            sock = socket.create_connection(("127.0.0.1", port))
+            if kind == "stream":
+                sock.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+            elif kind == "hello":
+                sock.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+            elif kind == "late":
+                sock.sendall(b"GET /hello HTTP/1.1\r\n")  # the rest comes later
+            else:
+                sock.close()  # before the server accepts it, having sent nothing
+            socks.append(sock)
+        try:
+            # The batch is served (its streams open) before the late heads end.
+            await wait_until(lambda: handler.counters.opened == 8)
+            for kind, sock in zip(kinds, socks, strict=True):
+                if kind == "late":
+                    sock.sendall(b"Host: x\r\n\r\n")
+            answers = []
+            for kind, sock in zip(kinds, socks, strict=True):
+                if kind == "gone":
+                    continue
+                reader, writer = await asyncio.open_connection(sock=sock)
+                async with asyncio.timeout(5):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    body = await reader.readuntil(b"ok" if kind == "stream" else b"hello")
+                answers.append((kind, head, body))
+                writer.close()
+            for kind, head, body in answers:
+                status, headers = parse_head(head)
+                assert status == 200, (kind, head)
+                if kind == "stream":
+                    assert headers["Content-Type"].startswith("text/event-stream")
+                else:
+                    assert body.endswith(b"hello"), body
+            assert len(answers) == 24
+            assert handler.counters.opened == 8  # none for the clients gone
+        finally:
+            for sock in socks:
+                sock.close()
