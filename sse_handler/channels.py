@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .brokers import Broker, Delivery, Replay
 from .lifecycle import CloseReason
-from .tasks import spawn
+from .tasks import in_task, spawn
 from .writer import framed
 
 if TYPE_CHECKING:
@@ -42,6 +42,11 @@ class ChannelRouter:
         self._held: dict[ServerSentEventConnection, list[Delivery]] = {}
         self._cursors: dict[ServerSentEventConnection, Any] = {}
         broker.add_listener(self.deliver)
+        # Optional in the Broker protocol: a broker class whose coroutines
+        # never need asyncio.current_task() says so itself (not inherited: a
+        # subclass may wait differently), and a registration calls it without
+        # a task (tasks.start_soon); any other broker gets one first.
+        self._needs_a_task = not vars(type(broker)).get("needs_no_task", False)
         # Optional in the Broker protocol: a broker that can lose live events
         # (Redis Pub/Sub while its connection is away) says which channel.
         add_gap_listener = getattr(broker, "add_gap_listener", None)
@@ -97,6 +102,8 @@ class ChannelRouter:
             # others wait on a future that says how it went.
             done = self._subscribing[channel] = asyncio.get_running_loop().create_future()
             try:
+                if self._needs_a_task:
+                    await in_task()
                 await self.broker.subscribe(channel)
             except BaseException as exc:
                 if isinstance(exc, Exception):
@@ -154,6 +161,8 @@ class ChannelRouter:
         Paced by the reader: a replay larger than the queue bound waits for the
         socket instead of overflowing.
         """
+        if self._needs_a_task:
+            await in_task()
         replay = await self.broker.replay(sorted(conn.channels), last_event_id)
         if replay.reset is None and replay.after is not None:
             # The client has everything up to its cursor: what a lagging

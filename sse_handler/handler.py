@@ -36,7 +36,7 @@ from .lifecycle import CloseReason, OverflowPolicy
 from .outage import BrokerOutage
 from .routing import EventStreamRoute
 from .stats import EndpointStats, Snapshot
-from .tasks import log, spawn, until_done
+from .tasks import in_task, log, start_soon, until_done
 from .transport import ClosedTransport, SocketTransport
 from .writer import Transport, WriteLimits, framed
 
@@ -537,11 +537,13 @@ class ServerSentEventHandler:
         and the ``grant`` ``authorize()`` returned gives it its ``subject`` and
         ``auth_expires_at``.
 
-        Registration runs at once, up to the first time it waits (on the
-        broker, an async hook); the rest runs in a task of its own, apart from
-        Tornado's connection: awaited inside the request, a hook that waits
-        (an async ``registered()``) would keep
-        ``HTTPServer.close_all_connections()`` waiting.
+        Registration runs apart from Tornado's connection (awaited inside the
+        request, a hook that waits, an async ``registered()``, would keep
+        ``HTTPServer.close_all_connections()`` waiting), soon after, in one
+        callback with the other streams accepted in the same turn of the
+        loop; it goes on in a task of its own from the first time it waits
+        (on a broker that needs one, on an async hook). See
+        :func:`~sse_handler.tasks.start_soon`.
         """
         try:
             conn = self.get_connection_impl(request, self.new_cid(), transport, last_event_id)
@@ -556,7 +558,7 @@ class ServerSentEventHandler:
         if isinstance(transport, ClosedTransport):
             conn.close(CloseReason.CLIENT_CLOSED)  # left during authorize()
             return
-        spawn(self._register(conn, list(channels), head), f"registration of {conn.cid}")
+        start_soon(self._register(conn, list(channels), head), f"registration of {conn.cid}")
 
     async def _register(
         self, conn: ServerSentEventConnection, channels: list[str], head: bytes
@@ -607,7 +609,10 @@ class ServerSentEventHandler:
         self._ensure_housekeeping()
         if conn.last_event_id:
             self.counters.replays += 1
-            if not await self._run_hook(conn, self.replay_events_since, conn, conn.last_event_id):
+            replay = self.replay_events_since
+            # The default replay is the broker's: the router gives it a task if it needs one.
+            own = type(self).replay_events_since is ServerSentEventHandler.replay_events_since
+            if not await self._run_hook(conn, replay, conn, conn.last_event_id, own=own):
                 return
             if not conn.is_active:
                 return  # turned away (the broker could not replay)
@@ -627,13 +632,22 @@ class ServerSentEventHandler:
         conn.writer.hold(head)
         conn.writer.stop(reason, encode_retry(self.jittered_retry()))
 
-    async def _run_hook(self, conn: ServerSentEventConnection, hook: Any, *args: Any) -> bool:
-        """Run one hook; one that raises closes only this connection."""
+    async def _run_hook(
+        self, conn: ServerSentEventConnection, hook: Any, *args: Any, own: bool = False
+    ) -> bool:
+        """Run one hook; one that raises closes only this connection.
+
+        An application's async hook runs in a task (registration starts
+        without one, see :func:`~sse_handler.tasks.start_soon`): it may use
+        ``asyncio.timeout`` or anything else that needs a current task.
+        """
         if conn.close_reason is not None:
             return False
         try:
             result = hook(*args)
             if result is not None and inspect.isawaitable(result):
+                if not own:
+                    await in_task()
                 # An async hook may wait on anything: the client sees the
                 # stream open as soon as it waits, not when it is done. One
                 # that does not wait (a replay from memory) adds to the held

@@ -3,19 +3,24 @@
 The event loop keeps only weak references to tasks, so a task nobody holds
 may be collected mid-flight; and a task whose exception nobody reads fails
 silently. :func:`spawn` keeps a strong reference until the task is done and
-logs its failure once, on the package's logger.
+logs its failure once, on the package's logger. :func:`start_soon` does the
+same for work that usually finishes without waiting (a stream's
+registration), without a task until it waits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import inspect
 import logging
 import types
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
 
-__all__ = ["cancel", "log", "spawn", "until_done"]
+__all__ = ["cancel", "in_task", "log", "spawn", "start_soon", "until_done"]
 
 #: The package's one logger.
 log = logging.getLogger("sse_handler")
@@ -29,6 +34,80 @@ def spawn(awaitable: Awaitable[Any], what: str) -> asyncio.Future[Any]:
     _running.add(task)
     task.add_done_callback(lambda done: _finished(done, what))
     return task
+
+
+def start_soon(coro: Coroutine[Any, Any, Any], what: str) -> None:
+    """Run ``coro`` soon, in the background, as :func:`spawn` would, but
+    without a task of its own until it waits: the coroutines started in one
+    turn of the loop run one after the other in one callback of the next,
+    each in a copy of the context it was started in; one that waits (on a
+    future, or on :func:`in_task`) goes on in a task from there.
+
+    Why: a stream's registration is a coroutine that, on the memory broker
+    and with plain hooks, never waits; a task per stream (its creation, its
+    steps and its done callback on the loop) was a tenth of the CPU of
+    accepting one (docs/benchmarks.md, notes). Code that needs
+    ``asyncio.current_task()`` (``asyncio.timeout``, say) must not run
+    before the coroutine has awaited :func:`in_task`.
+    """
+    loop = asyncio.get_running_loop()
+    batch = _batches.get(loop)
+    if batch is None:
+        batch = _batches[loop] = []
+        loop.call_soon(_start_batch, loop)
+    batch.append((contextvars.copy_context(), coro, what))
+
+
+@types.coroutine
+def in_task() -> Generator[Any, Any, None]:
+    """Go on in a task (see :func:`start_soon`): at once if already in one."""
+    if asyncio.current_task() is None:
+        yield _TO_A_TASK
+
+
+# What in_task() hands to start_soon's callback: "give me a task".
+_TO_A_TASK = object()
+_Started = tuple[contextvars.Context, Coroutine[Any, Any, Any], str]
+_batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[_Started]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _start_batch(loop: asyncio.AbstractEventLoop) -> None:
+    for context, coro, what in _batches.pop(loop, ()):
+        try:
+            waiting_on = context.run(coro.send, None)
+        except StopIteration:
+            continue
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            log.error("Uncaught exception in %s", what, exc_info=exc)
+            continue
+        task = loop.create_task(_go_on(coro, waiting_on), context=context)
+        _running.add(task)
+        task.add_done_callback(functools.partial(_finished, what=what))
+
+
+@types.coroutine
+def _go_on(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> Generator[Any, Any, Any]:
+    """The rest of a coroutine that ``start_soon`` began, inside a task: first
+    what it was waiting on (unless it asked for the task), then each step."""
+    while True:
+        sent: Any = None
+        thrown: BaseException | None = None
+        if waiting_on is not _TO_A_TASK:
+            try:
+                sent = yield waiting_on
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # a cancellation goes into the coroutine
+                thrown = exc
+        try:
+            waiting_on = coro.send(sent) if thrown is None else coro.throw(thrown)
+        except StopIteration as done:
+            return done.value
 
 
 async def until_done(awaitable: Awaitable[Any], before_waiting: Callable[[], None]) -> Any:

@@ -348,3 +348,63 @@ async def test_a_replay_that_waits_sends_the_head_first_then_the_missed_events_i
         assert sends[0].startswith(b"HTTP/1.1 200 OK\r\n")
         assert sends[1].count(b"data: ") == 50
         client.close()
+
+
+class TimedReplays(MemoryBroker):
+    """A memory broker whose reads run under ``asyncio.timeout``, as a
+    network broker's do; it needs a task, which only a task can give."""
+
+    async def subscribe(self, channel: str) -> None:
+        async with asyncio.timeout(1):
+            await super().subscribe(channel)
+
+    async def replay(self, channels: Collection[str], last_event_id: str) -> Replay:
+        async with asyncio.timeout(1):
+            return await super().replay(channels, last_event_id)
+
+
+async def test_async_hooks_and_brokers_run_in_a_task(caplog: pytest.LogCaptureFixture) -> None:
+    """Registration starts without a task (tasks.start_soon); an application's
+    async hooks and a broker that has not said it needs none still get one,
+    so asyncio.timeout works in them."""
+    in_tasks: list[str] = []
+
+    class Timed(ServerSentEventConnection):
+        async def registered(self) -> None:
+            async with asyncio.timeout(1):
+                in_tasks.append("registered")
+            self.send(event="welcome", data=self.cid)
+
+    class Handler(ServerSentEventHandler):
+        async def on_connection_registered(self, conn: ServerSentEventConnection) -> None:
+            async with asyncio.timeout(1):
+                in_tasks.append("on_connection_registered")
+
+    class CustomReplay(ServerSentEventHandler):
+        async def replay_events_since(self, conn: ServerSentEventConnection, last: str) -> None:
+            async with asyncio.timeout(1):
+                in_tasks.append("replay_events_since")
+
+    broker = TimedReplays()
+    handler = Handler(connection_class=Timed, broker=broker)
+    custom = CustomReplay(connection_class=Timed)
+    routes = [handler.route("/events"), custom.route("/custom")]
+    with caplog.at_level(logging.ERROR, logger="sse_handler"):
+        async with serve(routes, handler, custom) as server:
+            first = await server.stream()
+            assert (await first.next_event()).event == "welcome"
+            event_id = await handler.publish("default", ServerSentEvent(data="missed"))
+            resumed = await server.stream(headers={"Last-Event-ID": "0-0"})
+            events = await resumed.events(2)
+            assert [e.event for e in events] == ["reset", "welcome"]
+            resumed.close()
+            resumed = await server.stream(headers={"Last-Event-ID": event_id})
+            assert (await resumed.next_event()).event == "welcome"
+            other = await server.stream("/custom", headers={"Last-Event-ID": "7"})
+            assert (await other.next_event()).event == "welcome"
+            for client in (first, resumed, other):
+                client.close()
+    assert in_tasks.count("registered") == 4
+    assert in_tasks.count("on_connection_registered") == 3
+    assert in_tasks.count("replay_events_since") == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

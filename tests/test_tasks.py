@@ -1,13 +1,17 @@
 """sse_handler.tasks.until_done: a coroutine awaited step by step, with a
-callback just before it first waits."""
+callback just before it first waits; start_soon and in_task: background
+work that has no task until it waits."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 
 import pytest
+from support import wait_until
 
-from sse_handler.tasks import until_done
+from sse_handler.tasks import in_task, start_soon, until_done
 
 
 async def test_a_coroutine_that_never_waits_never_triggers_the_callback() -> None:
@@ -76,3 +80,104 @@ async def _waits_long(cleaned: list[str]) -> None:
         await asyncio.sleep(60)
     finally:
         cleaned.append("finally")
+
+
+_seen: contextvars.ContextVar[str] = contextvars.ContextVar("_seen", default="")
+
+
+async def test_start_soon_runs_a_turns_coroutines_in_one_callback_without_tasks() -> None:
+    ran: list[tuple[int, asyncio.Task[object] | None, str]] = []
+
+    async def work(n: int) -> None:
+        ran.append((n, asyncio.current_task(), _seen.get()))
+        _seen.set(f"set by {n}")  # must not reach the next one
+
+    for n in range(5):
+        start_soon(work(n), f"work {n}")
+    assert ran == []  # soon, not now
+    await asyncio.sleep(0)
+    assert ran == [(n, None, "") for n in range(5)]
+
+
+async def test_a_coroutine_that_waits_goes_on_in_a_task() -> None:
+    future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    steps: list[object] = []
+
+    async def work() -> None:
+        steps.append(asyncio.current_task())
+        steps.append(await future)
+        steps.append(asyncio.current_task())
+
+    token = _seen.set("the starter's")
+    start_soon(work(), "waiting work")
+    _seen.reset(token)
+    await asyncio.sleep(0)
+    assert steps == [None]
+    future.set_result("woken")
+    await wait_until(lambda: len(steps) == 3)
+    assert steps[1] == "woken"
+    assert isinstance(steps[2], asyncio.Task)
+
+
+async def test_in_task_gives_a_task_to_code_that_needs_one() -> None:
+    """asyncio.timeout() raises outside a task: after in_task() it works,
+    and the context the coroutine was started in goes with it."""
+    done: list[object] = []
+
+    async def work() -> None:
+        await in_task()
+        async with asyncio.timeout(1):
+            await asyncio.sleep(0)
+        done.append(_seen.get())
+        await in_task()  # in a task already: nothing happens
+        done.append(asyncio.current_task())
+
+    token = _seen.set("the starter's")
+    start_soon(work(), "work needing a task")
+    _seen.reset(token)
+    await wait_until(lambda: len(done) == 2)
+    assert done[0] == "the starter's"
+    assert isinstance(done[1], asyncio.Task)
+
+
+async def test_a_failure_is_logged_once_whether_or_not_it_had_waited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def fails_at_once() -> None:
+        raise RuntimeError("at once")
+
+    async def fails_later() -> None:
+        await asyncio.sleep(0)
+        raise RuntimeError("later")
+
+    with caplog.at_level(logging.ERROR, logger="sse_handler"):
+        start_soon(fails_at_once(), "the quick one")
+        start_soon(fails_later(), "the slow one")
+        await wait_until(lambda: len(caplog.records) == 2)
+        await asyncio.sleep(0.01)
+    messages = sorted(record.getMessage() for record in caplog.records)
+    assert messages == [
+        "Uncaught exception in the quick one",
+        "Uncaught exception in the slow one",
+    ]
+
+
+async def test_a_task_it_went_on_in_can_be_cancelled() -> None:
+    cleaned: list[str] = []
+    went_on_in: list[asyncio.Task[object] | None] = []
+
+    async def work() -> None:
+        await asyncio.sleep(0)
+        went_on_in.append(asyncio.current_task())
+        try:
+            await asyncio.sleep(10)
+        finally:
+            cleaned.append("cleaned")
+
+    start_soon(work(), "long work")
+    await wait_until(lambda: len(went_on_in) == 1)
+    task = went_on_in[0]
+    assert task is not None
+    task.cancel()
+    await wait_until(lambda: cleaned == ["cleaned"])
+    assert task.cancelled()

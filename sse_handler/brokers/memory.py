@@ -115,6 +115,10 @@ class MemoryBroker:
     """
 
     _instances = 0
+    #: Its coroutines never wait on anything, so a stream's registration
+    #: needs no task for them (:func:`sse_handler.tasks.start_soon`). Read
+    #: off this class only: a subclass that waits gets a task.
+    needs_no_task = True
 
     def __init__(
         self, history_size: int = 1000, history_age: float = 0.0, max_channels: int = 10_000
