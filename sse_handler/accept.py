@@ -52,7 +52,6 @@ _NOT_IN_VALUE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
 # Most heads fit; a longer one is peeked again up to max_header_size.
 _FIRST_PEEK = 4096
 _STREAM_VERSIONS = ("HTTP/1.1", "HTTP/1.0")
-_INET = (socket.AF_INET, socket.AF_INET6)
 
 Fallback = Callable[[socket.socket, Any], None]
 
@@ -279,9 +278,10 @@ class DirectAccept:
 
     def _context(self, sock: socket.socket, address: Any, headers: HTTPHeaders) -> RequestContext:
         """The client's address and scheme, as Tornado's ``HTTPServer`` sets them."""
-        family = sock.family
-        inet = family in _INET and address
-        remote_ip = address[0] if inet else "0.0.0.0"
+        # An IPv4 or IPv6 peer's address is a tuple, a Unix socket's a string
+        # (sock.family builds an enum member on every read).
+        inet = type(address) is tuple
+        remote_ip = address[0] if inet and address else "0.0.0.0"
         protocol = self.protocol
         if self.xheaders:
             # Squid uses X-Forwarded-For, others X-Real-Ip; the last hop not trusted.
@@ -296,7 +296,7 @@ class DirectAccept:
             scheme = scheme.split(",")[-1].strip() if scheme else scheme
             if scheme in ("http", "https"):
                 protocol = scheme
-        return RequestContext(address, remote_ip, protocol, family in _INET)
+        return RequestContext(address, remote_ip, protocol, inet)
 
 
 def simple_headers(text: str) -> HTTPHeaders | None:

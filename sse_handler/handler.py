@@ -612,13 +612,15 @@ class ServerSentEventHandler:
             replay = self.replay_events_since
             # The default replay is the broker's: the router gives it a task if it needs one.
             own = type(self).replay_events_since is ServerSentEventHandler.replay_events_since
-            if not await self._run_hook(conn, replay, conn, conn.last_event_id, own=own):
+            ran = self._run_hook(conn, replay, conn, conn.last_event_id, own=own)
+            if not (ran if ran is True or ran is False else await ran):
                 return
             if not conn.is_active:
                 return  # turned away (the broker could not replay)
         self.router.release_held(conn)
         for hook, args in ((conn.registered, ()), (self.on_connection_registered, (conn,))):
-            if not await self._run_hook(conn, hook, *args):
+            ran = self._run_hook(conn, hook, *args)
+            if not (ran if ran is True or ran is False else await ran):
                 return
         conn.writer.release()
         conn.headers = _kept_headers(conn.headers, self._kept)
@@ -632,10 +634,12 @@ class ServerSentEventHandler:
         conn.writer.hold(head)
         conn.writer.stop(reason, encode_retry(self.jittered_retry()))
 
-    async def _run_hook(
+    def _run_hook(
         self, conn: ServerSentEventConnection, hook: Any, *args: Any, own: bool = False
-    ) -> bool:
-        """Run one hook; one that raises closes only this connection.
+    ) -> bool | Awaitable[bool]:
+        """Run one hook; one that raises closes only this connection. Whether
+        the connection goes on: at once for a plain hook (no coroutine to
+        make and await), awaitable for an async one.
 
         An application's async hook runs in a task (registration starts
         without one, see :func:`~sse_handler.tasks.start_soon`): it may use
@@ -645,21 +649,36 @@ class ServerSentEventHandler:
             return False
         try:
             result = hook(*args)
-            if result is not None and inspect.isawaitable(result):
-                if not own:
-                    await in_task()
-                # An async hook may wait on anything: the client sees the
-                # stream open as soon as it waits, not when it is done. One
-                # that does not wait (a replay from memory) adds to the held
-                # write: head, replay and welcome leave in one send.
-                await until_done(result, conn.writer.release)
         except ConnectionClosedError:
             return False  # the connection ended under the hook: not the hook's fault
         except Exception:
-            log.exception("Uncaught exception in %s for connection %s", hook.__name__, conn.cid)
-            conn.close(CloseReason.HOOK_ERROR)
+            self._hook_failed(conn, hook)
+            return False
+        if result is not None and inspect.isawaitable(result):
+            return self._await_hook(conn, hook, result, own)
+        return conn.close_reason is None
+
+    async def _await_hook(
+        self, conn: ServerSentEventConnection, hook: Any, result: Awaitable[Any], own: bool
+    ) -> bool:
+        try:
+            if not own:
+                await in_task()
+            # An async hook may wait on anything: the client sees the stream
+            # open as soon as it waits, not when it is done. One that does
+            # not wait (a replay from memory) adds to the held write: head,
+            # replay and welcome leave in one send.
+            await until_done(result, conn.writer.release)
+        except ConnectionClosedError:
+            return False
+        except Exception:
+            self._hook_failed(conn, hook)
             return False
         return conn.close_reason is None
+
+    def _hook_failed(self, conn: ServerSentEventConnection, hook: Any) -> None:
+        log.exception("Uncaught exception in %s for connection %s", hook.__name__, conn.cid)
+        conn.close(CloseReason.HOOK_ERROR)
 
     def connection_ended(self, conn: ServerSentEventConnection) -> None:
         """Called by a connection once it has closed: it leaves the registry,
