@@ -13,6 +13,9 @@ In every other case (another route or method, a head not complete yet, input
 Tornado would refuse) the connection goes to Tornado untouched, exactly as
 without this path, and Tornado answers it.
 
+A head whose bytes were taken before is not parsed again: its request is a
+copy of the first one's, with the parts of its own (:mod:`sse_handler.heads`).
+
 The connection arrives as the accepted socket, before Tornado wraps it in an
 ``IOStream``: a stream's socket goes to its transport without one, and only
 a connection that Tornado serves, or that waits on an ``async authorize()``,
@@ -37,6 +40,7 @@ from tornado.netutil import is_valid_ip
 from tornado.web import Application
 
 from .closing import answer_and_close, declares_body
+from .heads import SeenHeads
 from .routing import StreamRequest
 from .tasks import log, spawn
 from .transport import Tuning
@@ -168,6 +172,8 @@ class DirectAccept:
         #: What the server tuned its listening sockets with
         #: (:func:`~sse_handler.transport.tune_listener`), if it did.
         self.listener_tuning: Tuning | None = None
+        #: The requests of recent stream heads (:mod:`sse_handler.heads`).
+        self.seen_heads = SeenHeads()
         self._waiting: collections.deque[tuple[socket.socket, Any]] = collections.deque()
         self._scheduled = False
 
@@ -254,6 +260,22 @@ class DirectAccept:
     def _stream_request(self, sock: socket.socket, address: Any, head: bytes) -> _Taken | None:
         """The request and its endpoint's delegate, if the head is a GET that
         Tornado would accept and route to a stream endpoint."""
+        seen = self.seen_heads.get(head)
+        if seen is not None:
+            headers = seen.headers()
+            conn = DirectConnection(sock, self._context(address, headers), self.listener_tuning)
+            request = seen.request(headers, conn)
+            delegate = self.app.find_handler(request)
+            if not isinstance(delegate, StreamRequest):
+                return None
+            return request, delegate, seen.start_line, conn
+        taken = self._parse(sock, address, head)
+        if taken is not None:
+            request, _, start_line, _ = taken
+            self.seen_heads.remember(head, start_line, request)
+        return taken
+
+    def _parse(self, sock: socket.socket, address: Any, head: bytes) -> _Taken | None:
         # As Tornado parses a head (HTTP1Connection._parse_headers).
         text = head.decode("latin-1").lstrip("\r\n")
         eol = text.find("\n")
@@ -266,7 +288,7 @@ class DirectAccept:
             headers = simple_headers(text[eol + 1 :]) or HTTPHeaders.parse(text[eol:])
             if declares_body(headers):
                 return None
-            context = self._context(sock, address, headers)
+            context = self._context(address, headers)
             conn = DirectConnection(sock, context, self.listener_tuning)
             request = HTTPServerRequest(start_line=start_line, headers=headers, connection=conn)
         except httputil.HTTPInputError:
@@ -276,7 +298,7 @@ class DirectAccept:
             return None
         return request, delegate, start_line, conn
 
-    def _context(self, sock: socket.socket, address: Any, headers: HTTPHeaders) -> RequestContext:
+    def _context(self, address: Any, headers: HTTPHeaders) -> RequestContext:
         """The client's address and scheme, as Tornado's ``HTTPServer`` sets them."""
         # An IPv4 or IPv6 peer's address is a tuple, a Unix socket's a string
         # (sock.family builds an enum member on every read).

@@ -570,3 +570,33 @@ async def test_a_burst_of_mixed_requests_gets_each_its_own_answer() -> None:
         finally:
             for sock in socks:
                 sock.close()
+
+
+async def test_a_head_seen_before_gets_a_request_of_its_own() -> None:
+    """The second stream of the same head bytes is built from the first one's
+    request (sse_handler.heads), with its own client address."""
+    handler = Spy()
+    sock, port = bind_unused_port()
+    app = Application([handler.route("/events"), (r"/hello", Hello)])
+    server = make_server(app)
+    server.add_sockets([sock])
+    assert server.direct is not None
+    head = b"GET /events?channel=a HTTP/1.1\r\nHost: x\r\n\r\n"
+    clients = []
+    try:
+        for source in ("127.0.0.1", "127.0.0.2"):
+            client = socket.socket()
+            client.bind((source, 0))
+            client.connect(("127.0.0.1", port))
+            client.sendall(head)
+            clients.append(client)
+            await wait_until(lambda: handler.counters.opened == len(clients))
+        assert len(server.direct.seen_heads) == 1
+        assert handler.remote_ips == ["127.0.0.1", "127.0.0.2"]
+        assert [c.query_arguments for c in handler.connections()] == [{"channel": [b"a"]}] * 2
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
+        await handler.shutdown(grace=0.2)
+        await server.close_all_connections()
