@@ -158,20 +158,26 @@ def _encode(
     retry: int | None,
     comment: str | None,
 ) -> bytes:
-    lines = [
-        *_comment_lines(comment),
-        *_event_lines(event),
-        *_id_lines(event_id),
-        *_retry_lines(retry),
-        *_data_lines(data),
-    ]
+    # Only the fields given are looked at (a welcome has two of five).
+    lines: list[bytes] = []
+    if comment is not None:
+        lines += _comment_lines(comment)
+    if event is not None:
+        lines += _event_lines(event)
+    if event_id is not None:
+        lines += _id_lines(event_id)
+    if retry is not None:
+        lines += _retry_lines(retry)
+    if data is not None:
+        lines += _data_lines(data)
     if not lines:
         # Every field None (or only event=""): the frame would be a bare blank line, which
         # tells the client nothing; refusing it catches a forgotten argument.
         raise ValueError(
             "ServerSentEvent needs at least one field (data, event, id, retry or comment)"
         )
-    return b"".join(line + b"\n" for line in lines) + b"\n"
+    lines.append(b"\n")
+    return b"\n".join(lines)
 
 
 def _comment_lines(comment: str | None) -> list[bytes]:
@@ -252,4 +258,6 @@ def _utf8(name: str, value: object) -> bytes:
 
 
 def _split(encoded: bytes) -> list[bytes]:
+    if b"\n" not in encoded and b"\r" not in encoded:
+        return [encoded]  # one line: no regular expression to run
     return _LINE_BREAK.split(encoded)
