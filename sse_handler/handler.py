@@ -792,13 +792,13 @@ def _base62(n: int) -> str:
 def _kept_headers(headers: HTTPHeaders, kept: frozenset[str]) -> HTTPHeaders:
     """A copy of the headers named in ``kept`` (lower-case names)."""
     copy = HTTPHeaders()
-    for name, value in headers.get_all():
+    for name in headers:  # each name once, in the request's order
         if name.lower() in kept:
-            if name in copy:
+            first, *more = headers.get_list(name)
+            # Checked when the request was parsed: add() would check again.
+            copy[name] = first
+            for value in more:
                 copy.add(name, value)  # a repeated header keeps every value
-            else:
-                # Checked when the request was parsed: add() would check again.
-                copy[name] = value
     return copy
 
 

@@ -109,4 +109,4 @@ class Seen:
 
 def _copied(arguments: dict[str, list[bytes]]) -> dict[str, list[bytes]]:
     # What Tornado's deepcopy gives for its argument lists (bytes are immutable).
-    return {name: values[:] for name, values in arguments.items()}
+    return {name: values[:] for name, values in arguments.items()} if arguments else {}
