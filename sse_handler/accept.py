@@ -14,7 +14,9 @@ Tornado would refuse) the connection goes to Tornado untouched, exactly as
 without this path, and Tornado answers it.
 
 A head whose bytes were taken before is not parsed again: its request is a
-copy of the first one's, with the parts of its own (:mod:`sse_handler.heads`).
+copy of the first one's, with the parts of its own (:mod:`sse_handler.heads`),
+and, where the application's routing looks at nothing but the head, it is
+not routed again either (:mod:`sse_handler.route_memo`).
 
 The connection arrives as the accepted socket, before Tornado wraps it in an
 ``IOStream``: a stream's socket goes to its transport without one, and only
@@ -41,6 +43,7 @@ from tornado.web import Application
 
 from .closing import answer_and_close, declares_body
 from .heads import SeenHeads
+from .route_memo import RouteMemo
 from .routing import StreamRequest
 from .tasks import log, spawn
 from .transport import Tuning
@@ -174,6 +177,9 @@ class DirectAccept:
         self.listener_tuning: Tuning | None = None
         #: The requests of recent stream heads (:mod:`sse_handler.heads`).
         self.seen_heads = SeenHeads()
+        #: Their stream routes, where routing depends on the head alone
+        #: (:mod:`sse_handler.route_memo`).
+        self.routes = RouteMemo(app)
         self._waiting: collections.deque[tuple[socket.socket, Any]] = collections.deque()
         self._scheduled = False
 
@@ -265,14 +271,19 @@ class DirectAccept:
             headers = seen.headers()
             conn = DirectConnection(sock, self._context(address, headers), self.listener_tuning)
             request = seen.request(headers, conn)
-            delegate = self.app.find_handler(request)
-            if not isinstance(delegate, StreamRequest):
-                return None
+            delegate = self.routes.find(head, request)
+            if delegate is None:
+                routed = self.app.find_handler(request)
+                if not isinstance(routed, StreamRequest):
+                    return None
+                self.routes.remember(head, routed)
+                delegate = routed
             return request, delegate, seen.start_line, conn
         taken = self._parse(sock, address, head)
         if taken is not None:
-            request, _, start_line, _ = taken
+            request, delegate, start_line, _ = taken
             self.seen_heads.remember(head, start_line, request)
+            self.routes.remember(head, delegate)
         return taken
 
     def _parse(self, sock: socket.socket, address: Any, head: bytes) -> _Taken | None:

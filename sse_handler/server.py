@@ -35,6 +35,7 @@ from tornado.web import Application
 
 from .accept import DirectAccept
 from .closing import LINGER_SECONDS, answer_and_close, declares_body, shut_write
+from .listener import quick_accept
 from .response import Answer
 from .routing import EventStreamRoute
 from .tasks import log
@@ -129,6 +130,8 @@ class BoundedHTTPServer(HTTPServer):
         sockets = list(sockets)
         if self.direct is not None:
             self._tune_listeners(sockets)
+            for sock in sockets:
+                quick_accept(sock)
         super().add_sockets(sockets)
 
     def _tune_listeners(self, sockets: list[socket.socket]) -> None:
