@@ -1,12 +1,13 @@
 """The accept of two source trees, alternated: server CPU per accepted stream.
 
-    python -m bench.accept_ab [--pairs 4] [--conns 9000] TREE_A TREE_B
+    python -m bench.accept_ab [--pairs 4] [--conns 9000] [--channels N] TREE_A TREE_B
 
 Each TREE is a checkout of sse_handler (a directory holding ``sse_handler/``,
 e.g. ``git worktree add /tmp/before 47f7321``). For each of ``pairs`` rounds,
 in alternated order: the demo of that tree on core 0 (a fresh process, warmed
 up), then ``bench/.build/loadgen`` on core 1 opening ``conns`` idle streams
-at once; printed: the accept time the load generator measured (first dial to
+at once (with ``--channels N``, stream *i* on channel ``c<i mod N>``: as many
+different heads as channels); printed: the accept time the load generator measured (first dial to
 last head) and the server's user and system CPU per accepted stream, read
 from ``/proc``. Medians at the end. Finer than the bench's idle scenario for
 a before/after of one change to the accept path: the CPU is the server's
@@ -39,7 +40,7 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
-def one(tree: str, conns: int) -> dict[str, Any]:
+def one(tree: str, conns: int, channels: int = 0) -> dict[str, Any]:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=tree)
     server = subprocess.Popen(
@@ -62,7 +63,7 @@ def one(tree: str, conns: int) -> dict[str, Any]:
         command = [
             *("taskset", "-c", "1", str(LOADGEN), "-wait", "-addr", f"127.0.0.1:{port}"),
             *("-conns", str(conns), "-rate", "0", "-duration", "1s", "-size", "64"),
-            *("-frozen", "0"),
+            *("-frozen", "0", "-channels", str(channels)),
         ]
         gen = subprocess.Popen(
             command,
@@ -91,6 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--conns", type=int, default=9000)
+    parser.add_argument("--channels", type=int, default=0)
     parser.add_argument("trees", nargs=2)
     args = parser.parse_args()
     if not LOADGEN.exists():
@@ -98,7 +100,7 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {tree: [] for tree in args.trees}
     for pair in range(args.pairs):
         for tree in args.trees if pair % 2 == 0 else args.trees[::-1]:
-            result = one(tree, args.conns)
+            result = one(tree, args.conns, args.channels)
             results[tree].append(result)
             print(tree, result, flush=True)
     for tree, runs in results.items():

@@ -281,9 +281,8 @@ class DirectAccept:
             return request, delegate, seen.start_line, conn
         taken = self._parse(sock, address, head)
         if taken is not None:
-            request, delegate, start_line, _ = taken
+            request, _, start_line, _ = taken
             self.seen_heads.remember(head, start_line, request)
-            self.routes.remember(head, delegate)
         return taken
 
     def _parse(self, sock: socket.socket, address: Any, head: bytes) -> _Taken | None:

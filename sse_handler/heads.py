@@ -27,13 +27,20 @@ __all__ = ["Seen", "SeenHeads"]
 
 class SeenHeads:
     """The requests of up to ``limit`` stream heads of up to ``max_head``
-    bytes; the first head past the limit starts the set over (a client
-    that sends a new head each time costs a dict lookup, never memory)."""
+    bytes, each kept the second time it comes; the first head past the
+    limit starts the set over.
+
+    Why the second time: keeping a request costs more than parsing one
+    (copies of its state), which heads that come once (a channel or a token
+    of their own in each) would pay for nothing: they cost a hash in a set.
+    """
 
     def __init__(self, limit: int = 64, max_head: int = 4096) -> None:
         self.limit = limit
         self.max_head = max_head
         self._seen: dict[bytes, Seen] = {}
+        # Hashes of heads seen once (a collision only keeps a head early).
+        self._once: set[int] = set()
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -41,8 +48,15 @@ class SeenHeads:
     def remember(
         self, head: bytes, start_line: RequestStartLine, request: HTTPServerRequest
     ) -> None:
-        """Keep what Tornado built for ``head`` (before any hook has seen it)."""
+        """Keep what Tornado built for ``head`` (before any hook has seen
+        it), if ``head`` came before."""
         if len(head) > self.max_head:
+            return
+        key = hash(head)
+        if key not in self._once:
+            if len(self._once) >= 64 * self.limit:
+                self._once.clear()
+            self._once.add(key)
             return
         if len(self._seen) >= self.limit:
             self._seen.clear()

@@ -573,8 +573,9 @@ async def test_a_burst_of_mixed_requests_gets_each_its_own_answer() -> None:
 
 
 async def test_a_head_seen_before_gets_a_request_of_its_own() -> None:
-    """The second stream of the same head bytes is built from the first one's
-    request (sse_handler.heads), with its own client address."""
+    """The third stream of the same head bytes is built from the second one's
+    request (sse_handler.heads: kept the second time), with its own client
+    address."""
     handler = Spy()
     sock, port = bind_unused_port()
     app = Application([handler.route("/events"), (r"/hello", Hello)])
@@ -584,7 +585,7 @@ async def test_a_head_seen_before_gets_a_request_of_its_own() -> None:
     head = b"GET /events?channel=a HTTP/1.1\r\nHost: x\r\n\r\n"
     clients = []
     try:
-        for source in ("127.0.0.1", "127.0.0.2"):
+        for source in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
             client = socket.socket()
             client.bind((source, 0))
             client.connect(("127.0.0.1", port))
@@ -592,8 +593,8 @@ async def test_a_head_seen_before_gets_a_request_of_its_own() -> None:
             clients.append(client)
             await wait_until(lambda: handler.counters.opened == len(clients))
         assert len(server.direct.seen_heads) == 1
-        assert handler.remote_ips == ["127.0.0.1", "127.0.0.2"]
-        assert [c.query_arguments for c in handler.connections()] == [{"channel": [b"a"]}] * 2
+        assert handler.remote_ips == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+        assert [c.query_arguments for c in handler.connections()] == [{"channel": [b"a"]}] * 3
     finally:
         for client in clients:
             client.close()

@@ -68,6 +68,8 @@ def test_a_copy_is_what_tornado_builds_on_that_connection(
     seen_heads = SeenHeads()
     start_line, request = tornados(head, first)
     seen_heads.remember(head, start_line, request)
+    assert seen_heads.get(head) is None  # kept the second time only
+    seen_heads.remember(head, start_line, request)
     seen = seen_heads.get(head)
     assert seen is not None
     before = time.time()
@@ -86,6 +88,7 @@ def test_a_copy_has_its_own_headers_and_arguments(socks: list[socket.socket]) ->
     seen_heads = SeenHeads()
     start_line, request = tornados(head, first)
     seen_heads.remember(head, start_line, request)
+    seen_heads.remember(head, start_line, request)
     # What hooks do to the first request, and to a copy, reaches no other.
     request.headers["X-Added"] = "1"
     request.arguments["channel"].append(b"c")
@@ -103,13 +106,18 @@ def test_a_copy_has_its_own_headers_and_arguments(socks: list[socket.socket]) ->
     assert comparable(again) == comparable(tornados(head, third)[1])
 
 
-def test_the_set_is_bounded() -> None:
+def test_the_set_is_bounded_and_keeps_only_heads_that_come_again() -> None:
     seen_heads = SeenHeads(limit=3, max_head=100)
     start_line = RequestStartLine("GET", "/", "HTTP/1.1")
     request = HTTPServerRequest(start_line=start_line, headers=HTTPHeaders({"Host": "a"}))
-    seen_heads.remember(b"x" * 101, start_line, request)
+    for _ in range(2):
+        seen_heads.remember(b"x" * 101, start_line, request)
     assert len(seen_heads) == 0  # too long to keep
+    for n in range(1000):
+        seen_heads.remember(b"a head of its own %d" % n, start_line, request)
+    assert len(seen_heads) == 0  # each came once: nothing kept
     for n in range(7):
-        seen_heads.remember(b"head %d" % n, start_line, request)
+        for _ in range(2):
+            seen_heads.remember(b"head %d" % n, start_line, request)
         assert len(seen_heads) <= 3
     assert seen_heads.get(b"head 6") is not None
