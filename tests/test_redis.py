@@ -786,3 +786,33 @@ async def test_a_broker_outage_is_logged_once_with_summaries_not_per_stream(
     assert summaries() >= 1
     assert sum("the broker is back" in m for m in messages) == 1
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+async def test_concurrent_subscribes_of_one_group_read_its_sequence_once(
+    redis_server: RedisServer,
+) -> None:
+    """Each new channel's subscribe reads its group's last id (the floor of a
+    later catch-up); 500 channels subscribed at once (a burst of streams on
+    channels of their own) share the reads in flight instead of sending 500."""
+    broker = RedisBroker(redis_server.url, block=0.5)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await broker.subscribe("first")  # the reader and its connection in place
+
+        async def hget_calls() -> int:
+            stats = await raw.info("commandstats")
+            return int(stats.get("cmdstat_hget", {}).get("calls", 0))
+
+        before = await hget_calls()
+        await asyncio.gather(*(broker.subscribe(f"own-{n}") for n in range(500)))
+        read = await hget_calls() - before
+        assert read <= 20, read
+        # And each still gets what is published to it from now on.
+        got: list[Delivery] = []
+        broker.add_listener(got.append)
+        ids = [await broker.publish(f"own-{n}", ServerSentEvent(data=str(n))) for n in (0, 499)]
+        await wait_until(lambda: len(got) == 2)
+        assert [d.id for d in got] == ids
+    finally:
+        await raw.aclose()
+        await broker.close()

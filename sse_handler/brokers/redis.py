@@ -51,6 +51,7 @@ Works with Redis 6.2+ and Valkey.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -321,6 +322,8 @@ class RedisBroker:
         #: The sequence's last id when each channel was subscribed: a catch-up
         #: never reads further back than that.
         self._floors: dict[str, wire.Position] = {}
+        # The reads of a group's last id in flight (see _group_floor).
+        self._floor_reads: dict[str, asyncio.Task[Any]] = {}
         #: Group of each subscribed channel ("" without shard_by).
         self._groups: dict[str, str] = {}
         #: The newest position delivered, per group: Pub/Sub delivers in the
@@ -518,11 +521,7 @@ class RedisBroker:
         # sequence's last id now.
         floor = self._seen.get(group)
         if floor is None:
-            try:
-                last = await self._redis.hget(self._sequence_key(group), "last")
-            except (RedisError, OSError) as exc:
-                raise _unavailable(self._where, exc) from exc
-            floor = (last and wire.position(wire.text(last))) or (0, 0)
+            floor = await self._group_floor(group)
         self._floors[channel] = floor
         self._groups[channel] = group
         self._topics[channel] = topic
@@ -549,6 +548,32 @@ class RedisBroker:
         except BaseException:
             self._forget(channel)
             raise
+
+    async def _group_floor(self, group: str) -> wire.Position:
+        """The last id of ``group``'s sequence, read once for all the
+        subscribes that want it meanwhile (a burst of streams on channels of
+        their own wants it once per stream). A read begun a moment before a
+        subscribe gives a floor at most that much older: a catch-up then
+        reads that little further back, as it would for a slower SUBSCRIBE."""
+        reading = self._floor_reads.get(group)
+        if reading is None:
+            reading = asyncio.get_running_loop().create_task(
+                self._redis.hget(self._sequence_key(group), "last")
+            )
+            self._floor_reads[group] = reading
+            reading.add_done_callback(functools.partial(self._floor_read, group))
+        try:
+            # Shielded: a subscribe that is cancelled leaves the read to the others.
+            last = await asyncio.shield(reading)
+        except (RedisError, OSError) as exc:
+            raise _unavailable(self._where, exc) from exc
+        return (last and wire.position(wire.text(last))) or (0, 0)
+
+    def _floor_read(self, group: str, reading: asyncio.Task[Any]) -> None:
+        if self._floor_reads.get(group) is reading:
+            del self._floor_reads[group]
+        if not reading.cancelled():
+            reading.exception()  # retrieved: each subscribe raises its own error
 
     async def _send_subscribes(self) -> None:
         """One ``SUBSCRIBE`` for the channels subscribe() queued meanwhile (a
