@@ -20,7 +20,7 @@ from test_metrics import scrape
 from sse_handler import BrokerUnavailableError, ServerSentEvent
 from sse_handler.brokers.redis import RedisBroker
 from sse_handler.brokers.redis_control import RedisControlPlane
-from sse_handler.cluster import SubjectPresence
+from sse_handler.cluster import PresenceEntry, SubjectPresence
 from sse_handler.metrics import register_cluster_metrics
 from sse_handler.parser import MessageEvent
 from sse_handler.testing import EventStreamClient
@@ -349,3 +349,57 @@ async def test_a_burst_of_joins_and_leaves_is_seen_whole_from_another_process(
         await handler.cluster.close()
         assert handler.broker is not None
         await handler.broker.close()
+
+
+async def test_a_batch_of_presence_changes_is_written_whole(redis_server: RedisServer) -> None:
+    """The writer sends a batch in one script call per 64 channels: thousands
+    of joins to one channel (set in chunks), joins and leaves mixed in one
+    channel, and many channels of one join each all land; a roster with
+    joins gets the TTL, one with only leaves keeps its own."""
+    plane = RedisControlPlane(redis_server.url, prefix="batch:", presence_ttl=TTL, timeout=1.0)
+    await plane.start()
+    raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+
+        def entry(cid: str) -> PresenceEntry:
+            return PresenceEntry(cid, None, plane.process, 1.0)
+
+        for n in range(6):
+            plane.stored_join("mixed", entry(f"old{n}"))
+        plane.stored_join("leaving", entry("gone"))
+        plane.stored_join("leaving", entry("stays"))
+        await eventually(lambda: _hlen(raw, "mixed", 6), 5)
+        await eventually(lambda: _hlen(raw, "leaving", 2), 5)
+        await raw.persist(_roster(plane, "leaving"))
+        for n in range(2500):
+            plane.stored_join("big", entry(f"c{n}"))
+        for n in range(3):
+            plane.stored_leave("mixed", entry(f"old{n}"))
+            plane.stored_join("mixed", entry(f"new{n}"))
+        plane.stored_leave("leaving", entry("gone"))
+        for n in range(150):
+            plane.stored_join(f"own-{n}", entry(f"u{n}"))
+        await eventually(lambda: _hlen(raw, "own-149", 1), 5)
+        await eventually(lambda: _hlen(raw, "big", 2500), 5)
+        mixed = await raw.hgetall(_roster(plane, "mixed"))
+        assert sorted(name.split(" ")[1] for name in mixed) == [
+            "new0", "new1", "new2", "old3", "old4", "old5"
+        ]  # fmt: skip
+        assert json.loads(next(iter(mixed.values()))) == {"subject": None, "since": 1.0}
+        assert await raw.hlen(_roster(plane, "leaving")) == 1
+        assert await raw.pttl(_roster(plane, "leaving")) == -1  # only a leave: no TTL set
+        for channel in ("big", "mixed", "own-0", "own-149"):
+            assert 0 < await raw.pttl(_roster(plane, channel)) <= int(TTL * 2000)
+        assert {e.cid for e in await plane.presence("own-7")} == {"u7"}
+    finally:
+        await raw.aclose()
+        await plane.close()
+
+
+def _roster(plane: RedisControlPlane, channel: str) -> str:
+    return plane._roster_key(channel)
+
+
+async def _hlen(raw: Any, key_or_channel: str, wanted: int) -> bool:
+    keys = [k async for k in raw.scan_iter(match=f"batch:*{key_or_channel}*")]
+    return bool(keys) and await raw.hlen(keys[0]) == wanted

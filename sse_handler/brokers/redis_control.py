@@ -93,6 +93,35 @@ return {gap, redis.call('ZRANGE', KEYS[1], 0, -1)}
 """
 
 
+# The presence changes of several channels' rosters in one call (one
+# Redis only: a Cluster needs every key of a call in one slot). KEYS: the
+# rosters. ARGV[1]: the TTL in ms; then, for each key in turn, a count n of
+# fields to set, n name/value pairs, a count m of fields to delete, m names.
+# Set or deleted in chunks: unpack() takes a few thousand values at most.
+_PRESENCE = """
+local function chunked(command, key, first, last)
+  local at = first
+  while at <= last do
+    local stop = math.min(at + 3999, last)
+    redis.call(command, key, unpack(ARGV, at, stop))
+    at = stop + 1
+  end
+end
+local ttl = ARGV[1]
+local i = 2
+for k = 1, #KEYS do
+  local n = tonumber(ARGV[i])
+  chunked('HSET', KEYS[k], i + 1, i + 2 * n)
+  i = i + 1 + 2 * n
+  local m = tonumber(ARGV[i])
+  chunked('HDEL', KEYS[k], i + 1, i + m)
+  i = i + 1 + m
+  if n > 0 then redis.call('PEXPIRE', KEYS[k], ttl) end
+end
+return #KEYS
+"""
+
+
 @dataclass(slots=True)
 class _Answers:
     """The answers to one request, as they come in."""
@@ -153,6 +182,8 @@ class RedisControlPlane(ControlPlane):
             url, socket_connect_timeout=timeout, protocol=2
         )
         self._beat_script: Any = self._redis.register_script(_BEAT)
+        self._cluster = cluster
+        self._presence_script: Any = self._redis.register_script(_PRESENCE)
         self._processes = f"{prefix}h:"
         self._requests = f"{prefix}q:".encode()
         self._answers = channel_key(prefix, self.process, "a").encode()
@@ -299,6 +330,9 @@ class RedisControlPlane(ControlPlane):
                 self._wake.set()
 
     async def _write(self, batch: dict[tuple[str, str], str | None]) -> None:
+        if not self._cluster:
+            await self._write_by_script(batch)
+            return
         # Grouped by channel: a batch of joins to one channel is one HSET and
         # one PEXPIRE, not two commands (and two replies to parse) per join.
         joins: dict[str, dict[str, str]] = {}
@@ -326,6 +360,29 @@ class RedisControlPlane(ControlPlane):
                         pipe.hset(key, mapping=change)
                         pipe.pexpire(key, ttl_ms)
                 await pipe.execute()
+
+    async def _write_by_script(self, batch: dict[tuple[str, str], str | None]) -> None:
+        """The batch in one script call per 64 channels. Why: per-user
+        channels make a join one channel of its own, and two commands per
+        channel (HSET, PEXPIRE), each packed and its reply parsed by redis-py,
+        cost more CPU than the rest of accepting the stream (docs/benchmarks.md,
+        notes)."""
+        changes: dict[str, tuple[list[str], list[str]]] = {}
+        for (channel, name), value in batch.items():
+            sets, deletes = changes.setdefault(channel, ([], []))
+            if value is None:
+                deletes.append(name)
+            else:
+                sets += (name, value)
+        ttl_ms = int(self.presence_ttl * 2000)
+        channels = list(changes.items())
+        for start in range(0, len(channels), _CHANNELS_PER_WRITE):
+            keys: list[str] = []
+            args: list[str | int] = [ttl_ms]
+            for channel, (sets, deletes) in channels[start : start + _CHANNELS_PER_WRITE]:
+                keys.append(self._roster_key(channel))
+                args += (len(sets) // 2, *sets, len(deletes), *deletes)
+            await self._presence_script(keys=keys, args=args)
 
     # ------------------------------------------------------------ presence
 
