@@ -93,21 +93,12 @@ def _start_batch(loop: asyncio.AbstractEventLoop) -> None:
 def _go_on(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> Generator[Any, Any, Any]:
     """The rest of a coroutine that ``start_soon`` began, inside a task: first
     what it was waiting on (unless it asked for the task), then each step."""
-    while True:
-        sent: Any = None
-        thrown: BaseException | None = None
-        if waiting_on is not _TO_A_TASK:
-            try:
-                sent = yield waiting_on
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # a cancellation goes into the coroutine
-                thrown = exc
+    if waiting_on is _TO_A_TASK:
         try:
-            waiting_on = coro.send(sent) if thrown is None else coro.throw(thrown)
+            waiting_on = coro.send(None)
         except StopIteration as done:
             return done.value
+    return (yield from _forward(coro, waiting_on))
 
 
 async def until_done(awaitable: Awaitable[Any], before_waiting: Callable[[], None]) -> Any:
@@ -141,6 +132,13 @@ def _step_through(
     except BaseException:
         coro.close()
         raise
+    return (yield from _forward(coro, waiting_on))
+
+
+@types.coroutine
+def _forward(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> Generator[Any, Any, Any]:
+    """What ``await coro`` does once ``coro`` is waiting on ``waiting_on``:
+    wait on it inside the awaiting task, then on each next step's."""
     while True:
         try:
             sent = yield waiting_on
