@@ -26,12 +26,13 @@ gets one.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import collections
 import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from tornado import httputil
 from tornado.concurrent import Future
@@ -58,6 +59,8 @@ _NAMES = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _NOT_IN_VALUE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
 # Most heads fit; a longer one is peeked again up to max_header_size.
 _FIRST_PEEK = 4096
+_INET = (socket.AF_INET, socket.AF_INET6)
+_family = cast(Callable[[socket.socket], int], _socket.socket.family.__get__)
 _STREAM_VERSIONS = ("HTTP/1.1", "HTTP/1.0")
 
 Fallback = Callable[[socket.socket, Any], None]
@@ -269,7 +272,8 @@ class DirectAccept:
         seen = self.seen_heads.get(head)
         if seen is not None:
             headers = seen.headers()
-            conn = DirectConnection(sock, self._context(address, headers), self.listener_tuning)
+            context = self._context(sock, address, headers)
+            conn = DirectConnection(sock, context, self.listener_tuning)
             request = seen.request(headers, conn)
             delegate = self.routes.find(head, request)
             if delegate is None:
@@ -279,11 +283,7 @@ class DirectAccept:
                 self.routes.remember(head, routed)
                 delegate = routed
             return request, delegate, seen.start_line, conn
-        taken = self._parse(sock, address, head)
-        if taken is not None:
-            request, _, start_line, _ = taken
-            self.seen_heads.remember(head, start_line, request)
-        return taken
+        return self._parse(sock, address, head)
 
     def _parse(self, sock: socket.socket, address: Any, head: bytes) -> _Taken | None:
         # As Tornado parses a head (HTTP1Connection._parse_headers).
@@ -298,21 +298,25 @@ class DirectAccept:
             headers = simple_headers(text[eol + 1 :]) or HTTPHeaders.parse(text[eol:])
             if declares_body(headers):
                 return None
-            context = self._context(address, headers)
+            context = self._context(sock, address, headers)
             conn = DirectConnection(sock, context, self.listener_tuning)
             request = HTTPServerRequest(start_line=start_line, headers=headers, connection=conn)
         except httputil.HTTPInputError:
             return None
+        # Before routing, which may add to the request.
+        state = self.seen_heads.snapshot(head, request)
         delegate = self.app.find_handler(request)
         if not isinstance(delegate, StreamRequest):
             return None
+        if state is not None:
+            self.seen_heads.keep(head, start_line, state)
         return request, delegate, start_line, conn
 
-    def _context(self, address: Any, headers: HTTPHeaders) -> RequestContext:
+    def _context(self, sock: socket.socket, address: Any, headers: HTTPHeaders) -> RequestContext:
         """The client's address and scheme, as Tornado's ``HTTPServer`` sets them."""
-        # An IPv4 or IPv6 peer's address is a tuple, a Unix socket's a string
-        # (sock.family builds an enum member on every read).
-        inet = type(address) is tuple
+        # The family as a plain number (sock.family builds an enum member on
+        # every read).
+        inet = _family(sock) in _INET
         remote_ip = address[0] if inet and address else "0.0.0.0"
         protocol = self.protocol
         if self.xheaders:

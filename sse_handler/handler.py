@@ -611,7 +611,7 @@ class ServerSentEventHandler:
             self.counters.replays += 1
             replay = self.replay_events_since
             # The default replay is the broker's: the router gives it a task if it needs one.
-            own = type(self).replay_events_since is ServerSentEventHandler.replay_events_since
+            own = getattr(replay, "__func__", None) is ServerSentEventHandler.replay_events_since
             ran = self._run_hook(conn, replay, conn, conn.last_event_id, own=own)
             if not (ran if ran is True or ran is False else await ran):
                 return

@@ -48,27 +48,41 @@ class SeenHeads:
     def remember(
         self, head: bytes, start_line: RequestStartLine, request: HTTPServerRequest
     ) -> None:
-        """Keep what Tornado built for ``head`` (before any hook has seen
-        it), if ``head`` came before."""
+        """:meth:`snapshot` and :meth:`keep` in one: ``request`` as Tornado
+        built it for ``head``, kept if ``head`` came before."""
+        state = self.snapshot(head, request)
+        if state is not None:
+            self.keep(head, start_line, state)
+
+    def snapshot(self, head: bytes, request: HTTPServerRequest) -> dict[str, Any] | None:
+        """The state of ``request``, just built for ``head`` and not yet seen
+        by routing or hooks (which may add to it: a matcher that reads the
+        cookies caches them on it), if ``head`` came before; :meth:`keep` it
+        once the head is routed to a stream."""
         if len(head) > self.max_head:
-            return
+            return None
         key = hash(head)
         if key not in self._once:
             if len(self._once) >= 64 * self.limit:
                 self._once.clear()
             self._once.add(key)
-            return
-        if len(self._seen) >= self.limit:
-            self._seen.clear()
+            return None
         state = dict(vars(request))
-        # Copies: the request goes on to the hooks, which may change it.
+        # Copies: the request goes on to routing and hooks, which may change it.
         headers = request.headers
         state["headers"] = headers.copy()
         state["arguments"] = _copied(request.arguments)
         state["query_arguments"] = _copied(request.query_arguments)
         state["connection"] = None  # not kept alive by the set
+        return state
+
+    def keep(self, head: bytes, start_line: RequestStartLine, state: dict[str, Any]) -> None:
+        """Keep a :meth:`snapshot` of the request of ``head``."""
+        if len(self._seen) >= self.limit:
+            self._seen.clear()
         # One value per name (the usual head): a plain dict makes the copies,
         # a third cheaper than HTTPHeaders.copy(), which adds value by value.
+        headers = state["headers"]
         values = {name: headers.get_list(name) for name in headers}
         single = {name: got[0] for name, got in values.items() if len(got) == 1}
         self._seen[head] = Seen(start_line, state, single if len(single) == len(values) else None)

@@ -10,8 +10,11 @@ any), every router is one of Tornado's own, and every target is a router, a
 those look only at the path, the host and the headers. Any other matcher,
 router or target (a callable, a connection delegate, a subclass) may look at
 something else (the client's address, the time), and then nothing is
-remembered. Rules added later (``add_handlers``, ``add_rules``) are seen: the
-rule lists' lengths are checked on each use, and a change forgets everything.
+remembered. Rules added or replaced later (``add_handlers``, ``add_rules``,
+an assignment into a router's list) are seen: each rule list walked is
+compared with its copy on each use (the rules themselves, by identity), as
+are the application's router and ``default_host``; a change forgets
+everything.
 """
 
 from __future__ import annotations
@@ -51,8 +54,10 @@ class RouteMemo:
         self.app = app
         self.limit = limit
         self._routes: dict[bytes, tuple[ServerSentEventHandler, dict[str, bytes | None]]] = {}
-        # The rule lists walked, with their lengths then; None: not walked yet.
-        self._walked: list[tuple[list[Rule], int]] | None = None
+        # Each router walked, its rule list, and a copy of it then; None: not
+        # walked yet. And what Application.find_handler reads besides.
+        self._walked: list[tuple[RuleRouter, list[Rule], list[Rule]]] | None = None
+        self._app_state: tuple[object, object] = (None, None)
         self._pure = False
 
     def __len__(self) -> int:
@@ -80,24 +85,33 @@ class RouteMemo:
 
     def _current(self) -> bool:
         """Whether routing depends on the head alone (walked again, and the
-        routes forgotten, once a rule list has changed)."""
+        routes forgotten, once the rules have changed)."""
         walked = self._walked
-        if walked is not None and all(len(rules) == n for rules, n in walked):
-            return self._pure
+        app = self.app
+        app_state = (app.default_router, app.default_host)
+        if walked is not None and app_state == self._app_state:
+            for router, rules, then in walked:
+                if router.rules is not rules or rules != then:
+                    break
+            else:
+                return self._pure
         self._routes.clear()
         self._walked = []
-        self._pure = type(self.app).find_handler is Application.find_handler and _by_head_alone(
-            self.app.default_router, self._walked
+        self._app_state = app_state
+        self._pure = type(app).find_handler is Application.find_handler and _by_head_alone(
+            app.default_router, self._walked
         )
         return self._pure
 
 
-def _by_head_alone(router: Router, walked: list[tuple[list[Rule], int]]) -> bool:
+def _by_head_alone(
+    router: Router, walked: list[tuple[RuleRouter, list[Rule], list[Rule]]]
+) -> bool:
     if type(router) not in _ROUTERS:
         return False
     assert isinstance(router, RuleRouter)
     rules = router.rules
-    walked.append((rules, len(rules)))
+    walked.append((router, rules, list(rules)))
     for rule in rules:
         if type(rule.matcher) not in _MATCHERS:
             return False

@@ -74,19 +74,34 @@ _batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[_Started]] =
 
 
 def _start_batch(loop: asyncio.AbstractEventLoop) -> None:
-    for context, coro, what in _batches.pop(loop, ()):
+    batch = _batches.pop(loop, [])
+    for at, (context, coro, what) in enumerate(batch):
         try:
             waiting_on = context.run(coro.send, None)
         except StopIteration:
             continue
         except (KeyboardInterrupt, SystemExit):
+            # The rest of the batch is not lost: it runs when the loop does again.
+            rest = batch[at + 1 :]
+            if rest:
+                _batches.setdefault(loop, [])[:0] = rest
+                loop.call_soon(_start_batch, loop)
             raise
+        except asyncio.CancelledError:
+            continue  # as a cancelled task: nothing to report
         except BaseException as exc:
             log.error("Uncaught exception in %s", what, exc_info=exc)
             continue
         task = loop.create_task(_go_on(coro, waiting_on), context=context)
         _running.add(task)
         task.add_done_callback(functools.partial(_finished, what=what))
+        # A task cancelled before its first step never reaches the coroutine:
+        # closed then, its own cleanup runs (a no-op once it has finished).
+        task.add_done_callback(functools.partial(_close, coro))
+
+
+def _close(coro: Coroutine[Any, Any, Any], _: asyncio.Future[Any]) -> None:
+    coro.close()
 
 
 @types.coroutine

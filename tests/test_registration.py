@@ -408,3 +408,25 @@ async def test_async_hooks_and_brokers_run_in_a_task(caplog: pytest.LogCaptureFi
     assert in_tasks.count("on_connection_registered") == 3
     assert in_tasks.count("replay_events_since") == 1
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_replay_hook_set_on_the_instance_runs_in_a_task(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only the handler's own replay goes without a task: an async one set on
+    the instance (not overridden in a subclass) gets one like any hook."""
+    ran: list[str] = []
+    handler = ServerSentEventHandler(connection_class=Welcome)
+
+    async def replay(conn: ServerSentEventConnection, last_event_id: str) -> None:
+        async with asyncio.timeout(1):
+            ran.append(last_event_id)
+
+    handler.replay_events_since = replay  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="sse_handler"):
+        async with serve([handler.route("/events")], handler) as server:
+            client = await server.stream(headers={"Last-Event-ID": "7"})
+            assert (await client.next_event()).event == "welcome"
+            client.close()
+    assert ran == ["7"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

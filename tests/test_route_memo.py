@@ -150,3 +150,62 @@ def test_routing_by_head_alone_is_told_apart() -> None:
             return super().find_handler(request, **kwargs)
 
     assert not RouteMemo(Custom([handler.route("/events")]))._current()
+
+
+class ReadsCookies(Matcher):
+    """Matches nothing, but reads the cookies on the way (Tornado caches them
+    on the request)."""
+
+    def match(self, request: HTTPServerRequest) -> dict[str, Any] | None:
+        assert request.cookies is not None
+        return None
+
+
+async def test_what_routing_adds_to_a_request_is_not_copied_to_the_next() -> None:
+    """A seen head's request is kept as Tornado built it, before routing:
+    the cookies a matcher read (cached on the request) are each request's own."""
+    cookies: list[object] = []
+
+    class Recording(ServerSentEventHandler):
+        def get_connection_impl(self, request: HTTPServerRequest, *args: Any) -> Any:
+            cookies.append(request.cookies)
+            return super().get_connection_impl(request, *args)
+
+    handler = Recording()
+    app = Application(
+        [Rule(ReadsCookies(), Hello), handler.route("/events")]  # type: ignore[list-item]
+    )
+    async with served(app) as (server, port):
+        assert server.direct is not None
+        clients = [request_from("127.0.0.1", port) for _ in range(4)]
+        try:
+            await wait_until(lambda: len(handler) == 4)
+            assert len(server.direct.seen_heads) == 1
+            assert len({id(jar) for jar in cookies}) == 4
+        finally:
+            for client in clients:
+                client.close()
+            await handler.shutdown(grace=0.2)
+
+
+async def test_a_rule_replaced_in_place_is_seen() -> None:
+    """The same number of rules, one of them another: /events then answers
+    "hello", for the very head that opened streams before."""
+    handler = ServerSentEventHandler()
+    app = Application([(r"/other", Hello), handler.route("/events")])
+    async with served(app) as (server, port):
+        assert server.direct is not None
+        firsts = [request_from("127.0.0.1", port) for _ in range(3)]
+        try:
+            await wait_until(lambda: len(handler) == 3)
+            assert len(server.direct.routes) == 1
+            app.wildcard_router.rules[0] = Rule(PathMatches(r"/events"), Hello)
+            second = request_from("127.0.0.1", port)
+            data = await asyncio.to_thread(first_bytes, second)
+            second.close()
+            assert b"text/event-stream" not in data, data
+            assert len(handler) == 3
+        finally:
+            for first in firsts:
+                first.close()
+            await handler.shutdown(grace=0.2)

@@ -181,3 +181,49 @@ async def test_a_task_it_went_on_in_can_be_cancelled() -> None:
     task.cancel()
     await wait_until(lambda: cleaned == ["cleaned"])
     assert task.cancelled()
+
+
+async def test_a_task_cancelled_before_its_first_step_closes_its_coroutine() -> None:
+    """Cancelled before the task ran (a shutdown cancelling every task), the
+    coroutine is closed at once: its cleanup runs, not at garbage collection."""
+    cleaned: list[str] = []
+    tasks_before = asyncio.all_tasks()
+
+    async def work() -> None:
+        try:
+            await in_task()
+            await asyncio.sleep(10)
+        finally:
+            cleaned.append("cleaned")
+
+    start_soon(work(), "work")
+    await asyncio.sleep(0)  # the batch ran: the task exists, not started yet
+    (task,) = asyncio.all_tasks() - tasks_before - {asyncio.current_task()}
+    task.cancel()
+    await wait_until(lambda: task.done())
+    assert cleaned == ["cleaned"]
+
+
+def test_an_interrupt_in_a_batch_leaves_the_rest_for_the_next_run() -> None:
+    ran: list[int] = []
+
+    async def work(n: int) -> None:
+        if n == 1:
+            raise KeyboardInterrupt
+        ran.append(n)
+
+    async def start_and_wait() -> None:
+        for n in range(4):
+            start_soon(work(n), f"work {n}")
+        await asyncio.sleep(0.01)
+
+    loop = asyncio.new_event_loop()
+    try:
+        main = loop.create_task(start_and_wait())
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(main)
+        assert ran == [0]
+        loop.run_until_complete(main)  # the loop runs again: so does the rest
+        assert ran == [0, 2, 3]
+    finally:
+        loop.close()
