@@ -104,16 +104,16 @@ def _close(coro: Coroutine[Any, Any, Any], _: asyncio.Future[Any]) -> None:
     coro.close()
 
 
-@types.coroutine
-def _go_on(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> Generator[Any, Any, Any]:
+async def _go_on(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> Any:
     """The rest of a coroutine that ``start_soon`` began, inside a task: first
-    what it was waiting on (unless it asked for the task), then each step."""
+    what it was waiting on (unless it asked for the task), then each step.
+    (A coroutine function: a task takes no generator since Python 3.12.)"""
     if waiting_on is _TO_A_TASK:
         try:
             waiting_on = coro.send(None)
         except StopIteration as done:
             return done.value
-    return (yield from _forward(coro, waiting_on))
+    return await _forward(coro, waiting_on)
 
 
 async def until_done(awaitable: Awaitable[Any], before_waiting: Callable[[], None]) -> Any:
