@@ -45,15 +45,6 @@ class SeenHeads:
     def __len__(self) -> int:
         return len(self._seen)
 
-    def remember(
-        self, head: bytes, start_line: RequestStartLine, request: HTTPServerRequest
-    ) -> None:
-        """:meth:`snapshot` and :meth:`keep` in one: ``request`` as Tornado
-        built it for ``head``, kept if ``head`` came before."""
-        state = self.snapshot(head, request)
-        if state is not None:
-            self.keep(head, start_line, state)
-
     def snapshot(self, head: bytes, request: HTTPServerRequest) -> dict[str, Any] | None:
         """The state of ``request``, just built for ``head`` and not yet seen
         by routing or hooks (which may add to it: a matcher that reads the

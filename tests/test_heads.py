@@ -44,6 +44,15 @@ def socks() -> Iterator[list[socket.socket]]:
         b.close()
 
 
+def remember(
+    seen_heads: SeenHeads, head: bytes, start_line: RequestStartLine, request: HTTPServerRequest
+) -> None:
+    """What the direct accept does with a request it built for ``head``."""
+    state = seen_heads.snapshot(head, request)
+    if state is not None:
+        seen_heads.keep(head, start_line, state)
+
+
 def tornados(head: bytes, conn: DirectConnection) -> tuple[RequestStartLine, HTTPServerRequest]:
     text = head.decode("latin-1")
     first, _, rest = text.partition("\r\n")
@@ -67,9 +76,9 @@ def test_a_copy_is_what_tornado_builds_on_that_connection(
     second = DirectConnection(socks[1], RequestContext(("10.0.0.2", 2), "10.0.0.9", "https"))
     seen_heads = SeenHeads()
     start_line, request = tornados(head, first)
-    seen_heads.remember(head, start_line, request)
+    remember(seen_heads, head, start_line, request)
     assert seen_heads.get(head) is None  # kept the second time only
-    seen_heads.remember(head, start_line, request)
+    remember(seen_heads, head, start_line, request)
     seen = seen_heads.get(head)
     assert seen is not None
     before = time.time()
@@ -87,8 +96,8 @@ def test_a_copy_has_its_own_headers_and_arguments(socks: list[socket.socket]) ->
     first = DirectConnection(socks[0], context)
     seen_heads = SeenHeads()
     start_line, request = tornados(head, first)
-    seen_heads.remember(head, start_line, request)
-    seen_heads.remember(head, start_line, request)
+    remember(seen_heads, head, start_line, request)
+    remember(seen_heads, head, start_line, request)
     # What hooks do to the first request, and to a copy, reaches no other.
     request.headers["X-Added"] = "1"
     request.arguments["channel"].append(b"c")
@@ -111,13 +120,13 @@ def test_the_set_is_bounded_and_keeps_only_heads_that_come_again() -> None:
     start_line = RequestStartLine("GET", "/", "HTTP/1.1")
     request = HTTPServerRequest(start_line=start_line, headers=HTTPHeaders({"Host": "a"}))
     for _ in range(2):
-        seen_heads.remember(b"x" * 101, start_line, request)
+        remember(seen_heads, b"x" * 101, start_line, request)
     assert len(seen_heads) == 0  # too long to keep
     for n in range(1000):
-        seen_heads.remember(b"a head of its own %d" % n, start_line, request)
+        remember(seen_heads, b"a head of its own %d" % n, start_line, request)
     assert len(seen_heads) == 0  # each came once: nothing kept
     for n in range(7):
         for _ in range(2):
-            seen_heads.remember(b"head %d" % n, start_line, request)
+            remember(seen_heads, b"head %d" % n, start_line, request)
         assert len(seen_heads) <= 3
     assert seen_heads.get(b"head 6") is not None

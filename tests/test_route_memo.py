@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -119,22 +119,9 @@ async def test_a_rule_added_while_serving_is_seen() -> None:
     answers "hello", for the very head that opened a stream before."""
     handler = ServerSentEventHandler()
     app = Application([handler.route("/events")])
-    async with served(app) as (server, port):
-        assert server.direct is not None
-        firsts = [request_from("127.0.0.1", port) for _ in range(3)]
-        try:
-            await wait_until(lambda: len(handler) == 3)
-            assert len(server.direct.routes) == 1
-            app.add_handlers(r".*", [(r"/events", Hello)])
-            second = request_from("127.0.0.1", port)
-            data = await asyncio.to_thread(first_bytes, second)
-            second.close()
-            assert b"text/event-stream" not in data, data
-            assert len(handler) == 3
-        finally:
-            for first in firsts:
-                first.close()
-            await handler.shutdown(grace=0.2)
+    await _rerouted_after_three_streams(
+        app, handler, lambda: app.add_handlers(r".*", [(r"/events", Hello)])
+    )
 
 
 def test_routing_by_head_alone_is_told_apart() -> None:
@@ -193,13 +180,26 @@ async def test_a_rule_replaced_in_place_is_seen() -> None:
     "hello", for the very head that opened streams before."""
     handler = ServerSentEventHandler()
     app = Application([(r"/other", Hello), handler.route("/events")])
+    await _rerouted_after_three_streams(
+        app, handler, lambda: app.wildcard_router.rules.__setitem__(0, _hello_at_events)
+    )
+
+
+_hello_at_events = Rule(PathMatches(r"/events"), Hello)
+
+
+async def _rerouted_after_three_streams(
+    app: Application, handler: ServerSentEventHandler, change: Callable[[], None]
+) -> None:
+    """Three streams of one head (its route remembered by the third), then
+    ``change`` routes /events to Hello: the same head must get "hello"."""
     async with served(app) as (server, port):
         assert server.direct is not None
         firsts = [request_from("127.0.0.1", port) for _ in range(3)]
         try:
             await wait_until(lambda: len(handler) == 3)
             assert len(server.direct.routes) == 1
-            app.wildcard_router.rules[0] = Rule(PathMatches(r"/events"), Hello)
+            change()
             second = request_from("127.0.0.1", port)
             data = await asyncio.to_thread(first_bytes, second)
             second.close()
