@@ -13,10 +13,11 @@ In every other case (another route or method, a head not complete yet, input
 Tornado would refuse) the connection goes to Tornado untouched, exactly as
 without this path, and Tornado answers it.
 
-A head whose bytes were taken before is not parsed again: its request is a
-copy of the first one's, with the parts of its own (:mod:`sse_handler.heads`),
-and, where the application's routing looks at nothing but the head, it is
-not routed again either (:mod:`sse_handler.route_memo`).
+A head whose header block was taken before is not parsed again: its request
+is a copy of the first one's, with the parts of its own, its request line's
+target among them (:mod:`sse_handler.heads`), and, where the application's
+routing looks at nothing but the head, it is not routed again either
+(:mod:`sse_handler.route_memo`).
 
 The connection arrives as the accepted socket, before Tornado wraps it in an
 ``IOStream``: a stream's socket goes to its transport without one, and only
@@ -269,12 +270,16 @@ class DirectAccept:
     def _stream_request(self, sock: socket.socket, address: Any, head: bytes) -> _Taken | None:
         """The request and its endpoint's delegate, if the head is a GET that
         Tornado would accept and route to a stream endpoint."""
-        seen = self.seen_heads.get(head)
-        if seen is not None:
+        found = self.seen_heads.get(head)
+        if found is not None:
+            seen, start_line = found
             headers = seen.headers()
             context = self._context(sock, address, headers)
             conn = DirectConnection(sock, context, self.listener_tuning)
-            request = seen.request(headers, conn)
+            try:
+                request = seen.request(headers, conn, start_line)
+            except httputil.HTTPInputError:
+                return None
             delegate = self.routes.find(head, request)
             if delegate is None:
                 routed = self.app.find_handler(request)
@@ -282,7 +287,7 @@ class DirectAccept:
                     return None
                 self.routes.remember(head, routed)
                 delegate = routed
-            return request, delegate, seen.start_line, conn
+            return request, delegate, start_line, conn
         return self._parse(sock, address, head)
 
     def _parse(self, sock: socket.socket, address: Any, head: bytes) -> _Taken | None:

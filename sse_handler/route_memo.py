@@ -2,12 +2,13 @@
 
 Why: ``Application.find_handler`` walks the application's rules in Python,
 calling each matcher and router in turn, for every request; for a head whose
-bytes were already routed to a stream endpoint the walk gives the same
-answer, provided the answer depends on nothing but those bytes. It does when
-every rule uses one of Tornado's own matchers (path, host, default host,
-any), every router is one of Tornado's own, and every target is a router, a
-``RequestHandler`` class or an :class:`~sse_handler.routing.EventStreamRoute`:
-those look only at the path, the host and the headers. Any other matcher,
+bytes were already routed to a stream endpoint (but for the query of its
+request line) the walk gives the same answer, provided the answer depends
+on nothing but those bytes. It does when every rule uses one of Tornado's
+own matchers (path, host, default host, any), every router is one of
+Tornado's own, and every target is a router, a ``RequestHandler`` class or
+an :class:`~sse_handler.routing.EventStreamRoute`: those look only at the
+path, the host and the headers, never at the query. Any other matcher,
 router or target (a callable, a connection delegate, a subclass) may look at
 something else (the client's address, the time), and then nothing is
 remembered. Rules added or replaced later (``add_handlers``, ``add_rules``,
@@ -54,6 +55,9 @@ class RouteMemo:
         self.app = app
         self.limit = limit
         self._routes: dict[bytes, tuple[ServerSentEventHandler, dict[str, bytes | None]]] = {}
+        # The same by the whole head remembered: the same head again is
+        # found by one hash and no slicing.
+        self._by_head: dict[bytes, tuple[ServerSentEventHandler, dict[str, bytes | None]]] = {}
         # Each router walked, its rule list, and a copy of it then; None: not
         # walked yet. And what Application.find_handler reads besides.
         self._walked: list[tuple[RuleRouter, list[Rule], list[Rule]]] | None = None
@@ -69,7 +73,7 @@ class RouteMemo:
         ``None`` (ask the application)."""
         if not self._current():
             return None
-        route = self._routes.get(head)
+        route = self._by_head.get(head) or self._routes.get(_without_query(head))
         if route is None:
             return None
         handler, path_kwargs = route
@@ -81,7 +85,10 @@ class RouteMemo:
             return
         if len(self._routes) >= self.limit:
             self._routes.clear()
-        self._routes[head] = (delegate.handler, dict(delegate.path_kwargs))
+        if len(self._by_head) >= self.limit:
+            self._by_head.clear()
+        route = (delegate.handler, dict(delegate.path_kwargs))
+        self._routes[_without_query(head)] = self._by_head[head] = route
 
     def _current(self) -> bool:
         """Whether routing depends on the head alone (walked again, and the
@@ -96,12 +103,25 @@ class RouteMemo:
             else:
                 return self._pure
         self._routes.clear()
+        self._by_head.clear()
         self._walked = []
         self._app_state = app_state
         self._pure = type(app).find_handler is Application.find_handler and _by_head_alone(
             app.default_router, self._walked
         )
         return self._pure
+
+
+def _without_query(head: bytes) -> bytes:
+    """``head`` without the query of its request line (``?`` to the space
+    before the version): what routing may depend on."""
+    eol = head.find(b"\n")
+    mark = head.find(b"?", 0, eol)
+    if mark < 0:
+        return head
+    # The target has no space (Tornado's request line has exactly two).
+    end = head.find(b" ", mark, eol)
+    return head if end < 0 else head[:mark] + head[end:]
 
 
 def _by_head_alone(

@@ -601,3 +601,44 @@ async def test_a_head_seen_before_gets_a_request_of_its_own() -> None:
         server.stop()
         await handler.shutdown(grace=0.2)
         await server.close_all_connections()
+
+
+async def test_heads_that_differ_in_their_query_each_get_their_own_arguments() -> None:
+    """Streams on channels of their own, with one client's headers: from the
+    second, each request is made from the kept one (sse_handler.heads) and
+    routed from the memo (sse_handler.route_memo), with its own channel."""
+    handler = Spy()
+    sock, port = bind_unused_port()
+    app = Application([handler.route("/events"), (r"/hello", Hello)])
+    server = make_server(app)
+    server.add_sockets([sock])
+    assert server.direct is not None
+    clients = []
+    try:
+        for n in range(5):
+            client = socket.socket()
+            client.connect(("127.0.0.1", port))
+            client.sendall(b"GET /events?channel=c%d HTTP/1.1\r\nHost: x\r\n\r\n" % n)
+            clients.append(client)
+            await wait_until(lambda: handler.counters.opened == len(clients))
+        assert len(server.direct.seen_heads) == 1
+        assert len(server.direct.routes) == 1
+        assert [c.query_arguments for c in handler.connections()] == [
+            {"channel": [b"c%d" % n]} for n in range(5)
+        ]
+        # Another path with the same headers is routed by the application.
+        client = socket.socket()
+        client.connect(("127.0.0.1", port))
+        client.sendall(b"GET /hello?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        clients.append(client)
+        reader, writer = await asyncio.open_connection(sock=client)
+        async with asyncio.timeout(5):
+            answer = await reader.readuntil(b"hello")
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200")
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
+        await handler.shutdown(grace=0.2)
+        await server.close_all_connections()

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from tornado.httputil import (
     HTTPHeaders,
+    HTTPInputError,
     HTTPServerRequest,
     RequestStartLine,
     parse_request_start_line,
@@ -79,11 +80,12 @@ def test_a_copy_is_what_tornado_builds_on_that_connection(
     remember(seen_heads, head, start_line, request)
     assert seen_heads.get(head) is None  # kept the second time only
     remember(seen_heads, head, start_line, request)
-    seen = seen_heads.get(head)
-    assert seen is not None
+    found = seen_heads.get(head)
+    assert found is not None
+    seen, line = found
     before = time.time()
-    copy = seen.request(seen.headers(), second)
-    assert seen.start_line == start_line
+    copy = seen.request(seen.headers(), second, line)
+    assert line == seen.start_line == start_line
     assert comparable(copy) == comparable(tornados(head, second)[1])
     assert copy.connection is second
     assert copy.remote_ip == "10.0.0.9" and copy.protocol == "https"
@@ -102,8 +104,9 @@ def test_a_copy_has_its_own_headers_and_arguments(socks: list[socket.socket]) ->
     request.headers["X-Added"] = "1"
     request.arguments["channel"].append(b"c")
     request.query_arguments["channel"].append(b"c")
-    seen = seen_heads.get(head)
-    assert seen is not None
+    found = seen_heads.get(head)
+    assert found is not None
+    seen, _ = found
     copy = seen.request(seen.headers(), DirectConnection(socks[1], context))
     copy.headers.add("Host", "b")
     copy.arguments["x"].append(b"y")
@@ -120,13 +123,96 @@ def test_the_set_is_bounded_and_keeps_only_heads_that_come_again() -> None:
     start_line = RequestStartLine("GET", "/", "HTTP/1.1")
     request = HTTPServerRequest(start_line=start_line, headers=HTTPHeaders({"Host": "a"}))
     for _ in range(2):
-        remember(seen_heads, b"x" * 101, start_line, request)
+        long_head = b"GET / HTTP/1.1\r\nX: " + b"x" * 101 + b"\r\n\r\n"
+        remember(seen_heads, long_head, start_line, request)
     assert len(seen_heads) == 0  # too long to keep
     for n in range(1000):
-        remember(seen_heads, b"a head of its own %d" % n, start_line, request)
+        remember(seen_heads, b"GET / HTTP/1.1\r\nX-Own: %d\r\n\r\n" % n, start_line, request)
     assert len(seen_heads) == 0  # each came once: nothing kept
     for n in range(7):
         for _ in range(2):
-            remember(seen_heads, b"head %d" % n, start_line, request)
+            remember(seen_heads, b"GET / HTTP/1.1\r\nX-N: %d\r\n\r\n" % n, start_line, request)
         assert len(seen_heads) <= 3
-    assert seen_heads.get(b"head 6") is not None
+    assert seen_heads.get(b"GET / HTTP/1.1\r\nX-N: 6\r\n\r\n") is not None
+
+
+BLOCK = b"Host: a:81\r\nAccept: text/event-stream\r\nCookie: a=1\r\n\r\n"
+TARGETS = [
+    b"/events",
+    b"/events?channel=a",
+    b"/events?channel=a&channel=b&blank=&x=%C3%A9&=v&k",
+    b"/other/path?token=%2F%3F%26",
+    b"/events?",
+    b"http://a:81/events?channel=z",
+]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_head_that_differs_only_in_its_target_is_what_tornado_builds(
+    target: bytes, socks: list[socket.socket]
+) -> None:
+    """Heads with the same header block share what was kept, whatever the
+    target of their request line: a channel or a token in each query."""
+    context = RequestContext(("127.0.0.1", 1), "127.0.0.1", "http")
+    seen_heads = SeenHeads()
+    for n in range(2):  # kept the second time the block comes
+        kept = b"GET /events?channel=kept%d HTTP/1.1\r\n" % n + BLOCK
+        start_line, request = tornados(kept, DirectConnection(socks[0], context))
+        remember(seen_heads, kept, start_line, request)
+    head = b"GET " + target + b" HTTP/1.1\r\n" + BLOCK
+    found = seen_heads.get(head)
+    assert found is not None
+    seen, line = found
+    conn = DirectConnection(socks[1], context)
+    copy = seen.request(seen.headers(), conn, line)
+    expected_line, expected = tornados(head, conn)
+    assert line == expected_line
+    assert comparable(copy) == comparable(expected)
+    # Its own argument lists: a hook changing them reaches no other request.
+    again = seen.request(seen.headers(), conn, line)
+    assert again.arguments is not copy.arguments
+    assert all(again.arguments[k] is not copy.arguments[k] for k in copy.arguments)
+    assert again.query_arguments is not again.arguments
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"POST /events HTTP/1.1\r\n",  # another method: parsed whole, as Tornado would
+        b"GET /events HTTP/1.0\r\n",  # another version: Host rules differ
+        b"GET /events HTTP/1.1 extra\r\n",  # malformed: Tornado answers it
+        b"GET  /events HTTP/1.1\r\n",
+        b"\r\nGET /events HTTP/1.1\r\n",  # a leading empty line, which Tornado skips
+    ],
+)
+def test_a_head_with_another_method_or_version_is_not_made_from_a_kept_one(
+    line: bytes, socks: list[socket.socket]
+) -> None:
+    context = RequestContext(("127.0.0.1", 1), "127.0.0.1", "http")
+    seen_heads = SeenHeads()
+    kept = b"GET /events HTTP/1.1\r\n" + BLOCK
+    start_line, request = tornados(kept, DirectConnection(socks[0], context))
+    remember(seen_heads, kept, start_line, request)
+    remember(seen_heads, kept, start_line, request)
+    assert seen_heads.get(kept) is not None
+    assert seen_heads.get(line + BLOCK) is None
+
+
+def test_a_query_tornado_refuses_is_refused(socks: list[socket.socket]) -> None:
+    """More fields than Tornado's limit (set_parse_body_config): the same
+    HTTPInputError, so the connection goes to Tornado, which answers 400."""
+    context = RequestContext(("127.0.0.1", 1), "127.0.0.1", "http")
+    seen_heads = SeenHeads()
+    kept = b"GET /events HTTP/1.1\r\n" + BLOCK
+    start_line, request = tornados(kept, DirectConnection(socks[0], context))
+    remember(seen_heads, kept, start_line, request)
+    remember(seen_heads, kept, start_line, request)
+    head = b"GET /events?" + b"&".join(b"a=%d" % n for n in range(1001)) + b" HTTP/1.1\r\n" + BLOCK
+    conn = DirectConnection(socks[1], context)
+    with pytest.raises(HTTPInputError):
+        tornados(head, conn)
+    found = seen_heads.get(head)
+    assert found is not None
+    seen, line = found
+    with pytest.raises(HTTPInputError):
+        seen.request(seen.headers(), conn, line)
