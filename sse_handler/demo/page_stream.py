@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 from ..brokers import Broker, Delivery, Listener, Replay
@@ -87,33 +86,42 @@ class SharedBroker:
         """A broker for one handler; ``transform`` rewrites what it delivers and replays."""
         return BrokerView(self, transform)
 
-    @contextlib.asynccontextmanager
-    async def _channel_lock(self, channel: str) -> AsyncIterator[None]:
+    def _lock(self, channel: str) -> asyncio.Lock:
+        """The lock of ``channel``, for one more user; :meth:`_unlock` after.
+
+        (Not an async context manager: a per-user channel takes it once per
+        stream, and contextlib's generator machinery showed in the profile
+        of accepting such streams.)"""
         lock = self._locks.get(channel)
         if lock is None:
             lock = self._locks[channel] = asyncio.Lock()
         self._lock_users[channel] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._lock_users[channel] -= 1
-            if not self._lock_users[channel]:
-                del self._lock_users[channel]
-                del self._locks[channel]
+        return lock
+
+    def _unlock(self, channel: str) -> None:
+        self._lock_users[channel] -= 1
+        if not self._lock_users[channel]:
+            del self._lock_users[channel]
+            del self._locks[channel]
 
     async def _subscribe(self, channel: str) -> None:
-        async with self._channel_lock(channel):
-            if not self._views_reading[channel]:
-                await self.broker.subscribe(channel)
-            self._views_reading[channel] += 1
+        try:
+            async with self._lock(channel):
+                if not self._views_reading[channel]:
+                    await self.broker.subscribe(channel)
+                self._views_reading[channel] += 1
+        finally:
+            self._unlock(channel)
 
     async def _unsubscribe(self, channel: str) -> None:
-        async with self._channel_lock(channel):
-            self._views_reading[channel] -= 1
-            if not self._views_reading[channel]:
-                del self._views_reading[channel]
-                await self.broker.unsubscribe(channel)
+        try:
+            async with self._lock(channel):
+                self._views_reading[channel] -= 1
+                if not self._views_reading[channel]:
+                    del self._views_reading[channel]
+                    await self.broker.unsubscribe(channel)
+        finally:
+            self._unlock(channel)
 
 
 class BrokerView:
