@@ -90,8 +90,11 @@ class SeenHeads:
         block = _block(head)
         if block is None:
             return
+        # Each bound on its own: heads of one block in two versions replace
+        # each other in _seen, and each would stay in _heads.
         if len(self._seen) >= self.limit:
             self._seen.clear()
+        if len(self._heads) >= self.limit:
             self._heads.clear()
         # One value per name (the usual head): a plain dict makes the copies,
         # a third cheaper than HTTPHeaders.copy(), which adds value by value.
@@ -136,7 +139,7 @@ def _block(head: bytes) -> bytes | None:
 class Seen:
     """The request Tornado built for one head."""
 
-    __slots__ = ("_line", "_single", "start_line", "state")
+    __slots__ = ("_line", "_max_fields", "_single", "start_line", "state")
 
     def __init__(
         self,
@@ -146,6 +149,8 @@ class Seen:
         single: dict[str, str] | None = None,
     ) -> None:
         self._line = line
+        # The limit on query fields its arguments were parsed under.
+        self._max_fields = _max_fields()
         self.start_line = start_line
         self.state = state
         self._single = single
@@ -188,6 +193,10 @@ class Seen:
         Raises ``HTTPInputError`` for a query Tornado would refuse."""
         state = self.state
         kept = start_line is None or start_line is self.start_line
+        if kept and _max_fields() != self._max_fields:
+            # The limit changed since (set_parse_body_config): the kept
+            # arguments were parsed under the old one.
+            kept, start_line = False, self.start_line
         if not kept:
             assert start_line is not None
             uri = start_line.path
@@ -222,15 +231,17 @@ def _query_arguments(query: str) -> dict[str, list[bytes]]:
     """The arguments of ``query``, as ``HTTPServerRequest.__init__`` parses them."""
     if not query:
         return {}
-    # Tornado reads its limit from this global at each request (it is set
-    # by httputil.set_parse_body_config(); there is no getter).
-    config = httputil._DEFAULT_PARSE_BODY_CONFIG
     try:
-        return parse_qs_bytes(
-            query, keep_blank_values=True, max_num_fields=config.urlencoded.max_arguments
-        )
+        return parse_qs_bytes(query, keep_blank_values=True, max_num_fields=_max_fields())
     except Exception as e:
         raise HTTPInputError(f"Invalid query string: {e}") from e
+
+
+def _max_fields() -> int:
+    """Tornado's limit on the fields of a query, as it reads it at each
+    request: from the global that httputil.set_parse_body_config() sets
+    (there is no getter)."""
+    return int(httputil._DEFAULT_PARSE_BODY_CONFIG.urlencoded.max_arguments)
 
 
 def _copied(arguments: dict[str, list[bytes]]) -> dict[str, list[bytes]]:

@@ -10,12 +10,14 @@ connection, fails here first.
 
 from __future__ import annotations
 
+import gc
 import socket
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from tornado import httputil
 from tornado.httputil import (
     HTTPHeaders,
     HTTPInputError,
@@ -25,7 +27,7 @@ from tornado.httputil import (
 )
 
 from sse_handler.accept import DirectConnection, RequestContext
-from sse_handler.heads import SeenHeads
+from sse_handler.heads import Seen, SeenHeads
 
 HEADS = [
     b"GET /events HTTP/1.1\r\nHost: a\r\nAccept: text/event-stream\r\n\r\n",
@@ -216,3 +218,47 @@ def test_a_query_tornado_refuses_is_refused(socks: list[socket.socket]) -> None:
     seen, line = found
     with pytest.raises(HTTPInputError):
         seen.request(seen.headers(), conn, line)
+
+
+def test_heads_of_one_block_in_two_versions_stay_bounded(socks: list[socket.socket]) -> None:
+    """A client alternating HTTP/1.0 and HTTP/1.1 request lines, each with a
+    query of its own, over one header block: each head is parsed and kept
+    again; what is kept must stay within the limit."""
+    context = RequestContext(("127.0.0.1", 1), "127.0.0.1", "http")
+    seen_heads = SeenHeads(limit=8)
+    for n in range(400):
+        version = b"HTTP/1.0" if n % 2 else b"HTTP/1.1"
+        head = b"GET /events?n=%d " % n + version + b"\r\n" + BLOCK
+        if seen_heads.get(head) is None:
+            start_line, request = tornados(head, DirectConnection(socks[0], context))
+            remember(seen_heads, head, start_line, request)
+    kept = sum(isinstance(o, Seen) for o in gc.get_objects())
+    assert kept <= 2 * 8
+
+
+def test_a_kept_head_follows_a_lower_query_limit(socks: list[socket.socket]) -> None:
+    """set_parse_body_config() lowering the limit on query fields after a
+    head was kept: the copy is refused as Tornado refuses the head."""
+    context = RequestContext(("127.0.0.1", 1), "127.0.0.1", "http")
+    seen_heads = SeenHeads()
+    head = b"GET /events?a=1&b=2&c=3 HTTP/1.1\r\n" + BLOCK
+    start_line, request = tornados(head, DirectConnection(socks[0], context))
+    remember(seen_heads, head, start_line, request)
+    remember(seen_heads, head, start_line, request)
+    found = seen_heads.get(head)
+    assert found is not None
+    seen, line = found
+    conn = DirectConnection(socks[1], context)
+    httputil.set_parse_body_config(
+        httputil.ParseBodyConfig(urlencoded=httputil.ParseUrlEncodedConfig(max_arguments=2))
+    )
+    try:
+        with pytest.raises(HTTPInputError):
+            tornados(head, conn)
+        with pytest.raises(HTTPInputError):
+            seen.request(seen.headers(), conn, line)
+    finally:
+        httputil.set_parse_body_config(httputil.ParseBodyConfig())
+    assert comparable(seen.request(seen.headers(), conn, line)) == comparable(
+        tornados(head, conn)[1]
+    )
