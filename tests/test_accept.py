@@ -64,17 +64,26 @@ class Hello(RequestHandler):
 
 
 @asynccontextmanager
-async def server_for(handler: ServerSentEventHandler, **kwargs: Any) -> AsyncIterator[int]:
+async def serving(
+    handler: ServerSentEventHandler, **kwargs: Any
+) -> AsyncIterator[tuple[int, BoundedHTTPServer]]:
+    """A server of ``handler`` at ``/events`` and of ``Hello`` at ``/hello``: its port, itself."""
     sock, port = bind_unused_port()
     app = Application([handler.route("/events"), (r"/hello", Hello)])
     server = make_server(app, **{"direct_accept": True, **kwargs})
     server.add_sockets([sock])
     try:
-        yield port
+        yield port, server
     finally:
         server.stop()
         await handler.shutdown(grace=0.2)
         await server.close_all_connections()
+
+
+@asynccontextmanager
+async def server_for(handler: ServerSentEventHandler, **kwargs: Any) -> AsyncIterator[int]:
+    async with serving(handler, **kwargs) as (port, _):
+        yield port
 
 
 async def sent(port: int, request: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -577,30 +586,24 @@ async def test_a_head_seen_before_gets_a_request_of_its_own() -> None:
     request (sse_handler.heads: kept the second time), with its own client
     address."""
     handler = Spy()
-    sock, port = bind_unused_port()
-    app = Application([handler.route("/events"), (r"/hello", Hello)])
-    server = make_server(app)
-    server.add_sockets([sock])
-    assert server.direct is not None
     head = b"GET /events?channel=a HTTP/1.1\r\nHost: x\r\n\r\n"
     clients = []
-    try:
-        for source in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
-            client = socket.socket()
-            client.bind((source, 0))
-            client.connect(("127.0.0.1", port))
-            client.sendall(head)
-            clients.append(client)
-            await wait_until(lambda: handler.counters.opened == len(clients))
-        assert len(server.direct.seen_heads) == 1
-        assert handler.remote_ips == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
-        assert [c.query_arguments for c in handler.connections()] == [{"channel": [b"a"]}] * 3
-    finally:
-        for client in clients:
-            client.close()
-        server.stop()
-        await handler.shutdown(grace=0.2)
-        await server.close_all_connections()
+    async with serving(handler) as (port, server):
+        assert server.direct is not None
+        try:
+            for source in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
+                client = socket.socket()
+                client.bind((source, 0))
+                client.connect(("127.0.0.1", port))
+                client.sendall(head)
+                clients.append(client)
+                await wait_until(lambda: handler.counters.opened == len(clients))
+            assert len(server.direct.seen_heads) == 1
+            assert handler.remote_ips == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+            assert [c.query_arguments for c in handler.connections()] == [{"channel": [b"a"]}] * 3
+        finally:
+            for client in clients:
+                client.close()
 
 
 async def test_heads_that_differ_in_their_query_each_get_their_own_arguments() -> None:
@@ -608,37 +611,24 @@ async def test_heads_that_differ_in_their_query_each_get_their_own_arguments() -
     second, each request is made from the kept one (sse_handler.heads) and
     routed from the memo (sse_handler.route_memo), with its own channel."""
     handler = Spy()
-    sock, port = bind_unused_port()
-    app = Application([handler.route("/events"), (r"/hello", Hello)])
-    server = make_server(app)
-    server.add_sockets([sock])
-    assert server.direct is not None
     clients = []
-    try:
-        for n in range(5):
-            client = socket.socket()
-            client.connect(("127.0.0.1", port))
-            client.sendall(b"GET /events?channel=c%d HTTP/1.1\r\nHost: x\r\n\r\n" % n)
-            clients.append(client)
-            await wait_until(lambda: handler.counters.opened == len(clients))
-        assert len(server.direct.seen_heads) == 1
-        assert len(server.direct.routes) == 1
-        assert [c.query_arguments for c in handler.connections()] == [
-            {"channel": [b"c%d" % n]} for n in range(5)
-        ]
+    async with serving(handler) as (port, server):
+        assert server.direct is not None
+        try:
+            for n in range(5):
+                client = socket.socket()
+                client.connect(("127.0.0.1", port))
+                client.sendall(b"GET /events?channel=c%d HTTP/1.1\r\nHost: x\r\n\r\n" % n)
+                clients.append(client)
+                await wait_until(lambda: handler.counters.opened == len(clients))
+            assert len(server.direct.seen_heads) == 1
+            assert len(server.direct.routes) == 1
+            assert [c.query_arguments for c in handler.connections()] == [
+                {"channel": [b"c%d" % n]} for n in range(5)
+            ]
+        finally:
+            for client in clients:
+                client.close()
         # Another path with the same headers is routed by the application.
-        client = socket.socket()
-        client.connect(("127.0.0.1", port))
-        client.sendall(b"GET /hello?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
-        clients.append(client)
-        reader, writer = await asyncio.open_connection(sock=client)
-        async with asyncio.timeout(5):
-            answer = await reader.readuntil(b"hello")
-        writer.close()
+        answer = await exchange(port, b"GET /hello?x=1 HTTP/1.1\r\nHost: x\r\n\r\n", b"hello")
         assert answer.startswith(b"HTTP/1.1 200")
-    finally:
-        for client in clients:
-            client.close()
-        server.stop()
-        await handler.shutdown(grace=0.2)
-        await server.close_all_connections()

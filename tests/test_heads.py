@@ -38,6 +38,9 @@ HEADS = [
 ]
 
 
+CONTEXT = RequestContext(("127.0.0.1", 1), "127.0.0.1", "http")
+
+
 @pytest.fixture
 def socks() -> Iterator[list[socket.socket]]:
     pairs = [socket.socketpair() for _ in range(2)]
@@ -54,6 +57,15 @@ def remember(
     state = seen_heads.snapshot(head, request)
     if state is not None:
         seen_heads.keep(head, start_line, state)
+
+
+def kept_twice(head: bytes, sock: socket.socket) -> SeenHeads:
+    """A set that kept the request of ``head`` (built on ``sock``): it came twice."""
+    seen_heads = SeenHeads()
+    start_line, request = tornados(head, DirectConnection(sock, CONTEXT))
+    for _ in range(2):
+        remember(seen_heads, head, start_line, request)
+    return seen_heads
 
 
 def tornados(head: bytes, conn: DirectConnection) -> tuple[RequestStartLine, HTTPServerRequest]:
@@ -190,12 +202,8 @@ def test_a_head_that_differs_only_in_its_target_is_what_tornado_builds(
 def test_a_head_with_another_method_or_version_is_not_made_from_a_kept_one(
     line: bytes, socks: list[socket.socket]
 ) -> None:
-    context = RequestContext(("127.0.0.1", 1), "127.0.0.1", "http")
-    seen_heads = SeenHeads()
     kept = b"GET /events HTTP/1.1\r\n" + BLOCK
-    start_line, request = tornados(kept, DirectConnection(socks[0], context))
-    remember(seen_heads, kept, start_line, request)
-    remember(seen_heads, kept, start_line, request)
+    seen_heads = kept_twice(kept, socks[0])
     assert seen_heads.get(kept) is not None
     assert seen_heads.get(line + BLOCK) is None
 
@@ -203,14 +211,9 @@ def test_a_head_with_another_method_or_version_is_not_made_from_a_kept_one(
 def test_a_query_tornado_refuses_is_refused(socks: list[socket.socket]) -> None:
     """More fields than Tornado's limit (set_parse_body_config): the same
     HTTPInputError, so the connection goes to Tornado, which answers 400."""
-    context = RequestContext(("127.0.0.1", 1), "127.0.0.1", "http")
-    seen_heads = SeenHeads()
-    kept = b"GET /events HTTP/1.1\r\n" + BLOCK
-    start_line, request = tornados(kept, DirectConnection(socks[0], context))
-    remember(seen_heads, kept, start_line, request)
-    remember(seen_heads, kept, start_line, request)
+    seen_heads = kept_twice(b"GET /events HTTP/1.1\r\n" + BLOCK, socks[0])
     head = b"GET /events?" + b"&".join(b"a=%d" % n for n in range(1001)) + b" HTTP/1.1\r\n" + BLOCK
-    conn = DirectConnection(socks[1], context)
+    conn = DirectConnection(socks[1], CONTEXT)
     with pytest.raises(HTTPInputError):
         tornados(head, conn)
     found = seen_heads.get(head)
@@ -224,13 +227,12 @@ def test_heads_of_one_block_in_two_versions_stay_bounded(socks: list[socket.sock
     """A client alternating HTTP/1.0 and HTTP/1.1 request lines, each with a
     query of its own, over one header block: each head is parsed and kept
     again; what is kept must stay within the limit."""
-    context = RequestContext(("127.0.0.1", 1), "127.0.0.1", "http")
     seen_heads = SeenHeads(limit=8)
     for n in range(400):
         version = b"HTTP/1.0" if n % 2 else b"HTTP/1.1"
         head = b"GET /events?n=%d " % n + version + b"\r\n" + BLOCK
         if seen_heads.get(head) is None:
-            start_line, request = tornados(head, DirectConnection(socks[0], context))
+            start_line, request = tornados(head, DirectConnection(socks[0], CONTEXT))
             remember(seen_heads, head, start_line, request)
     kept = sum(isinstance(o, Seen) for o in gc.get_objects())
     assert kept <= 2 * 8
@@ -239,16 +241,11 @@ def test_heads_of_one_block_in_two_versions_stay_bounded(socks: list[socket.sock
 def test_a_kept_head_follows_a_lower_query_limit(socks: list[socket.socket]) -> None:
     """set_parse_body_config() lowering the limit on query fields after a
     head was kept: the copy is refused as Tornado refuses the head."""
-    context = RequestContext(("127.0.0.1", 1), "127.0.0.1", "http")
-    seen_heads = SeenHeads()
     head = b"GET /events?a=1&b=2&c=3 HTTP/1.1\r\n" + BLOCK
-    start_line, request = tornados(head, DirectConnection(socks[0], context))
-    remember(seen_heads, head, start_line, request)
-    remember(seen_heads, head, start_line, request)
-    found = seen_heads.get(head)
+    found = kept_twice(head, socks[0]).get(head)
     assert found is not None
     seen, line = found
-    conn = DirectConnection(socks[1], context)
+    conn = DirectConnection(socks[1], CONTEXT)
     httputil.set_parse_body_config(
         httputil.ParseBodyConfig(urlencoded=httputil.ParseUrlEncodedConfig(max_arguments=2))
     )
