@@ -36,7 +36,7 @@ from .lifecycle import CloseReason, OverflowPolicy
 from .outage import BrokerOutage
 from .routing import EventStreamRoute
 from .stats import EndpointStats, Snapshot
-from .tasks import in_task, log, start_soon, until_done
+from .tasks import after_batch, in_task, log, start_soon, until_done
 from .transport import ClosedTransport, SocketTransport
 from .writer import Transport, WriteLimits, framed
 
@@ -622,7 +622,8 @@ class ServerSentEventHandler:
             ran = self._run_hook(conn, hook, *args)
             if not (ran if ran is True or ran is False else await ran):
                 return
-        conn.writer.release()
+        # Written once the turn's other registrations are done (after_batch).
+        after_batch(conn.writer.release)
         conn.headers = _kept_headers(conn.headers, self._kept)
         self._cluster.track(conn)
         conn.start_source()

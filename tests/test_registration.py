@@ -15,7 +15,7 @@ from collections.abc import Collection
 from typing import Any
 
 import pytest
-from support import serve, wait_until
+from support import parse_head, read_to_eof, serve, wait_until
 from tornado.httpserver import HTTPServer
 from tornado.httputil import HTTPServerRequest
 from tornado.testing import bind_unused_port
@@ -430,3 +430,43 @@ async def test_a_replay_hook_set_on_the_instance_runs_in_a_task(
             client.close()
     assert ran == ["7"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_streams_registered_in_one_turn_each_get_their_head_whatever_the_others_do() -> None:
+    """The streams registered in one turn of the loop write their first bytes
+    once every registration of the turn is done (tasks.after_batch). A later
+    registration's hook that stops or closes an earlier stream meanwhile
+    still leaves that client a whole response: the head and its welcome
+    first, then the farewell, or the end of the response."""
+    registered: list[ServerSentEventConnection] = []
+    states_then: list[str] = []
+
+    class Handler(ServerSentEventHandler):
+        def on_connection_registered(self, conn: ServerSentEventConnection) -> None:
+            registered.append(conn)
+            if len(registered) == 4:
+                states_then.extend(c.state.name for c in registered[:2])
+                registered[0].stop(ServerSentEvent(event="bye", data=""))
+                registered[1].close(CloseReason.STOPPED)
+
+    handler = Handler(connection_class=Welcome)
+    async with serve([handler.route("/events")], handler, direct=True) as server:
+        # Connected and sent before the server's loop runs: one turn takes all four.
+        clients = [server.raw_socket() for _ in range(4)]
+        try:
+            await wait_until(lambda: len(registered) == 4)
+            assert states_then == ["HELD", "HELD"]  # their heads not yet written
+            answers = []
+            for sock in clients[:2]:
+                reader, writer = await asyncio.open_connection(sock=sock)
+                answers.append(await read_to_eof(reader, 5.0))
+                writer.close()
+        finally:
+            for sock in clients:
+                sock.close()
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert parse_head(head + b"\r\n")[0] == 200
+        assert re.search(rb"event: welcome\r?\n", body)
+    assert re.search(rb"event: welcome.*event: rules.*event: bye", answers[0], re.S)
+    assert b"event: bye" not in answers[1]

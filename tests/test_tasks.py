@@ -1,6 +1,7 @@
 """sse_handler.tasks.until_done: a coroutine awaited step by step, with a
 callback just before it first waits; start_soon and in_task: background
-work that has no task until it waits."""
+work that has no task until it waits; after_batch: what runs once a batch
+of start_soon is through."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import logging
 import pytest
 from support import wait_until
 
-from sse_handler.tasks import in_task, start_soon, until_done
+from sse_handler.tasks import after_batch, in_task, start_soon, until_done
 
 
 async def test_a_coroutine_that_never_waits_never_triggers_the_callback() -> None:
@@ -227,3 +228,46 @@ def test_an_interrupt_in_a_batch_leaves_the_rest_for_the_next_run() -> None:
         assert ran == [0, 2, 3]
     finally:
         loop.close()
+
+
+async def test_after_batch_runs_once_the_whole_batch_is_through() -> None:
+    """Called from a start_soon batch, the callbacks run in order once every
+    coroutine of the batch has run as far as it goes; anywhere else, at once."""
+    order: list[str] = []
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def work(n: int) -> None:
+        order.append(f"work {n}")
+        after_batch(lambda: order.append(f"after {n}"))
+        if n == 1:
+            await future  # goes on in a task, after the batch
+            after_batch(lambda: order.append("after 1, in its task"))
+
+    for n in range(3):
+        start_soon(work(n), f"work {n}")
+    await asyncio.sleep(0)
+    assert order == ["work 0", "work 1", "work 2", "after 0", "after 1", "after 2"]
+    future.set_result(None)
+    await wait_until(lambda: len(order) == 7)
+    assert order[-1] == "after 1, in its task"
+    after_batch(lambda: order.append("outside"))
+    assert order[-1] == "outside"
+
+
+async def test_an_after_batch_callback_that_raises_is_logged_and_the_others_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ran: list[int] = []
+
+    def broken() -> None:
+        raise RuntimeError("after")
+
+    async def work(n: int) -> None:
+        after_batch(broken if n == 0 else lambda: ran.append(n))
+
+    for n in range(3):
+        start_soon(work(n), f"work {n}")
+    with caplog.at_level(logging.ERROR, logger="sse_handler"):
+        await asyncio.sleep(0)
+    assert ran == [1, 2]
+    assert "after a batch" in caplog.text and "RuntimeError: after" in caplog.text
