@@ -211,8 +211,14 @@ class ControlPlane:
         self._registries: list[Registry] = []
         #: Registered connections and the channels announced for each.
         self._tracked: dict[str, tuple[ServerSentEventConnection, tuple[str, ...]]] = {}
-        #: channel -> cid -> entry, for this process's connections.
-        self._rosters: dict[str, dict[str, PresenceEntry]] = {}
+        #: channel -> cid -> connection, for this process's connections (each
+        #: entry is made when it is asked for: most never are).
+        self._rosters: dict[str, dict[str, ServerSentEventConnection]] = {}
+        # Whether a join or leave is stored or announced, where it needs its entry.
+        self._stores = (
+            type(self).stored_join is not ControlPlane.stored_join
+            or type(self).stored_leave is not ControlPlane.stored_leave
+        )
         #: Operations started here, by name (``list``, ``get``, ``send``,
         #: ``stop``, ``stop_subject``, ``presence``).
         self.operations: Counter[str] = Counter()
@@ -239,9 +245,12 @@ class ControlPlane:
     def track(self, conn: ServerSentEventConnection) -> None:
         """``conn`` is registered: it is present in its channels from now on."""
         # The channels it was announced in: a tuple (most streams have one
-        # channel; a set costs 216 bytes even then).
-        self._tracked[conn.cid] = (conn, ())
-        self.update(conn)
+        # channel; a set costs 216 bytes even then), in a stable order.
+        channels = conn.channels
+        announced = tuple(channels) if len(channels) < 2 else tuple(sorted(channels))
+        self._tracked[conn.cid] = (conn, announced)
+        for channel in announced:
+            self._join(conn, channel)
 
     def update(self, conn: ServerSentEventConnection) -> None:
         """``conn``'s channels changed: follow them (no-op before :meth:`track`)."""
@@ -273,18 +282,24 @@ class ControlPlane:
         """Connection-channel pairs of this process present now."""
         return sum(len(roster) for roster in self._rosters.values())
 
+    def presence_entry(self, conn: ServerSentEventConnection) -> PresenceEntry:
+        """``conn`` as an entry of this process's presence."""
+        return PresenceEntry(conn.cid, subject_of(conn), self.process, conn.connected_at)
+
     def _join(self, conn: ServerSentEventConnection, channel: str) -> None:
-        entry = PresenceEntry(conn.cid, subject_of(conn), self.process, conn.connected_at)
-        self._rosters.setdefault(channel, {})[conn.cid] = entry
-        self.stored_join(channel, entry)
-        self._announce(channel, "join", entry)
+        self._rosters.setdefault(channel, {})[conn.cid] = conn
+        if self._stores or self.presence_events:
+            entry = self.presence_entry(conn)
+            self.stored_join(channel, entry)
+            self._announce(channel, "join", entry)
 
     def _leave(self, conn: ServerSentEventConnection, channel: str) -> None:
         roster = self._rosters.get(channel, {})
-        entry = roster.pop(conn.cid, None)
+        present = roster.pop(conn.cid, None)
         if not roster:
             self._rosters.pop(channel, None)
-        if entry is not None:
+        if present is not None and (self._stores or self.presence_events):
+            entry = self.presence_entry(present)
             self.stored_leave(channel, entry)
             self._announce(channel, "leave", entry)
 
@@ -357,7 +372,8 @@ class ControlPlane:
     async def presence(self, channel: str) -> list[PresenceEntry]:
         """Who reads ``channel`` now, across the processes (oldest first)."""
         self.operations["presence"] += 1
-        return sorted_presence(self._rosters.get(channel, {}).values())
+        roster = self._rosters.get(channel, {})
+        return sorted_presence(self.presence_entry(conn) for conn in roster.values())
 
     async def subjects(self, channel: str) -> list[SubjectPresence]:
         """:meth:`presence` per subject: online while any of its connections is."""

@@ -198,6 +198,36 @@ async def test_join_and_leave_events_are_published_when_asked_for() -> None:
         watcher.close()
 
 
+@pytest.mark.parametrize("overridden", ["both", "stored_leave"])
+async def test_a_plane_that_stores_presence_gets_each_join_and_leave(overridden: str) -> None:
+    """Entries are made only when asked for, and for a plane that stores them:
+    one that overrides ``stored_join``, ``stored_leave`` or both."""
+    stored: list[tuple[str, str, PresenceEntry]] = []
+
+    class LeavesOnly(ControlPlane):
+        def stored_leave(self, channel: str, entry: PresenceEntry) -> None:
+            stored.append(("leave", channel, entry))
+
+    class Both(LeavesOnly):
+        def stored_join(self, channel: str, entry: PresenceEntry) -> None:
+            stored.append(("join", channel, entry))
+
+    broker = MemoryBroker()
+    cluster = (Both if overridden == "both" else LeavesOnly)(broker)
+    handler = SubjectHandler(broker=broker, cluster=cluster)
+    async with serve([handler.route("/a")], handler) as server:
+        client = await server.stream("/a?channel=room&subject=carol")
+        await wait_until(lambda: cluster.presence_count() == 1)
+        conn = handler.connections()[0]
+        expected = PresenceEntry(conn.cid, "carol", cluster.process, conn.connected_at)
+        assert await cluster.presence("room") == [expected]
+        client.close()
+        await wait_until(lambda: cluster.presence_count() == 0)
+        await wait_until(lambda: ("leave", "room", expected) in stored)
+    joins = [("join", "room", expected)] if overridden == "both" else []
+    assert stored == [*joins, ("leave", "room", expected)]
+
+
 async def test_no_presence_events_by_default() -> None:
     handler = SubjectHandler()
     async with serve([handler.route("/a")], handler) as server:

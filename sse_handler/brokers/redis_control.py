@@ -254,8 +254,8 @@ class RedisControlPlane(ControlPlane):
                 if gap < 0 or gap > ttl_ms:
                     # New, or taken for dead meanwhile: (re)write all of it.
                     for channel, roster in self._rosters.items():
-                        for entry in roster.values():
-                            self.stored_join(channel, entry)
+                        for conn in roster.values():
+                            self.stored_join(channel, self.presence_entry(conn))
                 self._beaten.set()
                 await self._renew(list(self._rosters))
                 self._recovered("the heartbeat")
