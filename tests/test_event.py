@@ -264,3 +264,66 @@ def test_fields_given_as_keywords_encode_as_the_event_object_does(fields: dict[s
     except (TypeError, ValueError) as exc:
         got = (type(exc), str(exc))
     assert got == expected
+
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text('a"\\\n\r\x00\x1f\u2028é😀\ud800', max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.one_of(st.text("ab\n\u2028", max_size=3), st.integers(), st.booleans(), st.none()),
+            inner,
+            max_size=3,
+        )
+    ),
+    max_leaves=8,
+)
+
+
+@given(
+    st.one_of(
+        st.lists(_json_values, max_size=3),
+        st.dictionaries(st.text(max_size=3), _json_values, max_size=3),
+    )
+)
+def test_json_data_is_what_the_json_module_writes(data: Any) -> None:
+    """A dict or list becomes one data line: the standard library's compact
+    JSON (``allow_nan=False``, UTF-8 as is), or a ValueError naming data where
+    it refuses the value (NaN, infinities) or UTF-8 cannot carry it."""
+    try:
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        expected: bytes | None = b"data: " + text.encode("utf-8") + b"\n\n"
+    except (ValueError, UnicodeEncodeError):
+        expected = None
+    if expected is None:
+        with pytest.raises(ValueError, match=r"^data "):
+            ServerSentEvent(data=data)
+        with pytest.raises(ValueError, match=r"^data "):
+            event_frame(None, {"data": data})
+    else:
+        assert ServerSentEvent(data=data).encode() == expected
+        assert event_frame(None, {"data": data}) == expected
+        assert json.loads(expected[6:-2]) == json.loads(text)
+
+
+def test_deeply_nested_json_is_refused_naming_data() -> None:
+    deep: list[Any] = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(ValueError, match=r"^data "):
+        ServerSentEvent(data=deep)
+
+
+def test_an_event_type_is_checked_every_time_however_often_it_comes() -> None:
+    for _ in range(3):
+        assert event_frame(None, {"event": "tick", "data": "1"}) == b"event: tick\ndata: 1\n\n"
+        with pytest.raises(ValueError, match=r"^event "):
+            event_frame(None, {"event": "ti\nck", "data": "1"})
+    # Past the types kept, each one is still written and checked.
+    for n in range(600):
+        assert event_frame(None, {"event": f"t{n}"}) == f"event: t{n}\n\n".encode()
+    assert event_frame(None, {"event": "", "data": "x"}) == b"data: x\n\n"
