@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import re
 import socket
+import time
 from typing import Any, ClassVar
 
 import pytest
@@ -76,6 +78,42 @@ async def test_response_head_and_first_comment() -> None:
         assert client.raw.startswith(b": ok\nretry: 2500\n\n")
         assert client.parser.retry == 2500
         client.close()
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["tornado", "direct"])
+async def test_each_stream_head_has_its_date_its_retry_and_its_applications_headers(
+    direct: bool,
+) -> None:
+    """Heads without application headers are made once a second: each
+    handler still gets its own retry, a stream with an application's header
+    its own head, and every head today's Date."""
+
+    class Tagged(ServerSentEventHandler):
+        def response_headers(self, request: HTTPServerRequest) -> dict[str, str]:
+            return {"X-Tag": request.query_arguments.get("tag", [b"none"])[0].decode()}
+
+    plain, other, tagged = (
+        ServerSentEventHandler(retry=1000),
+        ServerSentEventHandler(retry=2000),
+        Tagged(retry=1000),
+    )
+    routes = [plain.route("/plain"), other.route("/other"), tagged.route("/tagged")]
+    async with serve(routes, plain, other, tagged, direct=direct) as server:
+        for _ in range(2):
+            clients = [
+                await server.stream(path)
+                for path in ("/plain", "/other", "/tagged?tag=a", "/tagged?tag=b", "/plain")
+            ]
+            retries = []
+            for client in clients:
+                await client.wait_for_bytes(b"\n\n", timeout=2)
+                retries.append(client.parser.retry)
+                date = email.utils.parsedate_to_datetime(client.headers["Date"]).timestamp()
+                assert abs(date - time.time()) < 3
+            assert retries == [1000, 2000, 1000, 1000, 1000]
+            assert [c.headers.get("X-Tag") for c in clients] == [None, None, "a", "b", None]
+            for client in clients:
+                client.close()
 
 
 async def test_welcome_on_registration_and_hooks_order() -> None:
