@@ -214,11 +214,6 @@ class ControlPlane:
         #: channel -> cid -> connection, for this process's connections (each
         #: entry is made when it is asked for: most never are).
         self._rosters: dict[str, dict[str, ServerSentEventConnection]] = {}
-        # Whether a join or leave is stored or announced, where it needs its entry.
-        self._stores = (
-            type(self).stored_join is not ControlPlane.stored_join
-            or type(self).stored_leave is not ControlPlane.stored_leave
-        )
         #: Operations started here, by name (``list``, ``get``, ``send``,
         #: ``stop``, ``stop_subject``, ``presence``).
         self.operations: Counter[str] = Counter()
@@ -286,9 +281,17 @@ class ControlPlane:
         """``conn`` as an entry of this process's presence."""
         return PresenceEntry(conn.cid, subject_of(conn), self.process, conn.connected_at)
 
+    def _stores(self) -> bool:
+        """Are joins and leaves stored (``stored_*`` overridden or set on the
+        plane)? Then they need their entries."""
+        return (
+            getattr(self.stored_join, "__func__", None) is not ControlPlane.stored_join
+            or getattr(self.stored_leave, "__func__", None) is not ControlPlane.stored_leave
+        )
+
     def _join(self, conn: ServerSentEventConnection, channel: str) -> None:
         self._rosters.setdefault(channel, {})[conn.cid] = conn
-        if self._stores or self.presence_events:
+        if self.presence_events or self._stores():
             entry = self.presence_entry(conn)
             self.stored_join(channel, entry)
             self._announce(channel, "join", entry)
@@ -298,7 +301,7 @@ class ControlPlane:
         present = roster.pop(conn.cid, None)
         if not roster:
             self._rosters.pop(channel, None)
-        if present is not None and (self._stores or self.presence_events):
+        if present is not None and (self.presence_events or self._stores()):
             entry = self.presence_entry(present)
             self.stored_leave(channel, entry)
             self._announce(channel, "leave", entry)

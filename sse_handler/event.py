@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
@@ -165,7 +166,7 @@ def _encode(
         lines += _comment_lines(comment)
     if event is not None:
         # An application has a few event types: each one's line is made once.
-        line = _EVENT_LINES.get(event)
+        line = _EVENT_LINES.get(event) if type(event) is str else None
         if line is None:
             line = _event_line(event)
         if line:
@@ -204,9 +205,10 @@ def _event_line(event: str) -> bytes:
         raise ValueError("event must not contain CR or LF")
     # WHATWG 9.2.6 dispatches an empty type as "message", so "event: " would be dead weight.
     line = b"event: " + encoded if encoded else b""
-    if len(_EVENT_LINES) >= _EVENT_LINES_KEPT:
-        _EVENT_LINES.clear()  # types made up per event: start over
-    _EVENT_LINES[event] = line
+    if type(event) is str:  # (a subclass may compare or encode otherwise)
+        if len(_EVENT_LINES) >= _EVENT_LINES_KEPT:
+            _EVENT_LINES.clear()  # types made up per event: start over
+        _EVENT_LINES[event] = line
     return line
 
 
@@ -267,33 +269,47 @@ def _json_text(data: dict[str, Any] | list[Any]) -> str:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"data is not JSON-serialisable ({exc})") from None
     except RecursionError:
-        raise ValueError("data is not JSON-serialisable (circular or nested too deep)") from None
+        raise ValueError("data is not JSON-serialisable (nested too deep)") from None
 
 
-def _json_encoder() -> Callable[[dict[str, Any] | list[Any]], str]:
-    """``_JSON.encode`` for a dict or a list, with CPython's C encoder made
-    once instead of per call (what ``JSONEncoder.encode`` does: 0.4x its
-    time for a welcome's data). Without circular-reference bookkeeping,
-    which the C encoder leaves behind after an error: a circular value
-    ends in ``RecursionError`` instead."""
+def _to_json(data: dict[str, Any] | list[Any]) -> str:
+    """``_JSON.encode(data)``, with CPython's C encoder made once per thread
+    instead of per call (what ``JSONEncoder.encode`` does): 0.4x its time
+    for a welcome's data."""
+    made = getattr(_encoders, "made", None)
+    if made is None:
+        made = _encoders.made = _c_encoder()
+        if made is None:
+            return _JSON.encode(data)
+    encoder, markers = made
+    try:
+        return "".join(encoder(data, 0))
+    except BaseException:
+        # The C encoder leaves the objects it was inside of in its record of
+        # them (its circular-reference check) when it fails.
+        markers.clear()
+        raise
+
+
+def _c_encoder() -> tuple[Callable[[Any, int], Any], dict[int, Any]] | None:
+    """CPython's C encoder with ``_JSON``'s settings and its own record of
+    the objects it is inside of; ``None`` where there is none like it."""
     make = getattr(json.encoder, "c_make_encoder", None)
     if make is None:
-        return _JSON.encode
+        return None
+    markers: dict[int, Any] = {}
     try:
         encoder = make(
-            None, _JSON.default, json.encoder.encode_basestring, None, ":", ",",
+            markers, _JSON.default, json.encoder.encode_basestring, None, ":", ",",
             False, False, False,
         )  # fmt: skip
-    except TypeError:  # another signature: the documented path
-        return _JSON.encode
-
-    def encode(data: dict[str, Any] | list[Any]) -> str:
-        return "".join(encoder(data, 0))
-
-    return encode
+    except TypeError:  # another signature: JSONEncoder.encode, the documented path
+        return None
+    return encoder, markers
 
 
-_to_json = _json_encoder()
+# One encoder per thread: its record of open objects is its own.
+_encoders = threading.local()
 
 
 def _utf8(name: str, value: object) -> bytes:

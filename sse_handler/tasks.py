@@ -104,11 +104,21 @@ def _start_batch(loop: asyncio.AbstractEventLoop) -> None:
         _run_batch(loop, _batches.pop(loop, []))
     finally:
         _local.after = None
-        for callback in after:
-            try:
-                callback()
-            except Exception:
-                log.exception("Uncaught exception in %r after a batch", callback)
+        _run_after(loop, after)
+
+
+def _run_after(loop: asyncio.AbstractEventLoop, after: list[Callable[[], None]]) -> None:
+    for at, callback in enumerate(after):
+        try:
+            callback()
+        except (KeyboardInterrupt, SystemExit):
+            # As for the batch: the rest is not lost, it runs when the loop does again.
+            rest = after[at + 1 :]
+            if rest:
+                loop.call_soon(_run_after, loop, rest)
+            raise
+        except Exception:
+            log.exception("Uncaught exception in %r after a batch", callback)
 
 
 def _run_batch(loop: asyncio.AbstractEventLoop, batch: list[_Started]) -> None:

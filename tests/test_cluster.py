@@ -228,6 +228,24 @@ async def test_a_plane_that_stores_presence_gets_each_join_and_leave(overridden:
     assert stored == [*joins, ("leave", "room", expected)]
 
 
+async def test_a_plane_whose_instance_stores_presence_gets_each_join_and_leave() -> None:
+    """``stored_join`` / ``stored_leave`` set on the plane itself (a test's
+    stand-in, say) are called as a subclass's would be."""
+    calls: list[tuple[str, str, str]] = []
+    broker = MemoryBroker()
+    plane = ControlPlane(broker)
+    plane.stored_join = lambda channel, e: calls.append(("join", channel, e.cid))  # type: ignore[method-assign]
+    plane.stored_leave = lambda channel, e: calls.append(("leave", channel, e.cid))  # type: ignore[method-assign]
+    handler = ServerSentEventHandler(broker=broker, cluster=plane)
+    async with serve([handler.route("/a")], handler) as server:
+        client = await server.stream("/a?channel=room")
+        await wait_until(lambda: plane.presence_count() == 1)
+        cid = handler.connection_ids()[0]
+        client.close()
+        await wait_until(lambda: plane.presence_count() == 0)
+    assert calls == [("join", "room", cid), ("leave", "room", cid)]
+
+
 async def test_no_presence_events_by_default() -> None:
     handler = SubjectHandler()
     async with serve([handler.route("/a")], handler) as server:

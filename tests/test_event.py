@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -327,3 +328,33 @@ def test_an_event_type_is_checked_every_time_however_often_it_comes() -> None:
     for n in range(600):
         assert event_frame(None, {"event": f"t{n}"}) == f"event: t{n}\n\n".encode()
     assert event_frame(None, {"event": "", "data": "x"}) == b"data: x\n\n"
+
+
+def test_circular_data_is_refused_at_once_without_encoding_the_cycle_over_and_over() -> None:
+    """A cycle is caught where it closes, as json.dumps catches it: not after
+    encoding a large value once per level down to the recursion limit
+    (a 300 KB string in a self-referencing dict took 0.4 s and hundreds of
+    megabytes before the ValueError)."""
+    cyclic: dict[str, Any] = {"payload": "x" * 300_000}
+    cyclic["self"] = cyclic
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"^data .*[Cc]ircular reference"):
+            ServerSentEvent(data=cyclic)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 1024 * 1024
+    # The encoder is not left believing the objects of a failed encode are still open.
+    inner = {"k": 1}
+    with pytest.raises(ValueError, match=r"^data "):
+        event_frame(None, {"data": [inner, object()]})
+    assert event_frame(None, {"data": [inner, inner]}) == b'data: [{"k":1},{"k":1}]\n\n'
+
+
+def test_an_event_type_of_the_wrong_type_is_a_type_error_naming_event() -> None:
+    for wrong in ([], {}, 3, b"tick"):
+        with pytest.raises(TypeError, match=r"^event must be a str"):
+            event_frame(None, {"event": wrong, "data": "1"})  # type: ignore[typeddict-item]
+        with pytest.raises(TypeError, match=r"^event must be a str"):
+            ServerSentEvent(event=wrong, data="1")  # type: ignore[arg-type]

@@ -271,3 +271,33 @@ async def test_an_after_batch_callback_that_raises_is_logged_and_the_others_run(
         await asyncio.sleep(0)
     assert ran == [1, 2]
     assert "after a batch" in caplog.text and "RuntimeError: after" in caplog.text
+
+
+def test_an_interrupt_in_an_after_batch_callback_keeps_the_later_ones() -> None:
+    """As for the batch itself: a KeyboardInterrupt in one callback reaches the
+    loop's runner, and the callbacks after it run when the loop runs again
+    (a stream whose first write they make would otherwise stay held)."""
+    ran: list[int] = []
+
+    def callback(n: int) -> None:
+        if n == 1:
+            raise KeyboardInterrupt
+        ran.append(n)
+
+    async def work(n: int) -> None:
+        after_batch(lambda: callback(n))
+
+    async def start_and_wait() -> None:
+        for n in range(4):
+            start_soon(work(n), f"work {n}")
+        await asyncio.sleep(0.01)
+
+    loop = asyncio.new_event_loop()
+    try:
+        main = loop.create_task(start_and_wait())
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(main)
+        loop.run_until_complete(main)
+        assert ran == [0, 2, 3]
+    finally:
+        loop.close()
