@@ -68,20 +68,38 @@ def in_task() -> Generator[Any, Any, None]:
 
 def after_batch(callback: Callable[[], None]) -> None:
     """Call ``callback`` once every coroutine of the :func:`start_soon` batch
-    running now has run as far as it goes without waiting; at once when
-    called from anywhere else (a task, another callback).
+    running now has run as far as it goes without waiting. Called from
+    anywhere else in the loop (a task, another callback): soon, in one
+    callback with the others of that turn of the loop.
 
     Why: registration ends with a stream's first write (its head and what
     the hooks sent). Made at the end of the batch, one after the other,
     those system calls no longer evict the Python code and data of the
     registrations between them from the CPU's caches: 0.93x the CPU of an
-    accepted stream (docs/benchmarks.md, notes).
+    accepted stream (docs/benchmarks.md, notes). Registrations that waited
+    (on a broker's subscribe, say) go on in tasks, each in a callback of
+    its own: their writes are gathered from the turn's tasks.
     """
     pending: list[Callable[[], None]] | None = getattr(_local, "after", None)
-    if pending is None:
-        callback()
-    else:
+    if pending is not None:
         pending.append(callback)
+        return
+    loop = asyncio.get_running_loop()
+    soon = _soon.get(loop)
+    if soon is None:
+        soon = _soon[loop] = []
+        loop.call_soon(_run_soon, loop)
+    soon.append(callback)
+
+
+def _run_soon(loop: asyncio.AbstractEventLoop) -> None:
+    _run_after(loop, _soon.pop(loop, []))
+
+
+# The after_batch() callbacks of a turn's tasks, by loop.
+_soon: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[Callable[[], None]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 # What in_task() hands to start_soon's callback: "give me a task".
@@ -139,6 +157,11 @@ def _run_batch(loop: asyncio.AbstractEventLoop, batch: list[_Started]) -> None:
         except BaseException as exc:
             log.error("Uncaught exception in %s", what, exc_info=exc)
             continue
+        if asyncio.isfuture(waiting_on):
+            # As a task does with the future its coroutine yields: taken, so
+            # that another coroutine of the batch may await it too (awaiting
+            # a future marked as waited on raises); _go_on gives it back.
+            waiting_on._asyncio_future_blocking = False
         task = loop.create_task(_go_on(coro, waiting_on), context=context)
         _running.add(task)
         task.add_done_callback(functools.partial(_finished, what=what))
@@ -160,6 +183,8 @@ async def _go_on(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> Any:
             waiting_on = coro.send(None)
         except StopIteration as done:
             return done.value
+    elif asyncio.isfuture(waiting_on):
+        waiting_on._asyncio_future_blocking = True  # as the coroutine's await left it
     return await _forward(coro, waiting_on)
 
 

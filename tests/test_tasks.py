@@ -230,28 +230,56 @@ def test_an_interrupt_in_a_batch_leaves_the_rest_for_the_next_run() -> None:
         loop.close()
 
 
+async def test_coroutines_of_one_batch_may_wait_on_the_same_future() -> None:
+    """Each goes on in a task of its own once the future is done (the second
+    one's await raised "await wasn't used with future": the future was still
+    marked as waited on by the first, whose task had not taken it yet)."""
+    shared: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    got: list[tuple[int, str]] = []
+
+    async def work(n: int) -> None:
+        got.append((n, await shared))
+
+    for n in range(3):
+        start_soon(work(n), f"work {n}")
+    await asyncio.sleep(0)
+    shared.set_result("done")
+    await wait_until(lambda: len(got) == 3)
+    assert sorted(got) == [(0, "done"), (1, "done"), (2, "done")]
+
+
 async def test_after_batch_runs_once_the_whole_batch_is_through() -> None:
     """Called from a start_soon batch, the callbacks run in order once every
-    coroutine of the batch has run as far as it goes; anywhere else, at once."""
+    coroutine of the batch has run as far as it goes; from tasks, soon, in
+    one callback with the others of that turn of the loop."""
     order: list[str] = []
     future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def work(n: int) -> None:
         order.append(f"work {n}")
         after_batch(lambda: order.append(f"after {n}"))
-        if n == 1:
+        if n < 2:
             await future  # goes on in a task, after the batch
-            after_batch(lambda: order.append("after 1, in its task"))
+            order.append(f"work {n}, in its task")
+            after_batch(lambda: order.append(f"after {n}, in its task"))
 
     for n in range(3):
         start_soon(work(n), f"work {n}")
     await asyncio.sleep(0)
     assert order == ["work 0", "work 1", "work 2", "after 0", "after 1", "after 2"]
-    future.set_result(None)
-    await wait_until(lambda: len(order) == 7)
-    assert order[-1] == "after 1, in its task"
-    after_batch(lambda: order.append("outside"))
-    assert order[-1] == "outside"
+    future.set_result(None)  # wakes both tasks in one turn
+    await wait_until(lambda: len(order) == 10)
+    assert order[6:] == [
+        "work 0, in its task",
+        "work 1, in its task",
+        "after 0, in its task",
+        "after 1, in its task",
+    ]
+    order.clear()
+    after_batch(lambda: order.append("from a test's task"))
+    assert order == []  # soon, not now
+    await asyncio.sleep(0)
+    assert order == ["from a test's task"]
 
 
 async def test_an_after_batch_callback_that_raises_is_logged_and_the_others_run(
