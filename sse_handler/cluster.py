@@ -240,12 +240,9 @@ class ControlPlane:
     def track(self, conn: ServerSentEventConnection) -> None:
         """``conn`` is registered: it is present in its channels from now on."""
         # The channels it was announced in: a tuple (most streams have one
-        # channel; a set costs 216 bytes even then), in a stable order.
-        channels = conn.channels
-        announced = tuple(channels) if len(channels) < 2 else tuple(sorted(channels))
-        self._tracked[conn.cid] = (conn, announced)
-        for channel in announced:
-            self._join(conn, channel)
+        # channel; a set costs 216 bytes even then).
+        self._tracked[conn.cid] = (conn, ())
+        self.update(conn)
 
     def update(self, conn: ServerSentEventConnection) -> None:
         """``conn``'s channels changed: follow them (no-op before :meth:`track`)."""
