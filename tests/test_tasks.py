@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 from support import wait_until
@@ -213,6 +215,18 @@ def test_an_interrupt_in_a_batch_leaves_the_rest_for_the_next_run() -> None:
             raise KeyboardInterrupt
         ran.append(n)
 
+    seen_between: list[list[int]] = []
+    _interrupted_then_run_again(work, lambda: seen_between.append(list(ran)))
+    assert seen_between == [[0]]
+    assert ran == [0, 2, 3]  # the loop ran again: so did the rest
+
+
+def _interrupted_then_run_again(
+    work: Callable[[int], Coroutine[Any, Any, None]], between: Callable[[], None] = lambda: None
+) -> None:
+    """``work(0)`` to ``work(3)`` started in one batch, on a loop of their own
+    run until a KeyboardInterrupt reaches it, ``between()``, then run again."""
+
     async def start_and_wait() -> None:
         for n in range(4):
             start_soon(work(n), f"work {n}")
@@ -223,9 +237,8 @@ def test_an_interrupt_in_a_batch_leaves_the_rest_for_the_next_run() -> None:
         main = loop.create_task(start_and_wait())
         with pytest.raises(KeyboardInterrupt):
             loop.run_until_complete(main)
-        assert ran == [0]
-        loop.run_until_complete(main)  # the loop runs again: so does the rest
-        assert ran == [0, 2, 3]
+        between()
+        loop.run_until_complete(main)
     finally:
         loop.close()
 
@@ -315,17 +328,5 @@ def test_an_interrupt_in_an_after_batch_callback_keeps_the_later_ones() -> None:
     async def work(n: int) -> None:
         after_batch(lambda: callback(n))
 
-    async def start_and_wait() -> None:
-        for n in range(4):
-            start_soon(work(n), f"work {n}")
-        await asyncio.sleep(0.01)
-
-    loop = asyncio.new_event_loop()
-    try:
-        main = loop.create_task(start_and_wait())
-        with pytest.raises(KeyboardInterrupt):
-            loop.run_until_complete(main)
-        loop.run_until_complete(main)
-        assert ran == [0, 2, 3]
-    finally:
-        loop.close()
+    _interrupted_then_run_again(work)
+    assert ran == [0, 2, 3]
