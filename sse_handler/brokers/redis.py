@@ -76,6 +76,7 @@ from ..event import ServerSentEvent
 from ..tasks import spawn
 from . import BrokerUnavailableError, Delivery, Listener, Replay, body_frame
 from . import redis_wire as wire
+from .redis_batch import ScriptBatch
 from .redis_wire import by_prefix, channel_key
 
 __all__ = ["RedisBroker", "by_prefix", "channel_key", "redacted_url"]
@@ -277,6 +278,7 @@ class RedisBroker:
             "protocol": 2,
         }
         self.cluster = cluster
+        self._batch: ScriptBatch | None = None
         if cluster:
             # redis-py routes each command (and each script, by its first
             # key) to the shard of its slot, with a pool per node.
@@ -303,6 +305,16 @@ class RedisBroker:
                 url, max_connections=max_connections, timeout=self.pool_timeout, **common
             )
             self._publish_redis = aioredis.Redis.from_pool(publish_pool)
+            # Concurrent publishes leave together (redis_batch): the same
+            # promises as one command each, at a third of the cost.
+            self._batch = ScriptBatch(
+                publish_pool,
+                wire.PUBLISH_SCRIPT,
+                failure=functools.partial(_unavailable, self._where),
+                not_sent=_not_sent,
+                retries=retries,
+                max_backoff=max_backoff,
+            )
         self._script: Any = self._publish_redis.register_script(wire.PUBLISH_SCRIPT)
         self._read_script: Any = self._redis.register_script(wire.READ_SCRIPT)
         # The Pub/Sub reader gets a connection of its own; on a cluster, to
@@ -461,7 +473,11 @@ class RedisBroker:
             int(self.history_age * 1000),
             self._topic(channel),
         ]
-        entry, indexed = await self._run_script(keys, args)
+        if self._batch is not None:
+            reply = await self._batch.run(keys, args)
+            entry, indexed = wire.text(reply[0]), int(reply[1])
+        else:
+            entry, indexed = await self._run_script(keys, args)
         crowded = event.id is not None and indexed > 2 * self.history_size + 256
         if crowded and channel not in self._pruning:
             self._pruning[channel] = spawn(
@@ -1045,6 +1061,8 @@ class RedisBroker:
             if not ack.done():
                 ack.set_exception(BrokerUnavailableError("the broker is closing"))
                 ack.exception()  # retrieved: its subscriber may be gone already
+        if self._batch is not None:
+            await self._batch.close()
         for task in [self._reader, self._sending, *self._pruning.values()]:
             if task is not None:
                 task.cancel()
