@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import warnings
 
 import pytest
 from redis import asyncio as aioredis
@@ -113,3 +115,124 @@ async def test_a_publish_after_close_fails_clearly(redis_server: RedisServer) ->
     with pytest.raises(BrokerUnavailableError, match="closed") as failed:
         await broker.publish("c", ServerSentEvent(data="two"))
     assert failed.value.published is False
+
+
+async def test_close_while_a_batch_is_out_says_the_publish_may_have_run(
+    redis_server: RedisServer,
+) -> None:
+    broker = RedisBroker(redis_server.url)
+    await broker.publish("c", ServerSentEvent(data="loads the script"))
+    redis_server.pause()  # SIGSTOP: the batch is written, its reply never comes
+    try:
+        task = asyncio.ensure_future(broker.publish("c", ServerSentEvent(data="in flight")))
+        await asyncio.sleep(0.1)  # a few turns of the loop: the write took one
+        await broker.close()
+        with pytest.raises(BrokerUnavailableError) as failed:
+            await task
+        # It was sent: Redis may run it once it goes on, and it does.
+        assert failed.value.published is None
+    finally:
+        redis_server.resume()
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        assert [e[1][b"b"] for e in await raw.xrange(broker.stream_key("c"))] == [
+            b"data: loads the script\n\n",
+            b"data: in flight\n\n",
+        ]
+    finally:
+        await raw.aclose()
+
+
+async def test_a_publish_cancelled_while_its_batch_waits_to_be_tried_again_is_never_stored(
+    redis_server: RedisServer,
+) -> None:
+    # Enough retries that Redis is back before they run out.
+    broker = RedisBroker(redis_server.url, retries=20, max_backoff=0.2)
+    try:
+        await broker.publish("c", ServerSentEvent(data="before"))
+        redis_server.kill()
+        with pytest.raises(TimeoutError):  # its caller gives up during a backoff
+            await asyncio.wait_for(broker.publish("c", ServerSentEvent(data="given up")), 0.08)
+        redis_server.start()
+        await broker.publish("c", ServerSentEvent(data="after"))
+        raw = aioredis.Redis.from_url(redis_server.url)
+        try:
+            # Redis restarted without its data: only what came after.
+            assert [e[1][b"b"] for e in await raw.xrange(broker.stream_key("c"))] == [
+                b"data: after\n\n"
+            ]
+        finally:
+            await raw.aclose()
+    finally:
+        await broker.close()
+
+
+class _PoolOfRedisPy50(aioredis.BlockingConnectionPool):
+    """The checkout of redis-py before 5.3: a command's name is required."""
+
+    async def get_connection(  # type: ignore[override]
+        self, command_name: str, *keys: object, **options: object
+    ) -> object:
+        assert command_name
+        return await super().get_connection()
+
+
+class _WrappedPool(_PoolOfRedisPy50):
+    """A subclass that passes its arguments on, as RedisBroker's pool does."""
+
+    async def get_connection(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+        return await super().get_connection(*args, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_batch_checks_out_connections_from_a_pool_of_redis_py_5_0(
+    redis_server: RedisServer,
+) -> None:
+    from sse_handler.brokers.redis_batch import ScriptBatch
+
+    pool = _WrappedPool.from_url(redis_server.url)
+    batch = ScriptBatch(
+        pool,
+        "return ARGV[1]",
+        failure=lambda exc: BrokerUnavailableError(str(exc)),
+        not_sent=lambda exc: False,
+        retries=0,
+        max_backoff=0.1,
+    )
+    try:
+        assert await asyncio.gather(batch.run([], ["one"]), batch.run([], ["two"])) == [
+            b"one",
+            b"two",
+        ]
+    finally:
+        await batch.close()
+        await pool.disconnect()
+
+
+def test_a_broker_goes_on_in_a_second_event_loop(redis_server: RedisServer) -> None:
+    broker = RedisBroker(redis_server.url, timeout=2.0)
+    first = asyncio.new_event_loop()
+    first.run_until_complete(broker.publish("c", ServerSentEvent(data="one")))
+    first.close()  # without cancelling its tasks: the batches' task stays behind
+
+    async def second() -> list[str]:
+        outcomes = []
+        # The pooled connection belonged to the first loop: at most its
+        # publish fails (clearly), and the next goes through.
+        for data in ("two", "three", "four"):
+            try:
+                outcomes.append(
+                    await asyncio.wait_for(broker.publish("c", ServerSentEvent(data=data)), 5)
+                )
+            except BrokerUnavailableError:
+                outcomes.append("failed")
+        await broker.close()
+        return outcomes
+
+    outcomes = asyncio.run(second())
+    assert outcomes[1:] != ["failed", "failed"] and outcomes[-1] != "failed"
+    # The first loop was closed with its connection open, as the case needs;
+    # its socket is reclaimed here rather than in whichever test runs next.
+    del broker, first
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()

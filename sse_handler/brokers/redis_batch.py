@@ -15,17 +15,20 @@ Failures keep the meaning a single command has: a batch that never left
 (connecting failed, no connection free) is tried again after a backoff, up to
 ``retries`` times; one that failed after it was sent may have run, and is
 never sent again. A call that answers ``NOSCRIPT`` never ran: the script is
-loaded and that call sent again.
+loaded once and those calls sent again. A caller cancelled before its call
+left never publishes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from ..tasks import spawn
@@ -40,6 +43,26 @@ _Call = tuple[Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
 
 def _closed() -> RedisError:
     return RedisError("the broker is closed")
+
+
+def _cut_off() -> RedisError:
+    # A connection error after sending: what the callers get means "may have run".
+    return RedisConnectionError("the broker closed while the batch was out; it may have run")
+
+
+def _takes_command_name(pool: Any) -> bool:
+    """Whether ``pool``'s checkout requires a command's name (redis-py before
+    5.3; from 5.3 on, passing one is deprecated). A subclass that passes its
+    arguments on (``*args``) says nothing: the first class with the
+    parameter decides."""
+    for cls in type(pool).__mro__:
+        method = cls.__dict__.get("get_connection")
+        if method is None:
+            continue
+        parameter = inspect.signature(method).parameters.get("command_name")
+        if parameter is not None:
+            return parameter.default is inspect.Parameter.empty
+    return False
 
 
 class ScriptBatch:
@@ -65,6 +88,7 @@ class ScriptBatch:
         self._not_sent = not_sent
         self._retries = retries
         self._max_backoff = max_backoff
+        self._name = ("EVALSHA",) if _takes_command_name(pool) else ()
         self._queue: deque[_Call] = deque()
         #: The task that sends the batches; it waits on ``_idle`` between them
         #: rather than ending: a lone call then costs no task of its own.
@@ -77,13 +101,16 @@ class ScriptBatch:
         ``failure`` makes of a Redis error (the reply of an error included)."""
         if self._closed:
             raise self._failure(_closed())
-        call: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((keys, args, call))
-        if self._idle is not None:
-            if not self._idle.done():
-                self._idle.set_result(None)
-        elif self._draining is None:
+        loop = asyncio.get_running_loop()
+        call: asyncio.Future[Any] = loop.create_future()
+        draining = self._draining
+        if draining is None or draining.done() or draining.get_loop() is not loop:
+            # None yet, or one left behind by an event loop that ended.
+            self._idle = None
             self._draining = spawn(self._drain(), "publishing to Redis")
+        elif self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+        self._queue.append((keys, args, call))
         return await call
 
     async def close(self) -> None:
@@ -100,6 +127,8 @@ class ScriptBatch:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
+        batch: list[_Call] = []
         try:
             while True:
                 if not self._queue:
@@ -108,27 +137,33 @@ class ScriptBatch:
                         await self._idle
                     finally:
                         self._idle = None
-                batch: list[_Call] = []
+                batch = []
                 while self._queue and len(batch) < MAX_BATCH:
-                    call = self._queue.popleft()
-                    if not call[2].done():  # its caller was cancelled: never sent
-                        batch.append(call)
-                if batch:
-                    try:
-                        await self._send(batch)
-                    except BaseException as exc:
-                        # No caller waits forever, whatever went wrong.
-                        self._fail(batch, exc if isinstance(exc, Exception) else _closed())
-                        raise
+                    batch.append(self._queue.popleft())
+                await self._send(batch)
+        except BaseException as exc:
+            # No caller waits forever, whatever went wrong: _send answered
+            # what it sent; the rest never left.
+            failure = exc if isinstance(exc, Exception) else _closed()
+            self._fail([*batch, *self._queue], failure)
+            self._queue.clear()
+            raise
         finally:
-            self._draining = None
+            if self._draining is me:
+                self._draining = None
 
     async def _send(self, batch: list[_Call]) -> None:
         backoff = 0.05
         attempt = 0
-        while batch:
+        load = True
+        while True:
+            # A caller cancelled meanwhile (during a backoff, say): its call
+            # is never sent.
+            batch = [call for call in batch if not call[2].done()]
+            if not batch:
+                return
             try:
-                connection = await self._checkout()
+                connection = await self._pool.get_connection(*self._name)
             except Exception as exc:
                 if attempt == self._retries or not self._not_sent(exc):
                     self._fail(batch, exc)
@@ -138,10 +173,11 @@ class ScriptBatch:
                 backoff = min(backoff * 2, self._max_backoff)
                 continue
             try:
-                batch = await self._exchange(connection, batch)
+                batch = await self._exchange(connection, batch, load=load)
+                load = False
             except asyncio.CancelledError:
                 await connection.disconnect(nowait=True)
-                self._fail(batch, _closed())
+                self._fail(batch, _cut_off())
                 raise
             except Exception as exc:
                 # Sent, or perhaps sent: the calls not answered may have run,
@@ -153,15 +189,11 @@ class ScriptBatch:
             finally:
                 await self._pool.release(connection)
 
-    def _checkout(self) -> Any:
-        try:
-            return self._pool.get_connection()
-        except TypeError:  # redis-py before 5.3 requires a command's name
-            return self._pool.get_connection("EVALSHA")
-
-    async def _exchange(self, connection: Any, batch: list[_Call]) -> list[_Call]:
+    async def _exchange(self, connection: Any, batch: list[_Call], *, load: bool) -> list[_Call]:
         """Send ``batch`` on ``connection`` and answer each call; returns the
-        calls that found no script (they never ran), after loading it."""
+        calls that found no script (they never ran), after loading it if
+        ``load``; otherwise they fail (a script gone again at once: a proxy
+        that spreads commands over servers, or ``SCRIPT FLUSH`` in a loop)."""
         commands = [("EVALSHA", self._sha, len(keys), *keys, *args) for keys, args, _ in batch]
         await connection.send_packed_command(
             connection.pack_commands(commands), check_health=False
@@ -170,8 +202,11 @@ class ScriptBatch:
         for call in batch:
             try:
                 reply = await connection.read_response()
-            except NoScriptError:
-                again.append(call)
+            except NoScriptError as exc:
+                if load:
+                    again.append(call)
+                else:
+                    self._fail([call], exc)
                 continue
             except ResponseError as exc:  # this call's own error; the others go on
                 self._fail([call], exc)
