@@ -47,7 +47,7 @@ def _closed() -> RedisError:
 
 def _cut_off() -> RedisError:
     # A connection error after sending: what the callers get means "may have run".
-    return RedisConnectionError("the broker closed while the batch was out; it may have run")
+    return RedisConnectionError("the broker was closed while the batch was out")
 
 
 def _takes_command_name(pool: Any) -> bool:
