@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import warnings
+from collections.abc import AsyncIterator
 
 import pytest
 from redis import asyncio as aioredis
@@ -15,12 +17,22 @@ from sse_handler.brokers.redis import RedisBroker
 from sse_handler.brokers.redis_wire import position
 
 
+@contextlib.asynccontextmanager
+async def _broker(url: str) -> AsyncIterator[tuple[RedisBroker, aioredis.Redis]]:
+    """A broker, and a plain client to look at what it stored."""
+    broker = RedisBroker(url)
+    raw = aioredis.Redis.from_url(url)
+    try:
+        yield broker, raw
+    finally:
+        await raw.aclose()
+        await broker.close()
+
+
 async def test_racing_publishes_share_one_connection_and_keep_the_order_of_the_calls(
     redis_server: RedisServer,
 ) -> None:
-    broker = RedisBroker(redis_server.url)
-    raw = aioredis.Redis.from_url(redis_server.url)
-    try:
+    async with _broker(redis_server.url) as (broker, raw):
         await broker.publish("warm", ServerSentEvent(data="the first connection"))
         before = (await raw.info("stats"))["total_connections_received"]
         ids = await asyncio.gather(
@@ -33,17 +45,12 @@ async def test_racing_publishes_share_one_connection_and_keep_the_order_of_the_c
         assert all(p is not None for p in positions)
         assert positions == sorted(positions) and len(set(positions)) == 300
         assert sum([await raw.xlen(broker.stream_key(f"c{k}")) for k in range(7)]) == 300
-    finally:
-        await raw.aclose()
-        await broker.close()
 
 
 async def test_a_flushed_script_is_loaded_again_and_each_publish_is_stored_once(
     redis_server: RedisServer,
 ) -> None:
-    broker = RedisBroker(redis_server.url)
-    raw = aioredis.Redis.from_url(redis_server.url)
-    try:
+    async with _broker(redis_server.url) as (broker, raw):
         await broker.publish("c", ServerSentEvent(data="loads the script"))
         await raw.script_flush()  # as after a restart of Redis without its data
         ids = await asyncio.gather(
@@ -55,17 +62,12 @@ async def test_a_flushed_script_is_loaded_again_and_each_publish_is_stored_once(
         assert [e[1][b"b"].split(b"data: ")[1] for e in entries[1:]] == [
             f"{i}\n\n".encode() for i in range(50)
         ]
-    finally:
-        await raw.aclose()
-        await broker.close()
 
 
 async def test_a_publish_that_fails_in_a_batch_leaves_the_others_stored(
     redis_server: RedisServer,
 ) -> None:
-    broker = RedisBroker(redis_server.url)
-    raw = aioredis.Redis.from_url(redis_server.url)
-    try:
+    async with _broker(redis_server.url) as (broker, raw):
         await raw.set(broker.stream_key("bad"), "another program's string")
         results = await asyncio.gather(
             *(
@@ -79,17 +81,12 @@ async def test_a_publish_that_fails_in_a_batch_leaves_the_others_stored(
         assert "WRONGTYPE" in str(failed) and failed.published is False
         assert all(isinstance(r, str) for r in results)
         assert await raw.xlen(broker.stream_key("good")) == 20
-    finally:
-        await raw.aclose()
-        await broker.close()
 
 
 async def test_a_publish_cancelled_before_it_leaves_is_never_stored(
     redis_server: RedisServer,
 ) -> None:
-    broker = RedisBroker(redis_server.url)
-    raw = aioredis.Redis.from_url(redis_server.url)
-    try:
+    async with _broker(redis_server.url) as (broker, raw):
         await broker.publish("c", ServerSentEvent(data="kept"))
         task = asyncio.ensure_future(broker.publish("c", ServerSentEvent(data="cancelled")))
         await asyncio.sleep(0)  # it queued its call and waits for the answer
@@ -103,9 +100,6 @@ async def test_a_publish_cancelled_before_it_leaves_is_never_stored(
             b"data: kept too\n\n",
         ]
         assert entries[-1][0].decode() == kept
-    finally:
-        await raw.aclose()
-        await broker.close()
 
 
 async def test_a_publish_after_close_fails_clearly(redis_server: RedisServer) -> None:
@@ -232,7 +226,7 @@ def test_a_broker_goes_on_in_a_second_event_loop(redis_server: RedisServer) -> N
     assert outcomes[1:] != ["failed", "failed"] and outcomes[-1] != "failed"
     # The first loop was closed with its connection open, as the case needs;
     # its socket is reclaimed here rather than in whichever test runs next.
-    del broker, first
+    del first
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()
