@@ -306,7 +306,8 @@ class RedisBroker:
             )
             self._publish_redis = aioredis.Redis.from_pool(publish_pool)
             # Concurrent publishes leave together (redis_batch): the same
-            # promises as one command each, at a third of the cost.
+            # promises as one command each, for two thirds of the CPU with 8
+            # racing and two fifths with 64 (docs/benchmarks.md, notes).
             self._batch = ScriptBatch(
                 publish_pool,
                 wire.PUBLISH_SCRIPT,

@@ -5,10 +5,11 @@ out leave together as the next one: one connection from the pool, one write,
 the replies read in order. Nothing waits for a batch to fill: a lone call
 leaves at once, and batches grow only with the load.
 
-Why: through redis-py, one ``EVALSHA`` costs its caller about 75 µs of CPU
-(a pooled connection, its retry wrapper, its own write and read) and Redis a
-wake-up of its own; in a batch of eight, about a third of that each
-(docs/benchmarks.md, notes). Callers that race also reach Redis in the order
+Why: through redis-py, each ``EVALSHA`` paid for a pooled connection, the
+retry wrapper, a write and a read of its own, and Redis a wake-up of its
+own. With 8 publishers racing, a publish and its delivery now take about two
+thirds of the CPU they did; with 64, two fifths (``python -m
+bench.broker_ops``; docs/benchmarks.md, notes). Callers that race also reach Redis in the order
 they called, not in whichever order their connections did.
 
 Failures keep the meaning a single command has: a batch that never left
