@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -562,6 +563,80 @@ async def test_reader_health_follows_redis_and_shows_in_the_demo_metrics(
         assert await healthy_metric() == b"1.0"
         client.close()
     await broker.close()
+
+
+class _Relay:
+    """A TCP hop to Redis whose connections can go silent: open, carrying
+    nothing either way, as behind a partition or on a host that vanished (no
+    FIN, no RST). Why a relay and not a real partition: cutting one
+    connection to a local Redis needs a network namespace for Redis and a
+    firewall rule; the relay drops the bytes where the network would."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._silent: set[asyncio.StreamWriter] = set()
+        self._carried: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._carry, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+
+    def silence(self) -> None:
+        """Every connection carried so far carries nothing more; new ones do."""
+        self._silent.update(self._carried)
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._carried:
+            writer.close()
+
+    async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self._carried += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                if dst not in self._silent:
+                    dst.write(data)
+            dst.close()
+
+        with contextlib.suppress(OSError):
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_a_reader_whose_connection_goes_silent_reconnects_and_delivers_what_it_missed(
+    redis_server: RedisServer,
+) -> None:
+    relay = _Relay(redis_server.port)
+    reader = RedisBroker(await relay.start(), block=0.3, timeout=0.5, max_backoff=0.2)
+    publisher = RedisBroker(redis_server.url)
+    got: list[bytes] = []
+    reader.add_listener(lambda delivery: got.append(delivery.frame))
+    try:
+        await reader.subscribe("h")
+        await publisher.publish("h", ServerSentEvent(data="before"))
+        await wait_until(lambda: len(got) == 1)
+        relay.silence()
+        await publisher.publish("h", ServerSentEvent(data="during"))
+        # The reader's connection says nothing, and nothing fails on it: the
+        # reader must notice by itself, and say so.
+        await wait_until(lambda: not reader.reader_healthy, timeout=10)
+        assert "PING" in (reader.reader_error or "")
+        await wait_until(lambda: len(got) == 2, timeout=10)
+        assert reader.reader_healthy
+        await publisher.publish("h", ServerSentEvent(data="after"))
+        await wait_until(lambda: len(got) == 3)
+        assert [frame.split(b"data: ")[1] for frame in got] == [
+            b"before\n\n",
+            b"during\n\n",
+            b"after\n\n",
+        ]
+    finally:
+        await reader.close()
+        await publisher.close()
+        await relay.close()
 
 
 # ------------------------------------------------------------ a Redis restart

@@ -145,8 +145,17 @@ async def test_a_publish_cancelled_while_its_batch_waits_to_be_tried_again_is_ne
     try:
         await broker.publish("c", ServerSentEvent(data="before"))
         redis_server.kill()
-        with pytest.raises(TimeoutError):  # its caller gives up during a backoff
-            await asyncio.wait_for(broker.publish("c", ServerSentEvent(data="given up")), 0.08)
+        for _ in range(3):
+            try:
+                await asyncio.wait_for(broker.publish("c", ServerSentEvent(data="given up")), 0.08)
+            except TimeoutError:
+                break  # its caller gave up during a backoff: what is tested
+            except BrokerUnavailableError:
+                # The pooled connection was sent on before its end was read
+                # (the kill's FIN not seen yet): that one fails at once.
+                continue
+        else:
+            pytest.fail("no publish waited for Redis to come back")
         redis_server.start()
         await broker.publish("c", ServerSentEvent(data="after"))
         raw = aioredis.Redis.from_url(redis_server.url)

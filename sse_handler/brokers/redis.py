@@ -208,9 +208,11 @@ class RedisBroker:
     entries per channel (approximate trimming, so a few more may stay) and
     ``history_age`` seconds (0 = no age bound) are kept for replay.
     ``block`` is the longest the reader waits for a message before it checks
-    its connection; ``timeout`` bounds every command, so that a Redis that
-    hangs (paused, partitioned) makes ``publish`` fail with
-    :class:`BrokerUnavailableError` instead of waiting.
+    its connection with a ``PING``, which must come back within ``timeout``
+    (or the reader reconnects and reads what it missed from the streams);
+    ``timeout`` bounds every command, so that a Redis that hangs (paused,
+    partitioned) makes ``publish`` fail with :class:`BrokerUnavailableError`
+    instead of waiting.
 
     Connections: publishes use a pool of at most ``max_connections``, and
     reads (subscribe, replay) another one of the same size; the Pub/Sub
@@ -674,6 +676,7 @@ class RedisBroker:
     async def _read_loop(self) -> None:
         backoff = 0.05
         read = 0
+        pinged = False
         while not self._closed:
             if not self._topics:
                 # Nothing to read: wait for a subscription.
@@ -682,19 +685,35 @@ class RedisBroker:
                 continue
             try:
                 if self._pubsub is None:
+                    pinged = False
                     await self._open_pubsub()
-                message = await self._pubsub.get_message(timeout=self.block)
-                if message is not None:
-                    await self._on_message(message)
-                    read += 1
-                    if read >= _MESSAGES_PER_TURN:
-                        # Buffered messages are read without a wait; a burst
-                        # (the confirmations of thousands of new channels, each
-                        # waking a stream's registration) would otherwise take
-                        # the loop for as long as it lasts.
-                        read = 0
-                        await asyncio.sleep(0)
+                message = await self._pubsub.get_message(
+                    timeout=self.timeout if pinged else self.block
+                )
+                if message is None:
+                    # Silence: the reader only reads, so a connection that
+                    # died without a word (a partition, a host gone) would
+                    # never fail on its own, and the channels would go quiet
+                    # for good. A PING must come back within ``timeout``.
+                    if pinged:
+                        raise RedisTimeoutError(
+                            f"the Pub/Sub connection did not answer a PING within {self.timeout} s"
+                        )
+                    await self._pubsub.ping()
+                    pinged = True
+                    continue
+                pinged = False
+                await self._on_message(message)
+                read += 1
+                if read >= _MESSAGES_PER_TURN:
+                    # Buffered messages are read without a wait; a burst
+                    # (the confirmations of thousands of new channels, each
+                    # waking a stream's registration) would otherwise take
+                    # the loop for as long as it lasts.
+                    read = 0
+                    await asyncio.sleep(0)
             except (RedisError, OSError) as exc:
+                pinged = False
                 self._read_failed(exc)
                 self._log_read_failure(exc)
                 await self._drop_pubsub()
