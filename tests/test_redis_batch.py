@@ -239,3 +239,21 @@ def test_a_broker_goes_on_in_a_second_event_loop(redis_server: RedisServer) -> N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()
+
+
+def test_close_in_a_second_event_loop_never_raises(redis_server: RedisServer) -> None:
+    broker = RedisBroker(redis_server.url, timeout=2.0)
+    first = asyncio.new_event_loop()
+    first.run_until_complete(broker.publish("c", ServerSentEvent(data="one")))
+    first.close()  # without cancelling its tasks: the batches' task stays behind
+    asyncio.run(broker.close())  # a process shutting down must get to its exit
+
+    async def refused() -> None:
+        with pytest.raises(BrokerUnavailableError, match="closed"):
+            await broker.publish("c", ServerSentEvent(data="two"))
+
+    asyncio.run(refused())
+    del first
+    with warnings.catch_warnings():  # the first loop's socket, reclaimed here
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()

@@ -713,7 +713,6 @@ class RedisBroker:
                     read = 0
                     await asyncio.sleep(0)
             except (RedisError, OSError) as exc:
-                pinged = False
                 self._read_failed(exc)
                 self._log_read_failure(exc)
                 await self._drop_pubsub()

@@ -9,8 +9,9 @@ Why: through redis-py, each ``EVALSHA`` paid for a pooled connection, the
 retry wrapper, a write and a read of its own, and Redis a wake-up of its
 own. With 8 publishers racing, a publish and its delivery now take about two
 thirds of the CPU they did; with 64, two fifths (``python -m
-bench.broker_ops``; docs/benchmarks.md, notes). Callers that race also reach Redis in the order
-they called, not in whichever order their connections did.
+bench.broker_ops``; docs/benchmarks.md, notes). Callers that race also
+reach Redis in the order they called, not in whichever order their
+connections did.
 
 Failures keep the meaning a single command has: a batch that never left
 (connecting failed, no connection free) is tried again after a backoff, up to
@@ -117,10 +118,13 @@ class ScriptBatch:
     async def close(self) -> None:
         """Stop: the calls not sent yet fail, and :meth:`run` refuses more."""
         self._closed = True
-        if self._draining is not None:
-            self._draining.cancel()
+        draining, self._draining = self._draining, None
+        # A task of an event loop that ended cannot be cancelled (its loop
+        # is closed): it is dropped.
+        if draining is not None and draining.get_loop() is asyncio.get_running_loop():
+            draining.cancel()
             try:
-                await self._draining
+                await draining
             except (asyncio.CancelledError, Exception):
                 pass
         self._fail(list(self._queue), _closed())
