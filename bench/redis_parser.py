@@ -6,9 +6,11 @@ On a fresh Redis from tests/redis_server.py, in this process: the CPU time
 per message to read ``count`` SUBSCRIBE confirmations and then ``count``
 published messages (200 bytes each) through ``PubSub.get_message``, the
 RedisBroker reader's call, with hiredis's parser and with redis-py's
-pure-Python one, alternated, medians of ``runs``. Why it matters: the
-reader reads one of these per live event and per newly subscribed channel
-(docs/benchmarks.md, notes).
+pure-Python one, each with a timeout per read (``get_message(timeout=1.0)``,
+the reader before 2026-12-04) and blocking (``timeout=None``, the reader
+since: a timer of its own watches for silence), alternated, medians of
+``runs``. Why it matters: the reader reads one of these per live event and
+per newly subscribed channel (docs/benchmarks.md, notes).
 """
 
 from __future__ import annotations
@@ -40,9 +42,12 @@ except ImportError:  # redis-py 5.0
     )
 
 PARSERS: dict[str, Any] = {"hiredis": _AsyncHiredisParser, "python": _AsyncRESP2Parser}
+#: How each read waits: the timeout get_message() is given.
+READS: dict[str, float | None] = {"timeout per read": 1.0, "blocking": None}
+VARIANTS = [(parser, read) for parser in PARSERS for read in READS]
 
 
-async def one_run(port: int, parser: Any, count: int) -> tuple[float, float]:
+async def one_run(port: int, parser: Any, count: int, wait: float | None) -> tuple[float, float]:
     """µs of CPU per confirmation and per message."""
     reader = Redis(connection_pool=ConnectionPool(port=port, parser_class=parser))
     publisher = Redis(port=port)
@@ -50,14 +55,14 @@ async def one_run(port: int, parser: Any, count: int) -> tuple[float, float]:
     try:
         start = time.process_time()
         await pubsub.subscribe(*[f"ch{i}" for i in range(count)])
-        await _read(pubsub, count)
+        await _read(pubsub, count, wait)
         confirmations = (time.process_time() - start) / count * 1e6
         pipe = publisher.pipeline(transaction=False)
         for i in range(count):
             pipe.publish(f"ch{i % 100}", b"x" * 200)
         await pipe.execute()
         start = time.process_time()
-        await _read(pubsub, count)
+        await _read(pubsub, count, wait)
         messages = (time.process_time() - start) / count * 1e6
     finally:
         await pubsub.aclose()
@@ -66,10 +71,10 @@ async def one_run(port: int, parser: Any, count: int) -> tuple[float, float]:
     return confirmations, messages
 
 
-async def _read(pubsub: Any, count: int) -> None:
+async def _read(pubsub: Any, count: int, wait: float | None) -> None:
     got = 0
     while got < count:
-        if await pubsub.get_message(timeout=1.0) is not None:
+        if await pubsub.get_message(timeout=wait) is not None:
             got += 1
 
 
@@ -87,21 +92,23 @@ def main() -> None:
     sock.close()
     server = RedisServer(port, args.engine)
     server.start()
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in PARSERS}
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {v: [] for v in VARIANTS}
     try:
         for run in range(args.runs):
-            order = list(PARSERS) if run % 2 == 0 else list(PARSERS)[::-1]
-            for name in order:
-                results[name].append(asyncio.run(one_run(port, PARSERS[name], args.count)))
+            order = VARIANTS if run % 2 == 0 else VARIANTS[::-1]
+            for name, read in order:
+                results[name, read].append(
+                    asyncio.run(one_run(port, PARSERS[name], args.count, READS[read]))
+                )
     finally:
         server.close()
     print(f"{args.engine}, {args.count} of each, medians of {args.runs} alternated runs")
-    print("| parser | SUBSCRIBE confirmation (µs CPU) | Pub/Sub message (µs CPU) |")
-    print("|---|---:|---:|")
-    for name, runs in results.items():
+    print("| parser | read | SUBSCRIBE confirmation (µs CPU) | Pub/Sub message (µs CPU) |")
+    print("|---|---|---:|---:|")
+    for (name, read), runs in results.items():
         confirmation = statistics.median(r[0] for r in runs)
         message = statistics.median(r[1] for r in runs)
-        print(f"| {name} | {confirmation:.1f} | {message:.1f} |")
+        print(f"| {name} | {read} | {confirmation:.1f} | {message:.1f} |")
 
 
 if __name__ == "__main__":

@@ -639,6 +639,44 @@ async def test_a_reader_whose_connection_goes_silent_reconnects_and_delivers_wha
         await relay.close()
 
 
+async def test_a_quiet_connection_is_pinged_and_kept(redis_server: RedisServer) -> None:
+    """The reader reads without a timeout; its watch PINGs a quiet
+    connection, and an answered PING keeps it: no reconnect, no catch-up."""
+    reader = RedisBroker(redis_server.url, block=0.1, timeout=0.3)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    got: list[bytes] = []
+    reader.add_listener(lambda delivery: got.append(delivery.frame))
+
+    async def pubsub_clients() -> list[str]:
+        listed = (await raw.execute_command("CLIENT", "LIST", "TYPE", "pubsub")).decode()
+        return [line.split()[0] for line in listed.splitlines()]
+
+    async def pings() -> int:
+        stats = await raw.info("commandstats")
+        return int(stats.get("cmdstat_ping", {}).get("calls", 0))
+
+    try:
+        await reader.subscribe("q")
+        first = await pubsub_clients()
+        assert len(first) == 1
+        before = await pings()
+        for _ in range(200):  # ten PINGs are a second of quiet
+            if await pings() >= before + 10:
+                break
+            await asyncio.sleep(0.05)
+        assert await pings() >= before + 10
+        assert await pubsub_clients() == first  # the same connection (id=...)
+        assert reader.reader_healthy and reader.reader_restarts == 0
+        publisher = RedisBroker(redis_server.url)
+        await publisher.publish("q", ServerSentEvent(data="still here"))
+        await publisher.close()
+        await wait_until(lambda: len(got) == 1)
+        assert got[0].endswith(b"data: still here\n\n")
+    finally:
+        await reader.close()
+        await raw.aclose()
+
+
 # ------------------------------------------------------------ a Redis restart
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import warnings
 from collections.abc import AsyncIterator
 
@@ -177,7 +178,15 @@ class _PoolOfRedisPy50(aioredis.BlockingConnectionPool):
         self, command_name: str, *keys: object, **options: object
     ) -> object:
         assert command_name
+        if _REQUIRES_NAME:  # run on redis-py before 5.3 itself
+            return await super().get_connection(command_name, *keys, **options)
         return await super().get_connection()
+
+
+_NAME = inspect.signature(aioredis.BlockingConnectionPool.get_connection).parameters.get(
+    "command_name"
+)
+_REQUIRES_NAME = _NAME is not None and _NAME.default is inspect.Parameter.empty
 
 
 class _WrappedPool(_PoolOfRedisPy50):

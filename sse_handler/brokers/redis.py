@@ -78,6 +78,7 @@ from . import BrokerUnavailableError, Delivery, Listener, Replay, body_frame
 from . import redis_wire as wire
 from .redis_batch import ScriptBatch
 from .redis_wire import by_prefix, channel_key
+from .silence import SilenceWatch
 
 __all__ = ["RedisBroker", "by_prefix", "channel_key", "redacted_url"]
 
@@ -322,9 +323,12 @@ class RedisBroker:
         self._read_script: Any = self._redis.register_script(wire.READ_SCRIPT)
         # The Pub/Sub reader gets a connection of its own; on a cluster, to
         # the node of the URL: a PUBLISH reaches the subscribers of every node.
+        # Its reads wait without a timeout (the watch PINGs a silent
+        # connection), except on redis-py releases whose blocking Pub/Sub
+        # read falls back to socket_timeout: longer than the watch takes.
         self._reader_redis: Any = aioredis.Redis.from_url(
             url,
-            socket_timeout=block + timeout,
+            socket_timeout=block + 2 * timeout,
             socket_connect_timeout=timeout,
             protocol=2,
         )
@@ -364,6 +368,9 @@ class RedisBroker:
         #: When a malformed entry of a channel was last logged.
         self._warned: dict[str, float] = {}
         self._reader: asyncio.Future[Any] | None = None
+        #: PINGs the Pub/Sub connection after ``block`` s of silence; no
+        #: answer within ``timeout`` fails the read.
+        self._silence = SilenceWatch(block, timeout, self._ping)
         self._pruning: dict[str, asyncio.Future[Any]] = {}
         self._closed = False
         self._healthy = True
@@ -676,7 +683,7 @@ class RedisBroker:
     async def _read_loop(self) -> None:
         backoff = 0.05
         read = 0
-        pinged = False
+        watch = self._silence
         while not self._closed:
             if not self._topics:
                 # Nothing to read: wait for a subscription.
@@ -685,24 +692,25 @@ class RedisBroker:
                 continue
             try:
                 if self._pubsub is None:
-                    pinged = False
                     await self._open_pubsub()
-                message = await self._pubsub.get_message(
-                    timeout=self.timeout if pinged else self.block
-                )
-                if message is None:
-                    # Silence: the reader only reads, so a connection that
-                    # died without a word (a partition, a host gone) would
-                    # never fail on its own, and the channels would go quiet
-                    # for good. A PING must come back within ``timeout``.
-                    if pinged:
+                    watch.start()
+                # No timeout per read (redis-py's costs as much as the read):
+                # the watch PINGs a silent connection and cuts the read when
+                # no answer comes (see silence.py).
+                watch.listening = True
+                try:
+                    message = await self._pubsub.get_message(timeout=None)
+                except asyncio.CancelledError:
+                    if watch.cut():
                         raise RedisTimeoutError(
                             f"the Pub/Sub connection did not answer a PING within {self.timeout} s"
-                        )
-                    await self._pubsub.ping()
-                    pinged = True
+                        ) from None
+                    raise
+                finally:
+                    watch.listening = False
+                watch.heard_at = time.monotonic()
+                if message is None:
                     continue
-                pinged = False
                 await self._on_message(message)
                 read += 1
                 if read >= _MESSAGES_PER_TURN:
@@ -720,6 +728,18 @@ class RedisBroker:
                 backoff = min(backoff * 2, self.max_backoff)
                 continue
             backoff = 0.05
+
+    def _ping(self) -> None:
+        pubsub = self._pubsub
+        if pubsub is not None:
+            spawn(self._send_ping(pubsub), "the Redis reader's PING")
+
+    async def _send_ping(self, pubsub: Any) -> None:
+        try:
+            await pubsub.ping()
+        except (RedisError, OSError) as exc:
+            # The read fails as well, or the watch cuts it: reported there.
+            log.debug("PING on the Pub/Sub connection of %s failed: %r", self._where, exc)
 
     async def _open_pubsub(self) -> None:
         """A new Pub/Sub connection subscribed to every channel wanted now;
@@ -746,6 +766,7 @@ class RedisBroker:
         self._pubsub = pubsub
 
     async def _drop_pubsub(self) -> None:
+        self._silence.stop()
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
             try:
