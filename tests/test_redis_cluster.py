@@ -9,10 +9,11 @@ import json
 import uuid
 
 import pytest
+from redis import asyncio as aioredis
 from redis_server import RedisCluster
 from support import DemoProcess
 
-from sse_handler import ServerSentEvent
+from sse_handler import BrokerUnavailableError, ServerSentEvent
 from sse_handler.brokers.redis import RedisBroker, by_prefix
 from sse_handler.testing import EventStreamClient
 
@@ -182,4 +183,50 @@ async def test_a_client_of_two_groups_resumes_from_the_newer_group_without_a_res
         replay = await broker.replay(["room0:chat", "room1:chat"], future)
         assert replay.reset == "unknown_id"
     finally:
+        await broker.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_publish_that_timed_out_on_a_paused_shard_is_never_sent_again(
+    redis_cluster: RedisCluster,
+) -> None:
+    broker = RedisBroker(
+        redis_cluster.url, cluster=True, shard_by=by_prefix(), timeout=0.5, max_backoff=0.2
+    )
+    node = redis_cluster.nodes[redis_cluster.node_of("sse:{room2}s:")]
+    raw = aioredis.Redis(port=node.port)
+    try:
+        await broker.publish("room2:chat", ServerSentEvent(data="before"))
+        loop = asyncio.get_running_loop()
+        node.pause()  # SIGSTOP: the connections stay up, nothing answers
+        try:
+            start = loop.time()
+            publishing = asyncio.ensure_future(
+                broker.publish("room2:chat", ServerSentEvent(data="once"))
+            )
+            # A pause a little longer than the timeout: the command is out,
+            # its answer late; the shard runs it once it resumes.
+            await asyncio.sleep(0.8)
+        finally:
+            node.resume()
+        try:
+            await publishing
+        except BrokerUnavailableError as failed:
+            # A timeout cannot tell whether the shard will still run it.
+            assert failed.published is None
+            assert loop.time() - start < 3.0  # bounded by the command timeout
+        deadline = loop.time() + 15
+        while True:
+            try:
+                await broker.publish("room2:chat", ServerSentEvent(data="after"))
+                break
+            except BrokerUnavailableError:
+                assert loop.time() < deadline
+                await asyncio.sleep(0.1)
+        stored = [e[1][b"b"] for e in await raw.xrange(broker.stream_key("room2:chat"))]
+        # It may have run, but only once: sent again, it would reach every
+        # subscriber twice, under two ids.
+        assert stored == [b"data: before\n\n", b"data: once\n\n", b"data: after\n\n"]
+    finally:
+        await raw.aclose()
         await broker.close()

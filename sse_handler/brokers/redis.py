@@ -60,9 +60,10 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 try:
+    import redis
     from redis import asyncio as aioredis
     from redis.asyncio.retry import Retry
-    from redis.backoff import EqualJitterBackoff
+    from redis.backoff import EqualJitterBackoff, NoBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import RedisError
     from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -111,6 +112,14 @@ def _not_sent(exc: BaseException) -> bool:
 
 #: Pub/Sub messages the reader handles per turn of the event loop.
 _MESSAGES_PER_TURN = 32
+
+
+def _no_cluster_retries() -> dict[str, Any]:
+    """What turns a ``RedisCluster``'s own retries off: ``retry`` from redis-py
+    6 on, ``cluster_error_retry_attempts`` before (deprecated since 6)."""
+    if int(redis.__version__.split(".")[0]) >= 6:
+        return {"retry": Retry(NoBackoff(), 0)}
+    return {"cluster_error_retry_attempts": 0}
 
 
 def _unconfirmed(ack: asyncio.Future[None]) -> None:
@@ -288,8 +297,12 @@ class RedisBroker:
             self._redis: Any = aioredis.RedisCluster.from_url(
                 url, max_connections=max_connections, **common
             )
+            # Its own retries are off: redis-py sends a command again after a
+            # timeout or a lost connection, when it may have run, and the
+            # event would be stored twice. _run_script tries again only what
+            # never left.
             self._publish_redis: Any = aioredis.RedisCluster.from_url(
-                url, max_connections=max_connections, **common
+                url, max_connections=max_connections, **_no_cluster_retries(), **common
             )
         else:
             read_pool = _Pool.from_url(
