@@ -230,3 +230,110 @@ async def test_a_publish_that_timed_out_on_a_paused_shard_is_never_sent_again(
     finally:
         await raw.aclose()
         await broker.close()
+
+
+@pytest.mark.timeout(90)
+async def test_publishes_succeed_once_a_restarted_shard_answers(
+    redis_cluster: RedisCluster,
+) -> None:
+    broker = RedisBroker(redis_cluster.url, cluster=True, shard_by=by_prefix(), max_backoff=0.2)
+    node = redis_cluster.nodes[redis_cluster.node_of("sse:{room2}s:")]
+    try:
+        # Connections to the shard about to restart, many of them.
+        await asyncio.gather(
+            *(broker.publish("room2:chat", ServerSentEvent(data="warm")) for _ in range(60))
+        )
+        node.kill()
+        node.start()  # its cluster config kept: it comes back with its slots, empty
+        raw = aioredis.Redis(port=node.port)
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while b"cluster_state:ok" not in await raw.execute_command("CLUSTER", "INFO"):
+                assert loop.time() < deadline
+                await asyncio.sleep(0.05)
+        finally:
+            await raw.aclose()
+        # Connections the old server closed are replaced before use: no
+        # publish fails for them, and none is sent twice.
+        results = await asyncio.gather(
+            *(broker.publish("room2:chat", ServerSentEvent(data=str(i))) for i in range(60)),
+            return_exceptions=True,
+        )
+        failed = [r for r in results if not isinstance(r, str)]
+        assert not failed, f"{len(failed)} of 60 failed, e.g. {failed[0]!r}"
+        replay = await broker.replay(["room2:chat"], "0-0")
+        data = sorted(int(d.frame.split(b"data: ")[1]) for d in replay.deliveries)
+        assert data == list(range(60))
+    finally:
+        await broker.close()
+
+
+async def test_racing_publishes_leave_in_batches_per_shard_in_the_order_of_the_calls(
+    redis_cluster: RedisCluster,
+) -> None:
+    broker = RedisBroker(redis_cluster.url, cluster=True, shard_by=by_prefix())
+    raws = [aioredis.Redis(port=node.port) for node in redis_cluster.nodes]
+
+    async def connections() -> list[int]:
+        return [(await raw.info("stats"))["total_connections_received"] for raw in raws]
+
+    try:
+        for group in GROUPS:  # a first connection to each shard
+            await broker.publish(f"{group}:warm", ServerSentEvent(data="warm"))
+        before = await connections()
+        ids = await asyncio.gather(
+            *(
+                broker.publish(f"{GROUPS[i % 3]}:c{i % 7}", ServerSentEvent(data=str(i)))
+                for i in range(300)
+            )
+        )
+        # One connection per shard carried its hundred: they left in batches.
+        assert await connections() == before
+        for g, group in enumerate(GROUPS):
+            positions = [wire_position(ids[i]) for i in range(g, 300, 3)]
+            assert positions == sorted(positions) and len(set(positions)) == 100
+            replay = await broker.replay([f"{group}:c{k}" for k in range(7)], "0-0")
+            assert sorted(int(d.frame.split(b"data: ")[1]) for d in replay.deliveries) == list(
+                range(g, 300, 3)
+            )
+    finally:
+        for raw in raws:
+            await raw.aclose()
+        await broker.close()
+
+
+async def test_a_publish_whose_slot_moved_is_stored_on_its_new_shard(
+    redis_cluster: RedisCluster,
+) -> None:
+    import redis
+
+    broker = RedisBroker(redis_cluster.url, cluster=True, shard_by=by_prefix())
+    # "room3" has no keys yet: its slot moves with a CLUSTER SETSLOT alone.
+    key = "sse:{room3}s:"
+    old = redis_cluster.node_of(key)
+    new = (old + 1) % 3
+    try:
+        # The broker knows the old layout, and publishes to the old shard.
+        await broker.publish(f"{GROUPS[old]}:x", ServerSentEvent(data="warm"))
+        clients = [redis.Redis(port=node.port) for node in redis_cluster.nodes]
+        try:
+            target = clients[new].execute_command("CLUSTER", "MYID").decode()
+            slot = clients[new].execute_command("CLUSTER", "KEYSLOT", key)
+            for client in clients:
+                client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target)
+        finally:
+            for client in clients:
+                client.close()
+        # Sent to the old shard, answered MOVED, routed again: stored once,
+        # on the new shard.
+        first = await broker.publish("room3:x", ServerSentEvent(data="moved"))
+        second = await broker.publish("room3:x", ServerSentEvent(data="after"))
+        raw = aioredis.Redis(port=redis_cluster.nodes[new].port)
+        try:
+            entries = await raw.xrange(broker.stream_key("room3:x"))
+        finally:
+            await raw.aclose()
+        assert [e[0].decode() for e in entries] == [first, second]
+    finally:
+        await broker.close()

@@ -64,8 +64,8 @@ try:
     from redis import asyncio as aioredis
     from redis.asyncio.retry import Retry
     from redis.backoff import EqualJitterBackoff, NoBackoff
+    from redis.exceptions import AskError, ClusterDownError, RedisError, TryAgainError
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import RedisError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - depends on the extra
     raise ImportError(
@@ -77,7 +77,7 @@ from ..event import ServerSentEvent
 from ..tasks import spawn
 from . import BrokerUnavailableError, Delivery, Listener, Replay, body_frame
 from . import redis_wire as wire
-from .redis_batch import ScriptBatch
+from .redis_batch import NodeConnections, ScriptBatch, closed_by_server
 from .redis_wire import by_prefix, channel_key
 from .silence import SilenceWatch
 
@@ -112,6 +112,10 @@ def _not_sent(exc: BaseException) -> bool:
 
 #: Pub/Sub messages the reader handles per turn of the event loop.
 _MESSAGES_PER_TURN = 32
+
+
+class _Reroute(Exception):
+    """A cluster publish its shard's batch did not run: route it again."""
 
 
 def _no_cluster_retries() -> dict[str, Any]:
@@ -165,21 +169,13 @@ def _unavailable(url: str, exc: BaseException) -> BrokerUnavailableError:
 
 class _Pool(aioredis.BlockingConnectionPool):
     """A pool that waits for a free connection, and replaces one that the
-    server has closed before it is used.
-
-    When Redis restarts, every pooled connection has been closed by the old
-    server; a command sent on one fails after it was sent ("Connection closed
-    by server"), which for an ``XADD`` cannot be told from a command that ran.
-    redis-py checks for this at checkout in some versions only (not in 5.x,
-    and not with RESP3 in 8.x), so the check is made here, on the
-    connection's ``asyncio.StreamReader``, before anything is written.
-    """
+    server has closed before it is used (see
+    :func:`~sse_handler.brokers.redis_batch.closed_by_server`)."""
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         get: Any = super().get_connection  # untyped in redis-py
         connection = await get(*args, **kwargs)
-        reader = getattr(connection, "_reader", None)
-        if reader is None or not (reader.at_eof() or reader.exception() is not None):
+        if not closed_by_server(connection):
             return connection
         try:
             await connection.disconnect()
@@ -291,6 +287,10 @@ class RedisBroker:
         }
         self.cluster = cluster
         self._batch: ScriptBatch | None = None
+        #: On a cluster, the publishes' batches of each shard, by node (a
+        #: node replaced by a topology refresh gets a batch of its own).
+        self._shard_batches: dict[str, tuple[Any, ScriptBatch]] = {}
+        self._old_batches: list[ScriptBatch] = []
         if cluster:
             # redis-py routes each command (and each script, by its first
             # key) to the shard of its slot, with a pool per node.
@@ -500,13 +500,49 @@ class RedisBroker:
             reply = await self._batch.run(keys, args)
             entry, indexed = wire.text(reply[0]), int(reply[1])
         else:
-            entry, indexed = await self._run_script(keys, args)
+            entry, indexed = await self._publish_on_shard(keys, args)
         crowded = event.id is not None and indexed > 2 * self.history_size + 256
         if crowded and channel not in self._pruning:
             self._pruning[channel] = spawn(
                 self._prune_index(channel), f"pruning the id hash of {channel!r}"
             )
         return event.id if event.id is not None else entry
+
+    async def _publish_on_shard(self, keys: list[str], args: list[Any]) -> tuple[str, int]:
+        """A publish on a cluster: in the batches of its shard, as on one
+        Redis; through redis-py's routing when that shard's node moved the
+        slot or could not be reached (the call never ran), which also makes
+        redis-py read the cluster's layout again."""
+        cluster = self._publish_redis
+        try:
+            await cluster.initialize()  # the slots' layout, read once
+            node = cluster.get_node_from_key(keys[0])
+        except (RedisError, OSError):
+            return await self._run_script(keys, args)
+        known = self._shard_batches.get(node.name)
+        if known is None or known[0] is not node:
+            if known is not None:
+                self._old_batches.append(known[1])  # its calls out finish there
+            batch = ScriptBatch(
+                NodeConnections(node),
+                wire.PUBLISH_SCRIPT,
+                failure=self._shard_failure,
+                not_sent=_not_sent,
+                retries=0,  # tried again through redis-py's routing instead
+                max_backoff=self.max_backoff,
+            )
+            known = self._shard_batches[node.name] = (node, batch)
+        try:
+            reply = await known[1].run(keys, args)
+        except _Reroute:
+            return await self._run_script(keys, args)
+        return wire.text(reply[0]), int(reply[1])
+
+    def _shard_failure(self, exc: BaseException) -> Exception:
+        # MOVED, ASK, TRYAGAIN, CLUSTERDOWN: the node did not run the call.
+        if isinstance(exc, AskError | TryAgainError | ClusterDownError) or _not_sent(exc):
+            return _Reroute(str(exc))
+        return _unavailable(self._where, exc)
 
     async def _run_script(self, keys: list[str], args: list[Any]) -> tuple[str, int]:
         backoff = 0.05
@@ -1114,8 +1150,9 @@ class RedisBroker:
             if not ack.done():
                 ack.set_exception(BrokerUnavailableError("the broker is closing"))
                 ack.exception()  # retrieved: its subscriber may be gone already
-        if self._batch is not None:
-            await self._batch.close()
+        batches = [*self._old_batches, *(batch for _, batch in self._shard_batches.values())]
+        for batch in [*batches, self._batch] if self._batch is not None else batches:
+            await batch.close()
         for task in [self._reader, self._sending, *self._pruning.values()]:
             if task is not None:
                 task.cancel()

@@ -31,11 +31,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError, ResponseError
 
 from ..tasks import spawn
 
-__all__ = ["ScriptBatch"]
+__all__ = ["NodeConnections", "ScriptBatch", "closed_by_server"]
 
 #: At most this many calls leave in one write; more wait for the next batch.
 MAX_BATCH = 256
@@ -65,6 +65,54 @@ def _takes_command_name(pool: Any) -> bool:
         if parameter is not None:
             return parameter.default is inspect.Parameter.empty
     return False
+
+
+def closed_by_server(connection: Any) -> bool:
+    """Whether the server has closed ``connection`` (a restart: every pooled
+    connection was closed by the old server). A command sent on one fails
+    after it was sent ("Connection closed by server"), which for a publish
+    cannot be told from one that ran; so it is checked before anything is
+    written, on the connection's ``asyncio.StreamReader`` (redis-py checks
+    at checkout in some versions only: not in 5.x, not with RESP3 in 8.x)."""
+    reader = getattr(connection, "_reader", None)
+    return reader is not None and (reader.at_eof() or reader.exception() is not None)
+
+
+class NodeConnections:
+    """The connections of one Redis Cluster node (redis-py's ``ClusterNode``),
+    handed out as :class:`ScriptBatch` takes them from a pool: connected, one
+    the server has closed replaced first. None free and the node at its
+    ``max_connections``: "Too many connections", before anything was sent."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+
+    async def get_connection(self) -> Any:
+        try:
+            connection = self.node.acquire_connection()
+        except MaxConnectionsError as exc:
+            raise RedisConnectionError("Too many connections") from exc
+        try:
+            if closed_by_server(connection):
+                await connection.disconnect()
+            if not connection.is_connected:
+                await connection.connect()
+        except BaseException:
+            self._give_back(connection)
+            raise
+        return connection
+
+    async def release(self, connection: Any) -> None:
+        self._give_back(connection)
+
+    def _give_back(self, connection: Any) -> None:
+        release = getattr(self.node, "release", None)
+        if release is not None:
+            release(connection)
+        else:
+            # redis-py before 6.2 has no release(): its own commands put the
+            # connection back on the node's free queue, as done here.
+            self.node._free.append(connection)
 
 
 class ScriptBatch:
