@@ -403,3 +403,36 @@ def _roster(plane: RedisControlPlane, channel: str) -> str:
 async def _hlen(raw: Any, key_or_channel: str, wanted: int) -> bool:
     keys = [k async for k in raw.scan_iter(match=f"batch:*{key_or_channel}*")]
     return bool(keys) and await raw.hlen(keys[0]) == wanted
+
+
+async def test_a_request_that_reaches_a_process_twice_runs_once(
+    redis_server: RedisServer,
+) -> None:
+    """redis-py sends a command again when its connection broke after the
+    command went out: a request may be published twice. Each process runs
+    it once."""
+    a, b = handler_on(redis_server.url), handler_on(redis_server.url)
+    pa, pb = plane_of(a), plane_of(b)
+    await asyncio.gather(pa.start(), pb.start())
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        async with serve([b.route("/b")], b) as sb:
+            bob = await sb.stream("/b?channel=room&subject=bob")
+            await wait_until(lambda: len(b) == 1)
+            [cid] = [c.cid for c in await pa.connections()]
+            frame = ServerSentEvent(event="note", data="once").encode().decode()
+            request = {"id": "r1", "from": pa.process, "op": "send"}
+            request["args"] = {"cid": cid, "frame": frame}
+            for _ in range(2):  # the same request, published twice
+                await raw.publish(f"{pa.prefix}q:", json.dumps(request))
+            assert await pa.send_one(cid, event="note", data="then this") is True
+            assert await bob.next_event() == MessageEvent(data="once", event="note")
+            assert await bob.next_event() == MessageEvent(data="then this", event="note")
+            assert pb.served["send"] == 2
+            bob.close()
+    finally:
+        await raw.aclose()
+        await pa.close()  # not served, so not shut down with a server
+        for handler in (a, b):
+            assert handler.broker is not None
+            await handler.broker.close()

@@ -41,7 +41,8 @@ most ``timeout`` seconds (default 2 s): a process that does not answer in
 time is left out of the result, counted in ``unanswered`` and logged. An
 operation first looks in its own process and asks nobody when it finds its
 target there. When Redis cannot be reached an operation raises
-:class:`~sse_handler.brokers.BrokerUnavailableError`.
+:class:`~sse_handler.brokers.BrokerUnavailableError`. A process runs each
+request once, by its id, even one published twice.
 
 Tested on one Redis (6.2, 7) and Valkey 8; ``cluster=True`` sends the
 commands through a Redis Cluster client, but no test covers a Cluster yet.
@@ -74,6 +75,8 @@ log = logging.getLogger("sse_handler.redis")
 
 #: The operations another process may ask for.
 _OPERATIONS = frozenset({"list", "get", "send", "stop", "stop_subject"})
+#: How many request ids a process remembers to run each request once.
+_RECENT_REQUESTS = 4096
 
 # One heartbeat (ARGV[2] a process) or a read of the live processes (ARGV[2]
 # empty), on Redis's clock: processes older than ARGV[1] ms are dropped.
@@ -188,6 +191,10 @@ class RedisControlPlane(ControlPlane):
         self._requests = f"{prefix}q:".encode()
         self._answers = channel_key(prefix, self.process, "a").encode()
         self._pending: dict[str, _Answers] = {}
+        #: The ids of the last requests run, oldest first: redis-py sends a
+        #: command again when its connection broke after it went out, so a
+        #: request may arrive twice, and must run once.
+        self._recent: dict[str, None] = {}
         #: Presence changes not yet written: (channel, field) -> value, None = delete.
         self._dirty: dict[tuple[str, str], str | None] = {}
         self._wake = asyncio.Event()
@@ -486,6 +493,11 @@ class RedisControlPlane(ControlPlane):
             return
         if not isinstance(args, dict) or not isinstance(request_id, str):
             return
+        if request_id in self._recent:
+            return
+        self._recent[request_id] = None
+        if len(self._recent) > _RECENT_REQUESTS:
+            del self._recent[next(iter(self._recent))]
         try:
             result = self.run_local(str(op), args)
         except Exception:
