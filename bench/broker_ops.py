@@ -24,33 +24,16 @@ HERE = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import asyncio, socket, statistics, sys, time
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
-from redis_server import RedisCluster, RedisServer
+from redis_server import RedisCluster, RedisServer, cluster_ports
 from sse_handler import ServerSentEvent
 from sse_handler.brokers.redis import RedisBroker, by_prefix
 
-def free_port(bus=False):
-    while True:
-        sock = socket.socket(); sock.bind(("127.0.0.1", 0)); port = sock.getsockname()[1]
-        try:
-            if bus:  # a cluster node's bus port (port + 10000) must be free too
-                if port + 10000 > 65535:
-                    continue
-                other = socket.socket()
-                try:
-                    other.bind(("127.0.0.1", port + 10000))
-                except OSError:
-                    continue
-                finally:
-                    other.close()
-            return port
-        finally:
-            sock.close()
-
 cluster = sys.argv[4] == "cluster"
 if cluster:
-    server = RedisCluster([free_port(True) for _ in range(3)], sys.argv[3]); server.start()
+    server = RedisCluster(cluster_ports(3), sys.argv[3]); server.start()
 else:
-    server = RedisServer(free_port(), sys.argv[3]); server.start()
+    sock = socket.socket(); sock.bind(("127.0.0.1", 0)); port = sock.getsockname()[1]; sock.close()
+    server = RedisServer(port, sys.argv[3]); server.start()
 
 async def main():
     if cluster:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from hypothesis import settings
-from redis_server import ENGINES, RedisCluster, RedisServer
+from redis_server import ENGINES, RedisCluster, RedisServer, cluster_ports
 from tornado.testing import bind_unused_port
 
 #: The event loop of the async tests, by name (the environment's SSE_TEST_LOOP).
@@ -86,7 +85,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 def redis_cluster(request: pytest.FixtureRequest) -> Iterator[RedisCluster]:
     """A fresh 3-shard Redis Cluster on free localhost ports: Redis 6.2, then Valkey 8."""
     for attempt in range(3):
-        cluster = RedisCluster(_cluster_ports(3), request.param)
+        cluster = RedisCluster(cluster_ports(3), request.param)
         try:
             cluster.start()
         except RuntimeError:
@@ -101,25 +100,3 @@ def redis_cluster(request: pytest.FixtureRequest) -> Iterator[RedisCluster]:
         finally:
             cluster.close()
         return
-
-
-def _cluster_ports(count: int) -> list[int]:
-    """Free ports whose cluster bus port (port + 10000, as Redis 6.2 has no
-    ``cluster-port``) is free and in range too."""
-    ports: list[int] = []
-    while len(ports) < count:
-        sock, port = bind_unused_port()
-        try:
-            if port + 10000 > 65535 or port in ports:
-                continue
-            bus = socket.socket()
-            try:
-                bus.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-            finally:
-                bus.close()
-            ports.append(port)
-        finally:
-            sock.close()
-    return ports

@@ -110,6 +110,30 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def cluster_ports(count: int) -> list[int]:
+    """Free ports whose cluster bus port (port + 10000, as Redis 6.2 has no
+    ``cluster-port``) is free and in range too."""
+    ports: list[int] = []
+    while len(ports) < count:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        try:
+            if port + 10000 > 65535 or port in ports:
+                continue
+            bus = socket.socket()
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+            finally:
+                bus.close()
+            ports.append(port)
+        finally:
+            sock.close()
+    return ports
+
+
 class RedisCluster:
     """A Redis Cluster of ``shards`` primaries on free localhost ports (no
     replicas), its 16,384 slots split evenly, started as ``redis-cli --cluster
