@@ -784,9 +784,16 @@ class RedisBroker:
             spawn(self._send_ping(pubsub), "the Redis reader's PING")
 
     async def _send_ping(self, pubsub: Any) -> None:
+        # Written on the connection as it is, never connecting it: the
+        # reader's own read may be reconnecting that very connection (redis-py
+        # does so in its retry), and two connects of one connection leak
+        # sockets and fail either task.
+        connection = pubsub.connection
+        if pubsub is not self._pubsub or connection is None or not connection.is_connected:
+            return
         try:
-            await pubsub.ping()
-        except (RedisError, OSError) as exc:
+            await connection.send_command("PING", check_health=False)
+        except Exception as exc:
             # The read fails as well, or the watch cuts it: reported there.
             log.debug("PING on the Pub/Sub connection of %s failed: %r", self._where, exc)
 

@@ -91,6 +91,10 @@ class SilenceWatch:
             self._probed_at = None
             self._arm(self.quiet)
         elif self._probed_at is not None and self.heard_at < self._probed_at:
+            left = self._probed_at + self.grace - now
+            if left > 0:
+                self._arm(left)  # probed, no answer yet: wait out the grace
+                return
             self._cutting = True  # probed ``grace`` ago, and nothing came
             task.cancel()
         elif now - self.heard_at < self.quiet:
@@ -99,4 +103,6 @@ class SilenceWatch:
         else:
             self._probed_at = now
             self._probe()
-            self._arm(self.grace)
+            # Back at the answer's time, or ``quiet`` after it: the next
+            # probe is ``quiet`` after the last answer, not ``grace``.
+            self._arm(min(self.grace, self.quiet))
