@@ -8,6 +8,7 @@ import json
 import socket
 import ssl
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -225,41 +226,67 @@ class DemoProcess:
     """
 
     def __init__(self, *args: str, tls: DemoTLS | None = None, keep_stderr: bool = False) -> None:
-        self.port = free_port()
         self.tls = tls
-        scheme = "http" if tls is None else "https"
-        self.url = f"{scheme}://127.0.0.1:{self.port}"
-        self.args = ["--port", str(self.port), *args]
-        if tls is not None:
-            self.args += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+        self._args = args
+        self._listen_on(free_port())
         self.keep_stderr = keep_stderr
         self.stderr = ""
         self.proc: asyncio.subprocess.Process | None = None
 
+    def _listen_on(self, port: int) -> None:
+        self.port = port
+        scheme = "http" if self.tls is None else "https"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.args = ["--port", str(self.port), *self._args]
+        if self.tls is not None:
+            self.args += ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
+
     async def start(self, timeout: float = 15.0) -> DemoProcess:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "sse_handler",
-            "demo",
-            *self.args,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE if self.keep_stderr else asyncio.subprocess.DEVNULL,
-        )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            assert self.proc.returncode is None, "demo process exited"
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            except OSError:
-                if loop.time() > deadline:
-                    raise TimeoutError("demo process did not start") from None
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            await writer.wait_closed()
-            return self
+        # A port free when it was picked may be taken before the demo binds
+        # it (another test's server, or the local end of an outgoing
+        # connection, which takes ports from the same range): then the demo
+        # says "cannot listen on", and starts again on another port.
+        for _ in range(3):
+            failure = await self._start(timeout)
+            if failure is None:
+                return self
+            if "cannot listen on" not in failure:
+                break
+            self._listen_on(free_port())
+        raise AssertionError(f"demo process exited: {failure}")
+
+    async def _start(self, timeout: float) -> str | None:
+        """None once the demo listens; what it said if it exited instead."""
+        with tempfile.TemporaryFile() as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "sse_handler",
+                "demo",
+                *self.args,
+                stdout=asyncio.subprocess.DEVNULL,
+                # Until it listens, to a file (no pipe to drain meanwhile).
+                stderr=asyncio.subprocess.PIPE if self.keep_stderr else log,
+            )
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while True:
+                if self.proc.returncode is not None:
+                    if self.keep_stderr:
+                        assert self.proc.stderr is not None
+                        return (await self.proc.stderr.read()).decode(errors="replace")
+                    log.seek(0)
+                    return log.read().decode(errors="replace")
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                except OSError:
+                    if loop.time() > deadline:
+                        raise TimeoutError("demo process did not start") from None
+                    await asyncio.sleep(0.05)
+                    continue
+                writer.close()
+                await writer.wait_closed()
+                return None
 
     async def stop(self) -> int:
         assert self.proc is not None

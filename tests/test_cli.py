@@ -282,3 +282,19 @@ async def test_the_coalesce_window_sends_events_of_one_window_together() -> None
     assert both.count(b"data: ") == 2, both
     assert both.index(b"data: one") < both.index(b"data: two")
     assert returncode == 0, demo.stderr
+
+
+async def test_a_demo_whose_port_was_taken_meanwhile_starts_on_another() -> None:
+    """The tests' DemoProcess picks a free port before the demo binds it;
+    taken in between, the demo says "cannot listen on" and starts again."""
+    taken = socket.socket()  # bound, not listening: as an outgoing connection's end
+    taken.bind(("127.0.0.1", 0))
+    demo = DemoProcess()
+    demo._listen_on(taken.getsockname()[1])
+    try:
+        await demo.start()
+        assert demo.port != taken.getsockname()[1]
+        assert (await demo.fetch("/")).code == 200
+    finally:
+        taken.close()
+        await demo.stop()
