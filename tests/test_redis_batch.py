@@ -266,3 +266,59 @@ def test_close_in_a_second_event_loop_never_raises(redis_server: RedisServer) ->
     with warnings.catch_warnings():  # the first loop's socket, reclaimed here
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()
+
+
+def _sending_tasks() -> list[asyncio.Task[object]]:
+    """The tasks that send batches, of every ScriptBatch."""
+    return [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "ScriptBatch._drain"]  # type: ignore[union-attr]
+
+
+async def _until(condition: object, seconds: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not condition():  # type: ignore[operator]
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_retired_batch_answers_its_calls_and_then_its_task_ends(
+    redis_server: RedisServer,
+) -> None:
+    from sse_handler.brokers.redis_batch import ScriptBatch
+
+    pool = aioredis.ConnectionPool.from_url(redis_server.url)
+    batch = ScriptBatch(
+        pool,
+        "return ARGV[1]",
+        failure=lambda exc: BrokerUnavailableError(str(exc)),
+        not_sent=lambda exc: False,
+        retries=0,
+        max_backoff=0.1,
+    )
+    try:
+        before = len(_sending_tasks())
+        # Retired with one call out and one queued: both are answered.
+        calls = asyncio.gather(batch.run([], ["one"]), batch.run([], ["two"]))
+        await asyncio.sleep(0)
+        batch.retire()
+        assert await calls == [b"one", b"two"]
+        await _until(lambda: batch.finished)
+        assert len(_sending_tasks()) == before
+        # Idle, then retired: the task that waited for more ends.
+        idle = ScriptBatch(
+            pool,
+            "return ARGV[1]",
+            failure=lambda exc: BrokerUnavailableError(str(exc)),
+            not_sent=lambda exc: False,
+            retries=0,
+            max_backoff=0.1,
+        )
+        assert await idle.run([], ["three"]) == b"three"
+        assert len(_sending_tasks()) == before + 1  # waiting for the next call
+        idle.retire()
+        await _until(lambda: idle.finished)
+        assert len(_sending_tasks()) == before
+        await idle.close()
+    finally:
+        await batch.close()
+        await pool.disconnect()

@@ -244,6 +244,9 @@ async def test_publishes_succeed_once_a_restarted_shard_answers(
             *(broker.publish("room2:chat", ServerSentEvent(data="warm")) for _ in range(60))
         )
         node.kill()
+        # A publish while the shard is down fails, clearly.
+        with pytest.raises(BrokerUnavailableError):
+            await broker.publish("room2:chat", ServerSentEvent(data="down"))
         node.start()  # its cluster config kept: it comes back with its slots, empty
         raw = aioredis.Redis(port=node.port)
         try:

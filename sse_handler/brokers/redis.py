@@ -290,6 +290,8 @@ class RedisBroker:
         #: On a cluster, the publishes' batches of each shard, by node (a
         #: node replaced by a topology refresh gets a batch of its own).
         self._shard_batches: dict[str, tuple[Any, ScriptBatch]] = {}
+        #: The batches of replaced nodes that still had calls out when they
+        #: were replaced; kept for close(), dropped once their calls are answered.
         self._old_batches: list[ScriptBatch] = []
         if cluster:
             # redis-py routes each command (and each script, by its first
@@ -522,7 +524,11 @@ class RedisBroker:
         known = self._shard_batches.get(node.name)
         if known is None or known[0] is not node:
             if known is not None:
-                self._old_batches.append(known[1])  # its calls out finish there
+                # redis-py replaced the node (before 6, on every read of the
+                # layout): its batch's calls out finish there, then it ends.
+                known[1].retire()
+                self._old_batches = [b for b in self._old_batches if not b.finished]
+                self._old_batches.append(known[1])
             batch = ScriptBatch(
                 NodeConnections(node),
                 wire.PUBLISH_SCRIPT,

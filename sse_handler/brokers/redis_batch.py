@@ -145,6 +145,7 @@ class ScriptBatch:
         self._draining: asyncio.Future[Any] | None = None
         self._idle: asyncio.Future[None] | None = None
         self._closed = False
+        self._retired = False
 
     async def run(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """The script's reply for ``keys`` and ``args``; raises what
@@ -162,6 +163,19 @@ class ScriptBatch:
             self._idle.set_result(None)
         self._queue.append((keys, args, call))
         return await call
+
+    def retire(self) -> None:
+        """No more calls are coming (the node this batch sends to was
+        replaced): the calls queued and out are sent and answered as usual,
+        and then the task that sends them ends instead of waiting for more."""
+        self._retired = True
+        if self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+
+    @property
+    def finished(self) -> bool:
+        """Retired, and every call it had is answered (its task has ended)."""
+        return self._retired and (self._draining is None or self._draining.done())
 
     async def close(self) -> None:
         """Stop: the calls not sent yet fail, and :meth:`run` refuses more."""
@@ -185,6 +199,8 @@ class ScriptBatch:
         try:
             while True:
                 if not self._queue:
+                    if self._retired:
+                        return
                     self._idle = loop.create_future()
                     try:
                         await self._idle

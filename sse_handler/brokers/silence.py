@@ -103,6 +103,8 @@ class SilenceWatch:
         else:
             self._probed_at = now
             self._probe()
-            # Back at the answer's time, or ``quiet`` after it: the next
-            # probe is ``quiet`` after the last answer, not ``grace``.
+            # Look again after the shorter of the two. If the answer has
+            # come by then, the branch above waits until ``quiet`` after it
+            # for the next probe; if not, the branch before waits out the
+            # rest of ``grace`` and then cuts.
             self._arm(min(self.grace, self.quiet))
