@@ -15,6 +15,7 @@ from redis_server import RedisServer
 
 from sse_handler import BrokerUnavailableError, ServerSentEvent
 from sse_handler.brokers.redis import RedisBroker
+from sse_handler.brokers.redis_batch import ScriptBatch
 from sse_handler.brokers.redis_wire import position
 
 
@@ -189,6 +190,18 @@ _NAME = inspect.signature(aioredis.BlockingConnectionPool.get_connection).parame
 _REQUIRES_NAME = _NAME is not None and _NAME.default is inspect.Parameter.empty
 
 
+def _echo_batch(pool: object) -> ScriptBatch:
+    """A batch of a script that answers its first argument, on ``pool``."""
+    return ScriptBatch(
+        pool,
+        "return ARGV[1]",
+        failure=lambda exc: BrokerUnavailableError(str(exc)),
+        not_sent=lambda exc: False,
+        retries=0,
+        max_backoff=0.1,
+    )
+
+
 class _WrappedPool(_PoolOfRedisPy50):
     """A subclass that passes its arguments on, as RedisBroker's pool does."""
 
@@ -199,17 +212,8 @@ class _WrappedPool(_PoolOfRedisPy50):
 async def test_a_batch_checks_out_connections_from_a_pool_of_redis_py_5_0(
     redis_server: RedisServer,
 ) -> None:
-    from sse_handler.brokers.redis_batch import ScriptBatch
-
     pool = _WrappedPool.from_url(redis_server.url)
-    batch = ScriptBatch(
-        pool,
-        "return ARGV[1]",
-        failure=lambda exc: BrokerUnavailableError(str(exc)),
-        not_sent=lambda exc: False,
-        retries=0,
-        max_backoff=0.1,
-    )
+    batch = _echo_batch(pool)
     try:
         assert await asyncio.gather(batch.run([], ["one"]), batch.run([], ["two"])) == [
             b"one",
@@ -284,17 +288,8 @@ async def _until(condition: object, seconds: float = 5.0) -> None:
 async def test_a_retired_batch_answers_its_calls_and_then_its_task_ends(
     redis_server: RedisServer,
 ) -> None:
-    from sse_handler.brokers.redis_batch import ScriptBatch
-
     pool = aioredis.ConnectionPool.from_url(redis_server.url)
-    batch = ScriptBatch(
-        pool,
-        "return ARGV[1]",
-        failure=lambda exc: BrokerUnavailableError(str(exc)),
-        not_sent=lambda exc: False,
-        retries=0,
-        max_backoff=0.1,
-    )
+    batch = _echo_batch(pool)
     try:
         before = len(_sending_tasks())
         # Retired with one call out and one queued: both are answered.
@@ -305,14 +300,7 @@ async def test_a_retired_batch_answers_its_calls_and_then_its_task_ends(
         await _until(lambda: batch.finished)
         assert len(_sending_tasks()) == before
         # Idle, then retired: the task that waited for more ends.
-        idle = ScriptBatch(
-            pool,
-            "return ARGV[1]",
-            failure=lambda exc: BrokerUnavailableError(str(exc)),
-            not_sent=lambda exc: False,
-            retries=0,
-            max_backoff=0.1,
-        )
+        idle = _echo_batch(pool)
         assert await idle.run([], ["three"]) == b"three"
         assert len(_sending_tasks()) == before + 1  # waiting for the next call
         idle.retire()
