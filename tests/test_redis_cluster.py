@@ -340,3 +340,42 @@ async def test_a_publish_whose_slot_moved_is_stored_on_its_new_shard(
         assert [e[0].decode() for e in entries] == [first, second]
     finally:
         await broker.close()
+
+
+async def test_a_burst_of_publishes_whose_slot_moved_waits_for_connections_and_all_succeed(
+    redis_cluster: RedisCluster,
+) -> None:
+    import redis
+
+    # Every call of the old shard's batch answers MOVED and is routed again,
+    # all at once: more than the node's max_connections.
+    broker = RedisBroker(redis_cluster.url, cluster=True, shard_by=by_prefix(), max_connections=8)
+    key = "sse:{room4}s:"
+    old = redis_cluster.node_of(key)
+    new = (old + 1) % 3
+    try:
+        await broker.publish(f"{GROUPS[old]}:x", ServerSentEvent(data="warm"))
+        clients = [redis.Redis(port=node.port) for node in redis_cluster.nodes]
+        try:
+            target = clients[new].execute_command("CLUSTER", "MYID").decode()
+            slot = clients[new].execute_command("CLUSTER", "KEYSLOT", key)
+            for client in clients:
+                client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target)
+        finally:
+            for client in clients:
+                client.close()
+        results = await asyncio.gather(
+            *(broker.publish("room4:x", ServerSentEvent(data=str(i))) for i in range(60)),
+            return_exceptions=True,
+        )
+        failed = [r for r in results if not isinstance(r, str)]
+        assert not failed, f"{len(failed)} of 60 failed, e.g. {failed[0]!r}"
+        raw = aioredis.Redis(port=redis_cluster.nodes[new].port)
+        try:
+            entries = await raw.xrange(broker.stream_key("room4:x"))
+        finally:
+            await raw.aclose()
+        stored = sorted(int(fields[b"b"].split(b"data: ")[1]) for _, fields in entries)
+        assert stored == list(range(60))  # each once
+    finally:
+        await broker.close()

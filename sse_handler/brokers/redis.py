@@ -64,7 +64,13 @@ try:
     from redis import asyncio as aioredis
     from redis.asyncio.retry import Retry
     from redis.backoff import EqualJitterBackoff, NoBackoff
-    from redis.exceptions import AskError, ClusterDownError, RedisError, TryAgainError
+    from redis.exceptions import (
+        AskError,
+        ClusterDownError,
+        MaxConnectionsError,
+        RedisError,
+        TryAgainError,
+    )
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - depends on the extra
@@ -103,7 +109,11 @@ def redacted_url(url: str) -> str:
 
 def _not_sent(exc: BaseException) -> bool:
     """Did ``exc`` happen before the command went out (connecting, or waiting
-    for a pooled connection)? redis-py tells these apart only by message."""
+    for a pooled connection)? redis-py tells these apart only by message,
+    but for a cluster node out of connections (a ``MaxConnectionsError``,
+    whose message is empty from redis-py 6 on)."""
+    if isinstance(exc, MaxConnectionsError):
+        return True
     text = str(exc)
     return "connecting to" in text or text.startswith(
         ("Timeout connecting", "No connection available", "Too many connections")
@@ -118,12 +128,17 @@ class _Reroute(Exception):
     """A cluster publish its shard's batch did not run: route it again."""
 
 
-def _no_cluster_retries() -> dict[str, Any]:
-    """What turns a ``RedisCluster``'s own retries off: ``retry`` from redis-py
-    6 on, ``cluster_error_retry_attempts`` before (deprecated since 6)."""
+def _publishing_cluster() -> dict[str, Any]:
+    """The settings of the ``RedisCluster`` that publishes: its own retries
+    off (``retry`` from redis-py 6 on, ``cluster_error_retry_attempts``
+    before, deprecated since 6). Before 6, also no re-read of the layout
+    every fifth ``MOVED``: redis-py 5 re-reads it by disconnecting every
+    node, which cuts the publishes out on every shard (a burst routed again
+    after a slot moved failed 6 of 60, "may have run"); each ``MOVED``
+    still updates its slot."""
     if int(redis.__version__.split(".")[0]) >= 6:
         return {"retry": Retry(NoBackoff(), 0)}
-    return {"cluster_error_retry_attempts": 0}
+    return {"cluster_error_retry_attempts": 0, "reinitialize_steps": 0}
 
 
 def _unconfirmed(ack: asyncio.Future[None]) -> None:
@@ -304,7 +319,7 @@ class RedisBroker:
             # event would be stored twice. _run_script tries again only what
             # never left.
             self._publish_redis: Any = aioredis.RedisCluster.from_url(
-                url, max_connections=max_connections, **_no_cluster_retries(), **common
+                url, max_connections=max_connections, **_publishing_cluster(), **common
             )
         else:
             read_pool = _Pool.from_url(
@@ -374,6 +389,11 @@ class RedisBroker:
         #: the same joins (see replay()); and how many may read at once.
         self._replays: dict[tuple[tuple[str, ...], str], _ReplayBatch] = {}
         self._replay_slots = asyncio.Semaphore(max_connections)
+        #: On a cluster, the publishes routed again through redis-py wait for
+        #: one of these: a redis-py node raises at once past its
+        #: ``max_connections``, and a whole batch answered MOVED is routed
+        #: again at the same moment.
+        self._reroute_slots = asyncio.Semaphore(max_connections)
         #: While catching up after a reconnect: topics still to be confirmed
         #: and the messages that arrived meanwhile.
         self._resyncing = False
@@ -520,7 +540,7 @@ class RedisBroker:
             await cluster.initialize()  # the slots' layout, read once
             node = cluster.get_node_from_key(keys[0])
         except (RedisError, OSError):
-            return await self._run_script(keys, args)
+            return await self._reroute(keys, args)
         known = self._shard_batches.get(node.name)
         if known is None or known[0] is not node:
             if known is not None:
@@ -541,8 +561,12 @@ class RedisBroker:
         try:
             reply = await known[1].run(keys, args)
         except _Reroute:
-            return await self._run_script(keys, args)
+            return await self._reroute(keys, args)
         return wire.text(reply[0]), int(reply[1])
+
+    async def _reroute(self, keys: list[str], args: list[Any]) -> tuple[str, int]:
+        async with self._reroute_slots:
+            return await self._run_script(keys, args)
 
     def _shard_failure(self, exc: BaseException) -> Exception:
         # MOVED, ASK, TRYAGAIN, CLUSTERDOWN: the node did not run the call.
@@ -557,10 +581,10 @@ class RedisBroker:
                 entry, indexed = await self._script(keys=keys, args=args)
                 return wire.text(entry), int(indexed)
             except (RedisError, OSError) as exc:
-                # Connecting failed: the command never left. Anything else
-                # may have reached Redis, and is not sent again.
-                refused = isinstance(exc, RedisConnectionError) and "connecting to" in str(exc)
-                if attempt == self.retries or not refused:
+                # Connecting failed, or no connection was free: the command
+                # never left. Anything else may have reached Redis, and is
+                # not sent again.
+                if attempt == self.retries or not _not_sent(exc):
                     raise _unavailable(self._where, exc) from exc
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff)
