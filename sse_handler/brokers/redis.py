@@ -141,6 +141,14 @@ def _publishing_cluster() -> dict[str, Any]:
     return {"cluster_error_retry_attempts": 0, "reinitialize_steps": 0}
 
 
+async def _disconnect(node: Any) -> None:
+    """Close the connections of a redis-py ``ClusterNode``; never raises."""
+    try:
+        await node.disconnect()
+    except Exception as exc:  # a broken connection is closed all the same
+        log.debug("Closing the connections to %s: %r", node.name, exc)
+
+
 def _unconfirmed(ack: asyncio.Future[None]) -> None:
     if not ack.done():
         ack.set_exception(TimeoutError("Redis did not confirm the SUBSCRIBE in time"))
@@ -305,9 +313,9 @@ class RedisBroker:
         #: On a cluster, the publishes' batches of each shard, by node (a
         #: node replaced by a topology refresh gets a batch of its own).
         self._shard_batches: dict[str, tuple[Any, ScriptBatch]] = {}
-        #: The batches of replaced nodes that still had calls out when they
-        #: were replaced; kept for close(), dropped once their calls are answered.
-        self._old_batches: list[ScriptBatch] = []
+        #: The batches of nodes redis-py replaced or dropped, with their
+        #: nodes, until their calls out are answered (see _retire_gone_nodes).
+        self._old_batches: list[tuple[Any, ScriptBatch]] = []
         if cluster:
             # redis-py routes each command (and each script, by its first
             # key) to the shard of its slot, with a pool per node.
@@ -543,12 +551,7 @@ class RedisBroker:
             return await self._reroute(keys, args)
         known = self._shard_batches.get(node.name)
         if known is None or known[0] is not node:
-            if known is not None:
-                # redis-py replaced the node (before 6, on every read of the
-                # layout): its batch's calls out finish there, then it ends.
-                known[1].retire()
-                self._old_batches = [b for b in self._old_batches if not b.finished]
-                self._old_batches.append(known[1])
+            self._retire_gone_nodes(cluster)
             batch = ScriptBatch(
                 NodeConnections(node),
                 wire.PUBLISH_SCRIPT,
@@ -567,6 +570,24 @@ class RedisBroker:
     async def _reroute(self, keys: list[str], args: list[Any]) -> tuple[str, int]:
         async with self._reroute_slots:
             return await self._run_script(keys, args)
+
+    def _retire_gone_nodes(self, cluster: Any) -> None:
+        """Retire the batches of nodes that redis-py no longer has: replaced
+        (before redis-py 6, at every read of the layout) or gone from the
+        layout. Their calls out finish there; then the connections they put
+        back on those nodes are closed, as redis-py no longer knows them."""
+        for name, (node, batch) in list(self._shard_batches.items()):
+            if cluster.get_node(node_name=name) is not node:
+                del self._shard_batches[name]
+                batch.retire()
+                self._old_batches.append((node, batch))
+        keep = []
+        for node, batch in self._old_batches:
+            if batch.finished:
+                spawn(_disconnect(node), f"closing the connections to {node.name}")
+            else:
+                keep.append((node, batch))
+        self._old_batches = keep
 
     def _shard_failure(self, exc: BaseException) -> Exception:
         # MOVED, ASK, TRYAGAIN, CLUSTERDOWN: the node did not run the call.
@@ -1187,9 +1208,14 @@ class RedisBroker:
             if not ack.done():
                 ack.set_exception(BrokerUnavailableError("the broker is closing"))
                 ack.exception()  # retrieved: its subscriber may be gone already
-        batches = [*self._old_batches, *(batch for _, batch in self._shard_batches.values())]
+        shards = [*self._old_batches, *self._shard_batches.values()]
+        batches = [batch for _, batch in shards]
         for batch in [*batches, self._batch] if self._batch is not None else batches:
             await batch.close()
+        for node, _ in shards:
+            # A node redis-py dropped keeps the connections its batch put
+            # back; redis-py's own close reaches only the nodes it still has.
+            await _disconnect(node)
         for task in [self._reader, self._sending, *self._pruning.values()]:
             if task is not None:
                 task.cancel()
