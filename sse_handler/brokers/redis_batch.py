@@ -166,7 +166,8 @@ class ScriptBatch:
 
     def retire(self) -> None:
         """No more calls are coming (the node this batch sends to was
-        replaced): the calls queued and out are sent and answered as usual,
+        replaced, or left the cluster's layout): the calls queued and out are
+        sent and answered as usual,
         and then the task that sends them ends instead of waiting for more."""
         self._retired = True
         if self._idle is not None and not self._idle.done():
