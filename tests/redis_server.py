@@ -53,7 +53,10 @@ class RedisServer:
         self.dir = tempfile.mkdtemp(prefix="sse-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 10.0) -> None:
+    def start(self, timeout: float = 10.0, *, answering: bool = True) -> None:
+        """Start the server and wait until it answers ``PING``; with
+        ``answering=False``, only until it accepts connections (a server
+        still loading its data answers ``-LOADING``)."""
         self.proc = subprocess.Popen(
             [
                 self.executable,
@@ -69,12 +72,19 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
-        while not self._answers_ping():
+        while not (self._answers_ping() if answering else self._accepts()):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
             if time.monotonic() > deadline:
                 raise TimeoutError("redis-server did not start")
             time.sleep(0.02)
+
+    def _accepts(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
 
     def _answers_ping(self) -> bool:
         try:

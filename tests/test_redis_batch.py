@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import gc
 import inspect
+import os
 import warnings
 from collections.abc import AsyncIterator
 
 import pytest
+import redis
 from redis import asyncio as aioredis
 from redis_server import RedisServer
 
@@ -310,3 +312,46 @@ async def test_a_retired_batch_answers_its_calls_and_then_its_task_ends(
     finally:
         await batch.close()
         await pool.disconnect()
+
+
+async def test_a_publish_while_redis_loads_its_data_was_not_stored_and_says_so(
+    redis_server: RedisServer,
+) -> None:
+    # A restart with a dump to load: 10,000 keys of 2 KB, each loaded 300 µs
+    # late (key-load-delay), hold Redis in loading for about 3 s. It answers
+    # between every 2 MB loaded (about every 0.3 s), each command with
+    # -LOADING: the command did not run.
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        for start in range(0, 10_000, 500):
+            # Random, so that the dump does not compress them away.
+            await raw.mset({f"k{i}": os.urandom(1_000).hex() for i in range(start, start + 500)})
+        await raw.save()
+    finally:
+        await raw.aclose()
+    redis_server.kill()
+    loading = RedisServer(
+        redis_server.port,
+        redis_server.engine,
+        ("--dir", redis_server.dir, "--key-load-delay", "300"),
+    )
+    loading.start(answering=False)
+    broker = RedisBroker(loading.url, timeout=5.0)
+    try:
+        probe = aioredis.Redis.from_url(loading.url, socket_timeout=10)
+        try:
+            with pytest.raises(redis.exceptions.BusyLoadingError):
+                await probe.ping()  # still loading: the case is set up
+        finally:
+            await probe.aclose()
+        outcomes = await asyncio.gather(
+            *(broker.publish("c", ServerSentEvent(data=str(i))) for i in range(3)),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            assert isinstance(outcome, BrokerUnavailableError), outcome
+            assert outcome.published is False, outcome
+            assert "loading" in str(outcome).lower()
+    finally:
+        await broker.close()
+        loading.close()

@@ -66,6 +66,7 @@ try:
     from redis.backoff import EqualJitterBackoff, NoBackoff
     from redis.exceptions import (
         AskError,
+        BusyLoadingError,
         ClusterDownError,
         MaxConnectionsError,
         RedisError,
@@ -108,11 +109,13 @@ def redacted_url(url: str) -> str:
 
 
 def _not_sent(exc: BaseException) -> bool:
-    """Did ``exc`` happen before the command went out (connecting, or waiting
-    for a pooled connection)? redis-py tells these apart only by message,
-    but for a cluster node out of connections (a ``MaxConnectionsError``,
-    whose message is empty from redis-py 6 on)."""
-    if isinstance(exc, MaxConnectionsError):
+    """Did the command certainly not run: ``exc`` happened before it went out
+    (connecting, or waiting for a pooled connection), or Redis refused it
+    while loading its data (``-LOADING``, a ``ConnectionError`` in redis-py)?
+    redis-py tells these apart only by message, but for those two and a
+    cluster node out of connections (a ``MaxConnectionsError``, whose
+    message is empty from redis-py 6 on)."""
+    if isinstance(exc, MaxConnectionsError | BusyLoadingError):
         return True
     text = str(exc)
     return "connecting to" in text or text.startswith(

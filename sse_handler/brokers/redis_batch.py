@@ -30,8 +30,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from redis.exceptions import (
+    BusyLoadingError,
+    MaxConnectionsError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError, ResponseError
 
 from ..tasks import spawn
 
@@ -271,14 +277,19 @@ class ScriptBatch:
         again: list[_Call] = []
         for call in batch:
             try:
-                reply = await connection.read_response()
+                # A failed read leaves the connection to _send, which drops
+                # it; an error reply (-LOADING included) leaves it as it is.
+                reply = await connection.read_response(disconnect_on_error=False)
             except NoScriptError as exc:
                 if load:
                     again.append(call)
                 else:
                     self._fail([call], exc)
                 continue
-            except ResponseError as exc:  # this call's own error; the others go on
+            # This call's own error; the others go on. -LOADING is one too,
+            # though redis-py raises it as a connection error: the reply was
+            # read whole, and the call did not run.
+            except (ResponseError, BusyLoadingError) as exc:
                 self._fail([call], exc)
                 continue
             if not call[2].done():
