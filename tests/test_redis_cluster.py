@@ -21,6 +21,21 @@ from sse_handler.testing import EventStreamClient
 GROUPS = ("room0", "room1", "room2")
 
 
+def _move_slot(cluster: RedisCluster, key: str, to: int) -> None:
+    """Give ``key``'s slot (holding no keys) to node ``to``, on every node."""
+    import redis
+
+    clients = [redis.Redis(port=node.port) for node in cluster.nodes]
+    try:
+        target = clients[to].execute_command("CLUSTER", "MYID").decode()
+        slot = clients[to].execute_command("CLUSTER", "KEYSLOT", key)
+        for client in clients:
+            client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target)
+    finally:
+        for client in clients:
+            client.close()
+
+
 def test_the_groups_sit_on_three_shards(redis_cluster: RedisCluster) -> None:
     broker_keys = {g: f"sse:{{{g}}}s:" for g in GROUPS}
     assert sorted(redis_cluster.node_of(k) for k in broker_keys.values()) == [0, 1, 2]
@@ -309,8 +324,6 @@ async def test_racing_publishes_leave_in_batches_per_shard_in_the_order_of_the_c
 async def test_a_publish_whose_slot_moved_is_stored_on_its_new_shard(
     redis_cluster: RedisCluster,
 ) -> None:
-    import redis
-
     broker = RedisBroker(redis_cluster.url, cluster=True, shard_by=by_prefix())
     # "room3" has no keys yet: its slot moves with a CLUSTER SETSLOT alone.
     key = "sse:{room3}s:"
@@ -319,15 +332,7 @@ async def test_a_publish_whose_slot_moved_is_stored_on_its_new_shard(
     try:
         # The broker knows the old layout, and publishes to the old shard.
         await broker.publish(f"{GROUPS[old]}:x", ServerSentEvent(data="warm"))
-        clients = [redis.Redis(port=node.port) for node in redis_cluster.nodes]
-        try:
-            target = clients[new].execute_command("CLUSTER", "MYID").decode()
-            slot = clients[new].execute_command("CLUSTER", "KEYSLOT", key)
-            for client in clients:
-                client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target)
-        finally:
-            for client in clients:
-                client.close()
+        _move_slot(redis_cluster, key, new)
         # Sent to the old shard, answered MOVED, routed again: stored once,
         # on the new shard.
         first = await broker.publish("room3:x", ServerSentEvent(data="moved"))
@@ -345,8 +350,6 @@ async def test_a_publish_whose_slot_moved_is_stored_on_its_new_shard(
 async def test_a_burst_of_publishes_whose_slot_moved_waits_for_connections_and_all_succeed(
     redis_cluster: RedisCluster,
 ) -> None:
-    import redis
-
     # Every call of the old shard's batch answers MOVED and is routed again,
     # all at once: more than the node's max_connections.
     broker = RedisBroker(redis_cluster.url, cluster=True, shard_by=by_prefix(), max_connections=8)
@@ -355,15 +358,7 @@ async def test_a_burst_of_publishes_whose_slot_moved_waits_for_connections_and_a
     new = (old + 1) % 3
     try:
         await broker.publish(f"{GROUPS[old]}:x", ServerSentEvent(data="warm"))
-        clients = [redis.Redis(port=node.port) for node in redis_cluster.nodes]
-        try:
-            target = clients[new].execute_command("CLUSTER", "MYID").decode()
-            slot = clients[new].execute_command("CLUSTER", "KEYSLOT", key)
-            for client in clients:
-                client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target)
-        finally:
-            for client in clients:
-                client.close()
+        _move_slot(redis_cluster, key, new)
         results = await asyncio.gather(
             *(broker.publish("room4:x", ServerSentEvent(data=str(i))) for i in range(60)),
             return_exceptions=True,
